@@ -1,0 +1,116 @@
+"""Export to ONNX and verify: checker, shape inference, TensorRT operator support, parity.
+
+Graph contract (names are fixed; the manifest records shapes):
+- ``encoder.onnx``: ``image`` (1, 1, Z, Y, X) float32 -> ``f0 .. f{L-1}``.
+- ``decoder.onnx``: ``f0 .. f{L-1}`` + ``points`` (N, 3) int32 -> ``logits`` (N, C); N dynamic.
+- ``model.onnx`` (U-Net baseline): ``image`` -> ``logits`` (1, C, Z, Y, X).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from imunet.config import ModelConfig
+
+from .wrappers import DecoderExport, DenseExport, EncoderExport, feature_names
+
+DEFAULT_OPSET = 17
+
+# ONNX operators TensorRT's ONNX parser supports ("Y" in onnx-tensorrt docs/operators.md, the
+# matrix shipped with TensorRT 8.4; TensorRT 10 supports a superset). Only the ones a conv net and
+# an MLP could plausibly produce are listed: a graph using anything else fails the check.
+TENSORRT_OPS = frozenset("""
+Abs Add And ArgMax ArgMin AveragePool BatchNormalization Cast Ceil Clip Concat Constant
+ConstantOfShape Conv ConvTranspose Cos Div Dropout Equal Erf Exp Expand Flatten Floor Gather
+GatherElements GatherND Gemm GlobalAveragePool Greater GreaterOrEqual Identity
+InstanceNormalization LeakyRelu Less LessOrEqual Log LogSoftmax MatMul Max MaxPool Mean Min Mul
+Neg Not Or Pad Pow PRelu Range ReduceL2 ReduceMax ReduceMean ReduceMin ReduceSum Relu Reshape
+Resize Round Shape Sigmoid Sign Sin Slice Softmax Split Sqrt Squeeze Sub Sum Tanh Tile Transpose
+Unsqueeze Where
+""".split())
+
+
+def graph_ops(path: Path) -> set[str]:
+    """The set of operator types in an ONNX file."""
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def unsupported_by_tensorrt(path: Path) -> list[str]:
+    """Operators of ``path`` missing from :data:`TENSORRT_OPS` (empty when all are supported)."""
+    return sorted(graph_ops(path) - TENSORRT_OPS)
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict[str, dict[int, str]], opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
+            opset_version=opset, do_constant_folding=True, dynamo=False, external_data=False,
+        )
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(onnx.shape_inference.infer_shapes(model, strict_mode=True), str(path))
+
+
+def export_implicit(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+    """Write ``encoder.onnx`` and ``decoder.onnx`` for an Implicit U-Net; returns their paths."""
+    model = model.eval().cpu()
+    names = feature_names(cfg.levels)
+    image = torch.zeros(1, 1, *cfg.patch_size)
+    enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
+    enc = EncoderExport(model)
+    _export(enc, (image,), enc_path, ["image"], names, {}, opset)
+    with torch.no_grad():
+        feats = enc(image)
+    points = torch.zeros(7, 3, dtype=torch.int32)
+    _export(DecoderExport(model), (*feats, points), dec_path, [*names, "points"], ["logits"],
+            {"points": {0: "N"}, "logits": {0: "N"}}, opset)
+    return {"encoder": enc_path, "decoder": dec_path}
+
+
+def export_dense(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+    """Write ``model.onnx`` for the dense U-Net baseline."""
+    path = out_dir / "model.onnx"
+    _export(DenseExport(model.eval().cpu()), (torch.zeros(1, 1, *cfg.patch_size),), path, ["image"], ["logits"], {}, opset)
+    return {"model": path}
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def verify_parity(model: torch.nn.Module, cfg: ModelConfig, graphs: dict[str, Path], trials: int = 2,
+                  points: int = 4096, seed: int = 0) -> dict[str, Any]:
+    """Max |torch - onnxruntime| on random patches and points, per graph (float32, CPU)."""
+    model = model.eval().cpu()
+    rng = np.random.default_rng(seed)
+    out: dict[str, float] = {}
+    for _ in range(trials):
+        image = rng.normal(size=(1, 1, *cfg.patch_size)).astype(np.float32)
+        with torch.no_grad():
+            if cfg.kind == "unet":
+                ref = model(torch.from_numpy(image)).numpy()
+                got = _session(graphs["model"]).run(["logits"], {"image": image})[0]
+                out["model"] = max(out.get("model", 0.0), float(np.abs(ref - got).max()))
+                continue
+            feats_t = model.encode(torch.from_numpy(image))
+            pts = np.stack([rng.integers(0, s, size=points) for s in cfg.patch_size], axis=1).astype(np.int32)
+            ref_logits = model.decode(feats_t, torch.from_numpy(pts.astype(np.int64))[None])[0].numpy()
+        names = feature_names(cfg.levels)
+        feats = _session(graphs["encoder"]).run(names, {"image": image})
+        enc_diff = max(float(np.abs(f.numpy() - g).max()) for f, g in zip(feats_t, feats))
+        logits = _session(graphs["decoder"]).run(["logits"], {**dict(zip(names, feats)), "points": pts})[0]
+        out["encoder"] = max(out.get("encoder", 0.0), enc_diff)
+        out["decoder"] = max(out.get("decoder", 0.0), float(np.abs(ref_logits - logits).max()))
+    return {"max_abs_diff": out, "trials": trials, "points": points, "runtime": "onnxruntime-cpu", "dtype": "float32"}

@@ -1,0 +1,181 @@
+"""Datasets in the Medical Segmentation Decathlon / nnU-Net layout, preprocessed once and cached.
+
+Preprocessing (resampling, normalisation) is the runtime's, so training and inference agree.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from imunet.runtime.errors import InputError
+from imunet.runtime.io import read_image, to_array
+from imunet.runtime.preprocess import Normalization, ct_statistics, normalize, resample_to_spacing
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``dataset.json`` and the folders say: labels ``{index: name}`` with 0 = background."""
+
+    name: str
+    root: Path
+    labels: dict[int, str]
+    modality: str
+    cases: tuple[Case, ...]
+
+
+def _labels(meta: dict[str, Any]) -> dict[int, str]:
+    raw = meta.get("labels")
+    if not isinstance(raw, dict) or not raw:
+        raise InputError("dataset.json has no 'labels' mapping")
+    try:
+        if all(str(k).isdigit() for k in raw):  # v1: {"0": "background", "1": "tumour"}
+            labels = {int(k): str(v) for k, v in raw.items()}
+        else:  # v2: {"background": 0, "tumour": 1}
+            labels = {int(v): str(k) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise InputError(f"dataset.json: cannot read labels {raw}") from None
+    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+        raise InputError(f"dataset.json: labels must be 0..C-1 with background 0 and at least one class, got {labels}")
+    return labels
+
+
+def read_dataset(root: str | Path) -> DatasetInfo:
+    """Read an MSD (v1 ``training`` list) or nnU-Net v2 (``_0000`` naming) dataset folder."""
+    root = Path(root)
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        raise InputError(f"{root}: no dataset.json (expected the MSD / nnU-Net layout)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{meta_path}: not valid JSON ({exc})") from None
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": "unknown"}
+    if len(channels) != 1:
+        raise InputError(f"{root}: {len(channels)} input channels {channels}; imunet trains single-channel models")
+    modality = str(next(iter(channels.values())))
+    cases = []
+    if meta.get("training"):  # MSD v1
+        for entry in meta["training"]:
+            image, label = root / entry["image"], root / entry["label"]
+            name = label.name.split(".")[0]
+            if not image.exists() and (root / "imagesTr" / f"{name}_0000{_ending(image.name)}").exists():
+                image = root / "imagesTr" / f"{name}_0000{_ending(image.name)}"
+            cases.append(Case(name, image, label))
+    else:  # nnU-Net v2
+        ending = meta.get("file_ending", ".nii.gz")
+        for label in sorted((root / "labelsTr").glob(f"*{ending}")):
+            if label.name.startswith("."):
+                continue
+            name = label.name[: -len(ending)]
+            cases.append(Case(name, root / "imagesTr" / f"{name}_0000{ending}", label))
+    missing = [str(c.image) for c in cases if not c.image.exists()]
+    if missing:
+        raise InputError(f"{root}: {len(missing)} images missing, e.g. {missing[0]}")
+    if not cases:
+        raise InputError(f"{root}: no training cases found in labelsTr/")
+    return DatasetInfo(str(meta.get("name", root.name)), root, _labels(meta), modality, tuple(cases))
+
+
+def _ending(name: str) -> str:
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def split_cases(cases: tuple[Case, ...], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A deterministic (train, validation) split of case names."""
+    names = sorted(c.name for c in cases)
+    random.Random(seed).shuffle(names)
+    n_val = int(round(len(names) * val_fraction))
+    if val_fraction > 0 and len(names) > 1:
+        n_val = max(1, min(n_val, len(names) - 1))
+    return sorted(names[n_val:]), sorted(names[:n_val])
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    """Computed once per run; they travel to the checkpoint and the bundle manifest."""
+
+    spacing: tuple[float, float, float]  # target spacing, SimpleITK (x, y, z) order, mm
+    normalization: Normalization
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spacing": list(self.spacing), "normalization": self.normalization.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DatasetStats":
+        return cls(tuple(data["spacing"]), Normalization.from_dict(data["normalization"]))
+
+
+def compute_stats(info: DatasetInfo, cases: list[Case], seed: int = 0, samples_per_case: int = 10000) -> DatasetStats:
+    """Median spacing and the normalisation the modality calls for (CT: dataset-wide; else per image)."""
+    rng = np.random.default_rng(seed)
+    spacings, values = [], []
+    is_ct = info.modality.strip().upper() == "CT"
+    for case in cases:
+        image = read_image(case.image)
+        spacings.append(image.GetSpacing())
+        if is_ct:
+            arr = to_array(image)
+            fg = arr[to_array(read_image(case.label), np.uint8) > 0]
+            if fg.size:
+                values.append(rng.choice(fg, size=min(samples_per_case, fg.size), replace=False))
+    spacing = tuple(float(s) for s in np.median(np.asarray(spacings), axis=0))
+    norm = ct_statistics(np.concatenate(values)) if is_ct and values else Normalization("zscore")
+    return DatasetStats(spacing, norm)  # type: ignore[arg-type]
+
+
+def preprocess_case(case: Case, stats: DatasetStats) -> tuple[np.ndarray, np.ndarray]:
+    """Resampled, normalised image (float32) and label map (uint8), both ``(Z, Y, X)``."""
+    image = read_image(case.image)
+    label = read_image(case.label)
+    if image.GetSize() != label.GetSize():
+        raise InputError(f"{case.name}: image size {image.GetSize()} != label size {label.GetSize()}")
+    image = resample_to_spacing(image, stats.spacing)
+    label = resample_to_spacing(sitk.Cast(label, sitk.sitkUInt8), stats.spacing, is_label=True)
+    return normalize(to_array(image, np.float32), stats.normalization), to_array(label, np.uint8)
+
+
+class PreprocessedCache:
+    """``(image, label)`` arrays per case, computed once into ``cache_dir`` and memory-mapped."""
+
+    def __init__(self, cache_dir: Path, stats: DatasetStats) -> None:
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.stats = stats
+        stamp = self.dir / "stats.json"
+        if stamp.exists() and json.loads(stamp.read_text()) != stats.to_dict():
+            for f in self.dir.glob("*.npy"):  # preprocessed with other statistics: stale
+                f.unlink()
+        stamp.write_text(json.dumps(stats.to_dict()))
+
+    def get(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
+        img_p, lbl_p = self.dir / f"{case.name}_img.npy", self.dir / f"{case.name}_seg.npy"
+        if not (img_p.exists() and lbl_p.exists()):
+            img, lbl = preprocess_case(case, self.stats)
+            for arr, p in ((img, img_p), (lbl, lbl_p)):
+                tmp = p.with_suffix(".tmp.npy")
+                np.save(tmp, arr)
+                tmp.replace(p)
+        return np.load(img_p, mmap_mode="r"), np.load(lbl_p, mmap_mode="r")
+
+    def load_all(self, cases: list[Case], progress: Callable[[int, int], None] | None = None):
+        out = {}
+        for i, case in enumerate(cases):
+            out[case.name] = self.get(case)
+            if progress:
+                progress(i + 1, len(cases))
+        return out
+

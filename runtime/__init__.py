@@ -1,0 +1,33 @@
+"""The lean runtime: numpy + SimpleITK + an inference backend; never torch.
+
+Public API::
+
+    from imunet.runtime import Segmenter
+    seg = Segmenter("model.imunet")            # or Segmenter() for the shipped default
+    label_image = seg.predict(sitk_image)      # SimpleITK in, SimpleITK out, same geometry
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import BackendError, BundleError, ImunetError, InputError
+
+__all__ = ["Segmenter", "Bundle", "load_bundle", "ImunetError", "InputError", "BundleError", "BackendError"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .manifest import Bundle, load_bundle
+    from .pipeline import Segmenter
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import imunet.runtime` stays cheap (no SimpleITK / onnxruntime until used).
+    if name == "Segmenter":
+        from .pipeline import Segmenter
+
+        return Segmenter
+    if name in ("Bundle", "load_bundle"):
+        from . import manifest
+
+        return getattr(manifest, name)
+    raise AttributeError(name)

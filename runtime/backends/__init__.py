@@ -1,0 +1,5 @@
+"""Inference backends behind one small protocol; each imports its own library lazily."""
+
+from .base import Backend
+
+__all__ = ["Backend"]

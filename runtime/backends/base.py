@@ -1,0 +1,34 @@
+"""The backend protocol: how the inference loop talks to a model, whatever runs it.
+
+An implicit model is two graphs: ``encode(patch) -> features`` and ``decode(features, points)
+-> logits``. The features are an opaque handle: a CPU backend keeps numpy arrays, a GPU backend
+keeps device buffers, so feature maps never cross to the host. A dense model (the U-Net
+baseline) has one graph, ``predict_dense(patch) -> logits``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the inference loop needs from a backend.
+
+    ``patch`` is ``(Z, Y, X)`` float32 at the bundle's patch size; ``points`` ``(N, 3)`` int32
+    voxel indices ``(z, y, x)`` in that patch with ``N <= max_points``; logits are float32,
+    ``(N, C)`` from ``decode`` and ``(C, Z, Y, X)`` from ``predict_dense``.
+    """
+
+    name: str
+    max_points: int
+
+    def encode(self, patch: np.ndarray) -> Any: ...
+
+    def decode(self, features: Any, points: np.ndarray) -> np.ndarray: ...
+
+    def predict_dense(self, patch: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,163 @@
+"""Scan reading and writing with SimpleITK, geometry kept exactly.
+
+Arrays handed to the rest of the code are ``(Z, Y, X)``; spacing, origin and direction stay in
+SimpleITK's ``(x, y, z)`` order and only at this boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+#: File endings the runtime reads and writes as single files.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def image_suffix(path: Path) -> str:
+    """The known image suffix of ``path`` (``.nii.gz`` counts as one), or ``""``."""
+    name = path.name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The physical grid of a 3D scan, in SimpleITK's ``(x, y, z)`` order."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(
+            tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection())
+        )
+
+    def apply(self, image: sitk.Image) -> None:
+        """Stamp this geometry (not the size) onto ``image``."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+
+
+def dicom_series(directory: Path) -> dict[str, list[str]]:
+    """Map each DICOM series instance UID in ``directory`` to its sorted file names."""
+    reader = sitk.ImageSeriesReader
+    uids = reader.GetGDCMSeriesIDs(str(directory)) or ()
+    return {uid: list(reader.GetGDCMSeriesFileNames(str(directory), uid)) for uid in uids}
+
+
+def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
+    found = dicom_series(directory)
+    if not found:
+        raise InputError(f"{directory}: directory holds no DICOM series and no image file")
+    if series is None:
+        if len(found) > 1:
+            listing = ", ".join(f"{uid} ({len(files)} files)" for uid, files in found.items())
+            raise InputError(f"{directory}: holds {len(found)} DICOM series; pick one with --series: {listing}")
+        series = next(iter(found))
+    if series not in found:
+        raise InputError(f"{directory}: no DICOM series {series!r}; present: {', '.join(found)}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(found[series])
+    return reader.Execute()
+
+
+def read_image(path: str | os.PathLike, series: str | None = None, channel: int | None = None) -> sitk.Image:
+    """Read a 3D scan from a NIfTI/NRRD/MHA file or a DICOM series directory.
+
+    Raises :class:`InputError` with the file name and the problem for anything that is not a
+    readable 3D scalar volume. ``channel`` picks one volume of a 4D file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    try:
+        if path.is_dir():
+            image = _read_dicom(path, series)
+        else:
+            image = sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sitk::ERROR" in ln), "")
+        detail = first.split("sitk::ERROR:")[-1].strip() if first else "not a readable image"
+        raise InputError(f"{path}: cannot read as an image ({detail})") from None
+    return as_3d_scalar(image, str(path), channel)
+
+
+def as_3d_scalar(image: sitk.Image, name: str, channel: int | None = None) -> sitk.Image:
+    """Check that ``image`` is a 3D single-channel volume (picking ``channel`` of a 4D one)."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar image")
+    dim = image.GetDimension()
+    if dim == 4:
+        n = image.GetSize()[3]
+        if channel is None:
+            if n == 1:
+                channel = 0
+            else:
+                raise InputError(f"{name}: is 4D with {n} volumes; pick one with --channel 0..{n - 1}")
+        if not 0 <= channel < n:
+            raise InputError(f"{name}: --channel {channel} out of range; the file has volumes 0..{n - 1}")
+        size = list(image.GetSize())
+        size[3] = 0
+        image = sitk.Extract(image, size, [0, 0, 0, channel])
+    elif dim != 3:
+        raise InputError(f"{name}: is {dim}D ({'x'.join(map(str, image.GetSize()))}); need a 3D volume")
+    if min(image.GetSize()) < 1:
+        raise InputError(f"{name}: has an empty dimension {image.GetSize()}")
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-4):
+        raise InputError(f"{name}: direction matrix is not orthonormal ({np.round(direction, 4).tolist()})")
+    if min(image.GetSpacing()) <= 0 or not np.all(np.isfinite(image.GetSpacing())):
+        raise InputError(f"{name}: invalid voxel spacing {image.GetSpacing()}")
+    return image
+
+
+def to_array(image: sitk.Image, dtype: type = np.float32) -> np.ndarray:
+    """The voxels of ``image`` as a ``(Z, Y, X)`` array of ``dtype``."""
+    return sitk.GetArrayFromImage(image).astype(dtype, copy=False)
+
+
+def from_array(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A SimpleITK image from a ``(Z, Y, X)`` array carrying ``geometry``."""
+    image = sitk.GetImageFromArray(array)
+    geometry.apply(image)
+    return image
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``image`` to ``path`` via a temporary file in the same directory and a rename.
+
+    A reader never sees a half-written file; an existing file is kept unless ``overwrite``.
+    """
+    path = Path(path)
+    suffix = image_suffix(path)
+    if not suffix:
+        raise InputError(f"{path}: unknown output format; use one of {', '.join(IMAGE_SUFFIXES)}")
+    if suffix in (".mhd", ".nhdr"):
+        raise InputError(f"{path}: detached-header formats are not written atomically; use .mha or .nrrd")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

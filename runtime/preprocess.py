@@ -1,0 +1,116 @@
+"""Preprocessing shared by training and inference: resampling and intensity normalisation.
+
+Training imports this module, so a model is always run on exactly the data it was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+SCHEMES = ("zscore", "ct")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How intensities become network inputs.
+
+    ``zscore``: per image, ``(x - mean(x)) / std(x)`` (MRI and other uncalibrated modalities).
+    ``ct``: clip to the dataset-wide ``[clip_low, clip_high]`` (percentiles of foreground voxels),
+    then ``(x - mean) / std`` with dataset-wide statistics of the clipped foreground.
+    """
+
+    scheme: str = "zscore"
+    clip_low: float | None = None
+    clip_high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"normalisation scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.scheme == "ct":
+            values = (self.clip_low, self.clip_high, self.mean, self.std)
+            if any(v is None or not np.isfinite(v) for v in values):
+                raise ValueError(f"ct normalisation needs finite clip_low, clip_high, mean, std; got {values}")
+            if not self.std > 0 or not self.clip_low < self.clip_high:
+                raise ValueError(f"ct normalisation needs std > 0 and clip_low < clip_high; got {values}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Normalization":
+        return cls(**data)
+
+
+def normalize(array: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Normalise a ``(Z, Y, X)`` intensity array; returns float32.
+
+    Raises :class:`InputError` for NaN or infinite voxels (a scan with them is corrupt).
+    """
+    data = np.asarray(array, dtype=np.float64)
+    if not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise InputError(f"scan has {bad} NaN or infinite voxels")
+    if norm.scheme == "ct":
+        data = np.clip(data, norm.clip_low, norm.clip_high)
+        return ((data - norm.mean) / norm.std).astype(np.float32)
+    std = float(data.std())
+    return ((data - data.mean()) / max(std, 1e-8)).astype(np.float32)
+
+
+def ct_statistics(foreground_values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> Normalization:
+    """Dataset-wide CT normalisation from intensities sampled inside the labels (nnU-Net's recipe)."""
+    values = np.asarray(foreground_values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no foreground voxels to compute CT statistics from")
+    lo, hi = np.percentile(values, [low_pct, high_pct])
+    if hi <= lo:
+        hi = lo + 1.0
+    clipped = np.clip(values, lo, hi)
+    return Normalization("ct", float(lo), float(hi), float(clipped.mean()), float(max(clipped.std(), 1e-6)))
+
+
+def resampled_size(image: sitk.Image, spacing_xyz: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Grid size ``(x, y, z)`` covering ``image``'s extent at ``spacing_xyz``."""
+    return tuple(
+        max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing_xyz)
+    )
+
+
+def resample_to_spacing(
+    image: sitk.Image, spacing_xyz: tuple[float, float, float], is_label: bool = False
+) -> sitk.Image:
+    """Resample onto a grid with the same origin and direction and spacing ``spacing_xyz`` (mm).
+
+    Images use linear interpolation (in float32), label maps nearest neighbour. A grid already at
+    ``spacing_xyz`` is returned unchanged, so no interpolation error is added for free.
+    """
+    if np.allclose(image.GetSpacing(), spacing_xyz, rtol=1e-4, atol=1e-6):
+        return image
+    size = resampled_size(image, spacing_xyz)
+    # Keep the physical centre of the first voxel's cell edge: origin shifts by half the change
+    # of cell size along each axis, so the resampled grid covers the same extent.
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    shift = (np.asarray(spacing_xyz) - np.asarray(image.GetSpacing())) / 2.0
+    origin = np.asarray(image.GetOrigin()) + direction @ shift
+    interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    src = image if is_label else sitk.Cast(image, sitk.sitkFloat32)
+    return sitk.Resample(
+        src, size, sitk.Transform(), interp, tuple(origin), tuple(spacing_xyz), image.GetDirection(), 0,
+        image.GetPixelID() if is_label else sitk.sitkFloat32,
+    )
+
+
+def resample_label_like(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resample of ``label`` onto ``reference``'s exact grid."""
+    out = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    out.CopyInformation(reference)
+    return out
+
