@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .backends.base import Backend
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from .windows import gaussian_importance, pad_to_patch, window_slices
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backends.base import Backend
 
 MODES = ("sparse", "dense")
 
