@@ -1,0 +1,175 @@
+"""Export: two graphs with parity recorded, the U-Net baseline, integrity, TensorRT checks."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from imunet.export.onnx import TENSORRT_OPS, graph_ops, unsupported_by_tensorrt  # noqa: E402
+from imunet.runtime.errors import BackendError, BundleError  # noqa: E402
+from imunet.runtime.manifest import SCHEMA_PATH, load_bundle  # noqa: E402
+
+
+def copy_bundle(src, tmp_path):
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_implicit_bundle_records_parity_below_1e4(bundle_dir):
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    diffs = m["parity"]["onnx"]["max_abs_diff"]
+    assert set(diffs) == {"encoder", "decoder"}
+    assert max(diffs.values()) < 1e-4 and m["parity"]["onnx"]["passed"] is True
+    assert m["model_kind"] == "implicit" and m["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
+    assert set(m["files"]) == {"encoder.onnx", "decoder.onnx"}
+    assert m["graphs"]["decoder"]["inputs"]["points"] == ["N", 3]
+    assert m["provenance"]["versions"]["torch"]
+
+
+def test_unet_bundle_exports_one_graph_with_parity(unet_bundle_dir):
+    m = json.loads((unet_bundle_dir / "manifest.json").read_text())
+    assert m["model_kind"] == "unet" and set(m["graphs"]) == {"model"}
+    assert m["parity"]["onnx"]["max_abs_diff"]["model"] < 1e-4
+
+
+def test_manifests_validate_against_the_schema(bundle_dir, unet_bundle_dir):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA_PATH.read_text())
+    for b in (bundle_dir, unet_bundle_dir):
+        jsonschema.validate(json.loads((b / "manifest.json").read_text()), schema)
+    bad = json.loads((bundle_dir / "manifest.json").read_text())
+    bad["inference"]["overlap"] = 1.5
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_decoder_graph_has_dynamic_points_and_the_gather_inside(bundle_dir):
+    model = onnx.load(str(bundle_dir / "decoder.onnx"))
+    inputs = {i.name: i for i in model.graph.input}
+    assert list(inputs) == ["f0", "f1", "f2", "f3", "points"]
+    dims = inputs["points"].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "N" and dims[1].dim_value == 3
+    ops = graph_ops(bundle_dir / "decoder.onnx")
+    assert {"Gather", "Sin", "Cos", "Floor"} <= ops
+    assert "ReduceL2" not in ops  # weight normalisation was folded
+
+
+def test_changed_byte_in_decoder_is_refused(bundle_dir, tmp_path):
+    b = copy_bundle(bundle_dir, tmp_path)
+    data = bytearray((b / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (b / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder.onnx does not match its sha256"):
+        load_bundle(b)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update(format_version=99), "format version 99 is not supported"),
+    (lambda m: m.update(format="something"), "not an imunet bundle"),
+    (lambda m: m.pop("files"), "lists no files"),
+    (lambda m: m["labels"].pop("2"), None),
+])
+def test_broken_manifests_are_refused(bundle_dir, tmp_path, edit, message):
+    b = copy_bundle(bundle_dir, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    edit(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+    if message is None:  # labels no longer match the decoder's 3 outputs: refused when opened
+        from imunet.runtime.backends import open_backend
+
+        with pytest.raises(BackendError, match="manifest lists 2 labels but the decoder graph outputs 3"):
+            open_backend(load_bundle(b), "ort-cpu")
+    else:
+        with pytest.raises(BundleError, match=message):
+            load_bundle(b)
+
+
+def test_missing_graph_file_is_refused(bundle_dir, tmp_path):
+    b = copy_bundle(bundle_dir, tmp_path)
+    (b / "encoder.onnx").unlink()
+    with pytest.raises(BundleError, match="encoder.onnx is missing"):
+        load_bundle(b)
+
+
+def test_tensorrt_operator_list_flags_unsupported_ops(tmp_path, bundle_dir, unet_bundle_dir):
+    from onnx import TensorProto, helper
+
+    for b in (bundle_dir, unet_bundle_dir):
+        for g in json.loads((b / "manifest.json").read_text())["graphs"].values():
+            assert unsupported_by_tensorrt(b / g["file"]) == []
+    node = helper.make_node("NonZero", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1, None])])
+    path = tmp_path / "nz.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert unsupported_by_tensorrt(path) == ["NonZero"]
+    assert "Mod" not in TENSORRT_OPS and "NonZero" not in TENSORRT_OPS and "Gather" in TENSORRT_OPS
+
+
+def test_export_cli_trt_without_tensorrt_fails_in_one_line_and_keeps_the_bundle(trained_run, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; this checks the machine without it")
+    except ImportError:
+        pass
+    out = tmp_path / "t.imunet"
+    res = subprocess.run([sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out),
+                          "--trt", "fp16"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3
+    assert res.stderr.strip().splitlines() == [
+        f"imunet-export: --trt fp16: TensorRT is not installed (pip install 'imunet[gpu]'); "
+        f"the ONNX bundle at {out} is complete without engines"]
+    load_bundle(out)
+    res = subprocess.run([sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "exists; pass --overwrite" in res.stderr
+
+
+def _gpu_and_tensorrt() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed"
+    from imunet.runtime.backends.trt import gpu_info
+
+    try:
+        gpu_info()
+    except BackendError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_and_tensorrt() is not None, reason=f"needs a GPU and TensorRT: {_gpu_and_tensorrt()}")
+def test_tensorrt_fp16_engines_build_and_match_onnxruntime(trained_run, tmp_path):
+    from imunet.export.bundle import write_bundle
+    from imunet.export.tensorrt import build_engines
+    from imunet.export.bundle import finalize_manifest
+    from imunet.runtime.backends.ort import OrtBackend
+    from imunet.runtime.backends.trt import TensorRTBackend
+
+    out = write_bundle(trained_run[0], tmp_path / "g.imunet", log=lambda _m: None)
+    m = json.loads((out / "manifest.json").read_text())
+    graphs = {n: out / g["file"] for n, g in m["graphs"].items()}
+    rec = build_engines(out, graphs, "fp16", (1, 4096, 65536), {n: m["files"][g["file"]] for n, g in m["graphs"].items()})
+    m["engines"].append(rec)
+    finalize_manifest(out, m)
+    bundle = load_bundle(out)
+    trt_b, ort_b = TensorRTBackend(bundle), OrtBackend(bundle, "ort-cpu")
+    rng = np.random.default_rng(0)
+    patch = rng.normal(size=bundle.manifest.patch_size).astype(np.float32)
+    pts = np.stack([rng.integers(0, s, 5000) for s in bundle.manifest.patch_size], 1).astype(np.int32)
+    a = trt_b.decode(trt_b.encode(patch), pts)
+    b = ort_b.decode(ort_b.encode(patch), pts)
+    from imunet.runtime.inference import softmax
+
+    assert np.abs(softmax(a) - softmax(b)).max() < 2e-2
+    assert (a.argmax(1) == b.argmax(1)).mean() > 0.99

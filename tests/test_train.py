@@ -1,0 +1,119 @@
+"""Training: outputs of a run, exact resume, distributed data parallel on gloo, the CLI."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import HIPPO, ROOT, TINY_MODEL  # noqa: E402
+from imunet.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from imunet.data import read_dataset, split_cases  # noqa: E402
+from imunet.train import train  # noqa: E402
+
+
+def small_cfg(steps, **kw):
+    return RunConfig(ModelConfig(kind="implicit", num_classes=3, **{**TINY_MODEL, "decoder_dropout": 0.1}),
+                     TrainConfig(steps=steps, batch_size=2, lr=1e-3, points=500, val_fraction=0.34,
+                                 checkpoint_every=2, seed=3, **kw))
+
+
+def test_run_writes_its_outputs_and_learns(trained_run):
+    run, metrics = trained_run
+    for name in ("checkpoint.pt", "config.json", "metrics.json", "log.csv", "curves.png", "split.json",
+                 "dataset_stats.json"):
+        assert (run / name).is_file(), name
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 150
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert len(rows) == 150
+    assert float(rows[-1]["loss"]) < 0.6 * float(rows[0]["loss"])
+    saved = json.loads((run / "metrics.json").read_text())
+    assert set(saved["val_dice"]) == {"1", "2"}
+    assert saved["val_dice"]["1"] > 0.7, saved["val_dice"]  # the organ of the phantoms is learnt
+    stats = json.loads((run / "dataset_stats.json").read_text())
+    assert stats["normalization"]["scheme"] == "ct" and stats["spacing"] == [1.5, 1.5, 3.0]
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom_dir, tmp_path):
+    torch.set_num_threads(1)
+    dev = torch.device("cpu")
+    quiet = dict(log=lambda _m: None)
+    train(phantom_dir, tmp_path / "full", small_cfg(4, augment=True), dev, **quiet)
+    train(phantom_dir, tmp_path / "part", small_cfg(2, augment=True), dev, **quiet)
+    train(phantom_dir, tmp_path / "part", small_cfg(4, augment=True), dev, resume=True, **quiet)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(phantom_dir, tmp_path):
+    with pytest.raises(ValueError, match="no .*checkpoint.pt to resume"):
+        train(phantom_dir, tmp_path / "none", small_cfg(1), torch.device("cpu"), resume=True)
+
+
+def test_dataset_layouts_v1_and_v2(phantom_dir, tmp_path):
+    info = read_dataset(phantom_dir)
+    assert info.modality == "CT" and info.labels == {0: "background", 1: "organ", 2: "lesion"}
+    assert len(info.cases) == 6
+    # MSD v1: a 'training' list and v1-style labels
+    meta = json.loads((phantom_dir / "dataset.json").read_text())
+    v1 = tmp_path / "v1"
+    (v1 / "imagesTr").mkdir(parents=True)
+    (v1 / "labelsTr").mkdir()
+    entries = []
+    for c in info.cases[:2]:
+        (v1 / "imagesTr" / f"{c.name}.nii.gz").symlink_to(c.image)
+        (v1 / "labelsTr" / f"{c.name}.nii.gz").symlink_to(c.label)
+        entries.append({"image": f"./imagesTr/{c.name}.nii.gz", "label": f"./labelsTr/{c.name}.nii.gz"})
+    (v1 / "dataset.json").write_text(json.dumps({"name": "v1", "modality": {"0": "CT"},
+                                                 "labels": {"0": "background", "1": "organ", "2": "lesion"},
+                                                 "training": entries}))
+    info1 = read_dataset(v1)
+    assert [c.name for c in info1.cases] == [c.name for c in info.cases[:2]] and info1.labels == info.labels
+    assert meta["channel_names"] == {"0": "CT"}
+    tr, va = split_cases(info.cases, 0.34, 0)
+    assert len(va) == 2 and not set(tr) & set(va) and split_cases(info.cases, 0.34, 0) == (tr, va)
+
+
+@pytest.mark.skipif(not HIPPO.is_dir(), reason="shared hippocampus data not present")
+def test_hippocampus_mixed_intensity_scales_are_normalised_per_image(tmp_path):
+    from imunet.data import compute_stats, preprocess_case
+
+    info = read_dataset(HIPPO)
+    assert info.labels == {0: "background", 1: "anterior", 2: "posterior"} and len(info.cases) == 208
+    stats = compute_stats(info, list(info.cases[:5]))
+    assert stats.normalization.scheme == "zscore" and stats.spacing == (1.0, 1.0, 1.0)
+    img, lbl = preprocess_case(info.cases[0], stats)
+    assert abs(float(img.mean())) < 1e-3 and abs(float(img.std()) - 1) < 1e-3
+    assert set(lbl.ravel().tolist()) == {0, 1, 2}
+
+
+def test_distributed_two_cpu_processes_on_gloo(phantom_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "imunet.cli", str(phantom_dir), "--out", str(out), "--steps", "3", "--batch", "1",
+           "--patch", "16", "32", "32", "--channels", "4,8,16,16", "--decoder-width", "32", "--points", "300",
+           "--device", "cpu", "--val-fraction", "0.34", "--no-augment"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world size 2" in res.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2  # one sampling state per rank, for exact resume
+
+
+def test_train_cli_reports_bad_dataset_in_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "imunet.cli", str(tmp_path), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"imunet-train: error: {tmp_path}: no dataset.json (expected the MSD / nnU-Net layout)"
