@@ -73,12 +73,12 @@ def train(
 
 
 def main() -> None:
-    if "--help" in sys.argv or "-h" in sys.argv:
-        try:
-            app.info.epilog = _param_table()
-        except Exception:  # the table is a courtesy; help must always print
-            pass
-    app()
+    try:
+        app()
+    except SystemExit:
+        if "--help" in sys.argv or "-h" in sys.argv:
+            typer.echo(_param_table())
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""Training cost of the Implicit U-Net against the dense U-Net on the same patch, side by side.
+
+Each measurement runs in a fresh subprocess (so peak memory is that model's alone), alternating
+implicit / U-Net for ``--rounds`` rounds. Reports the median seconds per optimisation step
+(forward, loss, backward, AdamW), the augmentation's share, and peak memory: resident set size
+on the CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on CUDA.
+
+    python tools/bench_train.py --patch 40 56 40 --channels 16,32,64,128 --width 256 --points 4000 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def one(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from imunet.augment import augment_batch
+    from imunet.config import ModelConfig
+    from imunet.losses import deep_supervision_loss, point_loss
+    from imunet.model import build_model, count_parameters
+    from imunet.sampling import point_labels, sample_points
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    patch = tuple(args.patch)
+    cfg = ModelConfig(kind=args.one, num_classes=3, patch_size=patch, channels=tuple(args.channels),
+                      decoder_width=args.width, decoder_dropout=0.2)
+    model = build_model(cfg).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp = dev.type == "cuda" and args.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    z, y, x = np.indices(patch)
+    c = np.asarray(patch) / 2
+    label = ((((z - c[0]) / (patch[0] / 4)) ** 2 + ((y - c[1]) / (patch[1] / 4)) ** 2
+              + ((x - c[2]) / (patch[2] / 3)) ** 2) <= 1).astype(np.uint8)
+    label[(((z - c[0]) / 3) ** 2 + ((y - c[1]) / 4) ** 2 + ((x - c[2]) / 4) ** 2) <= 1] = 2
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(args.batch, 1, *patch, device=dev)
+    lbl = torch.from_numpy(np.stack([label] * args.batch)).to(dev, torch.long)
+    step_times, aug_times = [], []
+    for i in range(args.warmup + args.steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a_img, a_lbl = augment_batch(img, lbl, gen)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
+            if args.one == "implicit":
+                lab_np = a_lbl.to(torch.uint8).cpu().numpy()
+                pts = [sample_points(lb, args.points, 0.5, 5.0, rng)[0] for lb in lab_np]
+                tgt = np.stack([point_labels(lb, p) for lb, p in zip(lab_np, pts)]).astype(np.int64)
+                loss = point_loss(model(a_img, torch.from_numpy(np.stack(pts)).to(dev)), torch.from_numpy(tgt).to(dev))
+            else:
+                loss = deep_supervision_loss(model(a_img), a_lbl)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            step_times.append(t2 - t1)
+            aug_times.append(t1 - t0)
+    peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"model": args.one, "parameters": count_parameters(model), "step_s": step_times, "augment_s": aug_times,
+            "peak_mb": round(peak, 1), "memory": "cuda max allocated" if dev.type == "cuda" else "process max RSS",
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patch", type=int, nargs=3, default=(40, 56, 40))
+    ap.add_argument("--channels", type=lambda s: [int(c) for c in s.split(",")], default=[16, 32, 64, 128])
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--points", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    ap.add_argument("--json", type=str, default=None, help="also write the results here")
+    ap.add_argument("--one", choices=["implicit", "unet"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+    results: dict[str, list[dict]] = {"implicit": [], "unet": []}
+    base = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    if "--json" in sys.argv:
+        i = sys.argv.index("--json")
+        base = sys.argv[1:i] + sys.argv[i + 2:]
+    for _ in range(args.rounds):
+        for kind in ("implicit", "unet"):
+            out = subprocess.run([sys.executable, __file__, *base, "--one", kind], capture_output=True, text=True,
+                                 check=True)
+            results[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    summary = {}
+    for kind, runs in results.items():
+        steps = [s for r in runs for s in r["step_s"]]
+        augs = [s for r in runs for s in r["augment_s"]]
+        summary[kind] = {"parameters": runs[0]["parameters"], "median_step_s": round(statistics.median(steps), 4),
+                         "median_augment_s": round(statistics.median(augs), 4),
+                         "peak_mb": max(r["peak_mb"] for r in runs), "memory": runs[0]["memory"],
+                         "threads": runs[0]["threads"], "n_steps": len(steps)}
+    imp, unet = summary["implicit"], summary["unet"]
+    summary["ratios_implicit_over_unet"] = {
+        "step_time": round(imp["median_step_s"] / unet["median_step_s"], 3),
+        "peak_memory": round(imp["peak_mb"] / unet["peak_mb"], 3),
+        "parameters": round(imp["parameters"] / unet["parameters"], 3),
+    }
+    summary["setup"] = {"patch": args.patch, "channels": args.channels, "decoder_width": args.width,
+                        "points": args.points, "batch": args.batch, "device": args.device, "amp": args.amp,
+                        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
