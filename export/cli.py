@@ -49,6 +49,16 @@ def export(
         raise typer.Exit(3) from None
     manifest["engines"].append(record)
     finalize_manifest(bundle, manifest)
+    try:
+        from .tensorrt import engine_parity
+
+        record["parity"] = engine_parity(bundle, trt)
+        finalize_manifest(bundle, manifest)
+        typer.echo(f"TensorRT {trt} vs onnxruntime: max |p| difference {record['parity']['max_abs_prob_diff']:.2e}, "
+                   f"argmax agreement {record['parity']['argmax_agreement']:.4%}")
+    except (ImunetError, OSError) as exc:
+        typer.echo(f"imunet-export: engines built but their parity check failed: {exc}", err=True)
+        raise typer.Exit(3) from None
     times = ", ".join(f"{name} {facts['build_s']} s" for name, facts in record["build"].items())
     typer.echo(f"built TensorRT {trt} engines in {record['dir']} ({times})")
 

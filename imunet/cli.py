@@ -28,7 +28,8 @@ def train(
     dataset: Path = typer.Argument(..., help="Dataset folder."),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoint.pt, config.json, metrics.json, log.csv)."),
     model: str = typer.Option("implicit", help="implicit | unet"),
-    patch: tuple[int, int, int] = typer.Option((96, 160, 160), help="Patch size Z Y X (multiples of 8)."),
+    patch: Optional[tuple[int, int, int]] = typer.Option(
+        None, help="Patch size Z Y X (multiples of 8); default: the median case shape, capped at 96 160 160."),
     steps: int = typer.Option(1000, help="Optimisation steps."),
     batch: int = typer.Option(2, help="Patches per step (per process)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -37,7 +38,8 @@ def train(
     val_every: int = typer.Option(0, help="Validate every N steps (0: only at the end)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation and sampling."),
     lr: float = typer.Option(1e-4, help="AdamW learning rate."),
-    points: int = typer.Option(30000, help="k: points sampled per patch."),
+    points: Optional[int] = typer.Option(
+        None, help="k: points per patch; default min(30000, 5% of the patch), the paper's 30,000 at 96x160x160."),
     alpha: float = typer.Option(0.5, help="Fraction of points sampled near label boundaries."),
     sigma: float = typer.Option(5.0, help="Std (voxels) of the displacement of boundary points."),
     channels: str = typer.Option("32,64,128,256", help="Encoder channels per block."),
@@ -56,6 +58,13 @@ def train(
     try:
         chans = tuple(int(c) for c in channels.split(","))
         info = read_dataset(dataset)
+        if patch is None:
+            from .data import auto_patch_size
+
+            patch = auto_patch_size(info)
+            typer.echo(f"patch size {patch[0]} {patch[1]} {patch[2]} (median case shape; set --patch to change)")
+        if points is None:
+            points = int(min(30000, 0.05 * patch[0] * patch[1] * patch[2]))
         mcfg = ModelConfig(kind=model, num_classes=len(info.labels), patch_size=tuple(patch), channels=chans,
                            convs_per_block=(2, 2, 4, 4, 4, 4)[: len(chans)], decoder_width=decoder_width,
                            decoder_dropout=dropout, gather=gather)

@@ -179,3 +179,25 @@ class PreprocessedCache:
                 progress(i + 1, len(cases))
         return out
 
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetSize(), reader.GetSpacing()
+
+
+def auto_patch_size(info: DatasetInfo, cap_zyx: tuple[int, int, int] = (96, 160, 160), multiple: int = 8,
+                    max_cases: int = 200) -> tuple[int, int, int]:
+    """nnU-Net's rule of thumb: the median case shape at the median spacing, ``(Z, Y, X)``,
+    rounded up to a multiple of ``multiple`` and capped at ``cap_zyx`` (the paper's 96x160x160).
+
+    Reads only the image headers.
+    """
+    headers = [_header(c.image) for c in info.cases[:max_cases]]
+    spacing = np.median(np.asarray([h[1][:3] for h in headers]), axis=0)
+    extents = np.asarray([np.asarray(h[0][:3]) * np.asarray(h[1][:3]) / spacing for h in headers])
+    median_zyx = np.median(extents, axis=0)[::-1]
+    rounded = [int(np.ceil(s / multiple) * multiple) for s in median_zyx]
+    return tuple(max(multiple, min(r, c)) for r, c in zip(rounded, cap_zyx))  # type: ignore[return-value]

@@ -1,0 +1,139 @@
+"""imunet-run end to end: real DICOM, preview, batches, and bad input that must fail cleanly."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from typer.testing import CliRunner
+
+from conftest import CT_DIR
+from imunet.runtime.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def write(arr, path, spacing=(1.5, 1.5, 3.0), direction=None):
+    img = sitk.GetImageFromArray(arr, isVector=False)
+    if arr.ndim == 3:
+        img.SetSpacing(spacing)
+    if direction is not None:
+        img.SetDirection(direction)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def phantom(phantom_dir, i=0):
+    return phantom_dir / "imagesTr" / f"phantom_{i:03d}_0000.nii.gz"
+
+
+@pytest.mark.skipif(not (CT_DIR / "example_ct_dicom").is_dir(), reason="shared CT data not present")
+def test_real_dicom_series_keeps_its_geometry(bundle_dir, tmp_path):
+    dicom = CT_DIR / "example_ct_dicom"
+    code, out, err = run(dicom, "--model", bundle_dir, "--out", tmp_path / "ct.nrrd", "--stats", tmp_path / "s.json",
+                         "--preview", tmp_path / "p.png")
+    assert code == 0, err
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(dicom)))
+    ref = reader.Execute()
+    seg = sitk.ReadImage(str(tmp_path / "ct.nrrd"))
+    assert seg.GetSize() == ref.GetSize() == (512, 512, 20)
+    assert np.allclose(seg.GetSpacing(), ref.GetSpacing()) and np.allclose(seg.GetOrigin(), ref.GetOrigin())
+    assert np.allclose(seg.GetDirection(), ref.GetDirection())
+    stats = json.loads((tmp_path / "s.json").read_text())["scans"][0]
+    assert stats["ok"] and stats["windows"] > 1 and {"read_s", "encode_s", "decode_s", "write_s"} <= set(stats)
+    png = sitk.ReadImage(str(tmp_path / "p.png"))
+    assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize()[0] > 512
+
+
+def test_batch_with_one_bad_scan_writes_the_others(bundle_dir, phantom_dir, tmp_path):
+    bad = tmp_path / "in" / "broken.nii.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)
+    for i in (0, 1):
+        shutil.copy(phantom(phantom_dir, i), tmp_path / "in")
+    code, out, err = run(tmp_path / "in", "--model", bundle_dir, "--out", tmp_path / "out")
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["phantom_000_0000_seg.nii.gz",
+                                                                    "phantom_001_0000_seg.nii.gz"]
+    assert f"FAILED {bad}: cannot read as an image" in err
+    assert f"2 of 3 scans segmented; failed: {bad}" in err
+
+
+def test_existing_output_is_kept_without_overwrite(bundle_dir, phantom_dir, tmp_path):
+    dest = tmp_path / "seg.nii.gz"
+    dest.write_bytes(b"precious")
+    code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--out", dest)
+    assert code == 1 and "exists; pass --overwrite" in err and dest.read_bytes() == b"precious"
+    code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--out", dest, "--overwrite")
+    assert code == 0 and sitk.ReadImage(str(dest)).GetSize() == sitk.ReadImage(str(phantom(phantom_dir))).GetSize()
+
+
+def test_output_equal_to_input_is_refused(bundle_dir, phantom_dir, tmp_path):
+    scan = shutil.copy(phantom(phantom_dir), tmp_path / "scan.nii.gz")
+    before = (tmp_path / "scan.nii.gz").read_bytes()
+    code, _, err = run(scan, "--model", bundle_dir, "--out", scan, "--overwrite")
+    assert code == 1 and "output path equals the input" in err
+    assert (tmp_path / "scan.nii.gz").read_bytes() == before
+
+
+def bad_cases(tmp_path):
+    rng = np.random.default_rng(0)
+    nan = rng.normal(size=(20, 30, 30)).astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    nan[7, 1, 2] = np.inf
+    (tmp_path / "random.nii.gz").write_bytes(rng.bytes(5000))
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    return {
+        "missing": (tmp_path / "nope.nii.gz", "no such file or directory"),
+        "random": (tmp_path / "random.nii.gz", "cannot read as an image"),
+        "empty": (tmp_path / "empty.nii.gz", "cannot read as an image"),
+        "2d": (write(np.zeros((30, 40), np.float32), tmp_path / "flat.nii.gz"), "is 2D (40x30); need a 3D volume"),
+        "4d": (write(np.zeros((3, 10, 12, 14), np.float32), tmp_path / "four.nii.gz"),
+               "is 4D with 3 volumes; pick one with --channel 0..2"),
+        "nan": (write(nan, tmp_path / "nan.mha"), "scan has 2 NaN or infinite voxels"),
+        "skew": (write(np.zeros((10, 12, 14), np.float32), tmp_path / "skew.mha",
+                       direction=(1, 0, 0, 0.5, 1, 0, 0, 0, 1)), "direction matrix is not orthonormal"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "random", "empty", "2d", "4d", "nan", "skew"])
+def test_bad_input_fails_with_one_clear_line_and_no_output(bundle_dir, tmp_path, case):
+    path, message = bad_cases(tmp_path)[case]
+    out = tmp_path / "out"
+    code, stdout, err = run(path, "--model", bundle_dir, "--out", out)
+    assert code == 1
+    failed = [ln for ln in err.splitlines() if ln.startswith("FAILED")]
+    assert len(failed) == 1 and str(path) in failed[0] and message in failed[0], err
+    assert "Traceback" not in err + stdout
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_4d_input_with_channel_and_tiny_volume_are_segmented(bundle_dir, tmp_path):
+    four = write(np.random.default_rng(0).normal(size=(2, 10, 12, 14)).astype(np.float32), tmp_path / "f.nii.gz")
+    code, _, err = run(four, "--model", bundle_dir, "--channel", "1", "--out", tmp_path / "f_seg.nii.gz")
+    assert code == 0, err
+    assert sitk.ReadImage(str(tmp_path / "f_seg.nii.gz")).GetSize() == (14, 12, 10)
+    tiny = write(np.zeros((3, 4, 5), np.int16), tmp_path / "tiny.nii.gz")  # far smaller than one patch
+    code, _, err = run(tiny, "--model", bundle_dir, "--out", tmp_path / "tiny_seg.nii.gz")
+    assert code == 0, err
+    assert sitk.ReadImage(str(tmp_path / "tiny_seg.nii.gz")).GetSize() == (5, 4, 3)
+
+
+def test_max_memory_refuses_before_work(bundle_dir, phantom_dir, tmp_path):
+    code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--max-memory", "0.0001", "--out", tmp_path / "o")
+    assert code == 1 and "over --max-memory 0.0001 GiB" in err and not (tmp_path / "o").exists()
+
+
+def test_unknown_backend_and_missing_bundle_are_one_line_errors(bundle_dir, phantom_dir, tmp_path):
+    code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--backend", "magic")
+    assert code == 2 and err.strip() == ("imunet-run: error: unknown backend 'magic'; choose from auto, ort-cpu, "
+                                         "ort-cuda, ort-trt, tensorrt")
+    code, _, err = run(phantom(phantom_dir), "--model", tmp_path / "none.imunet")
+    assert code == 2 and err.strip() == f"imunet-run: error: {tmp_path / 'none.imunet'}: no such bundle directory"
