@@ -41,8 +41,9 @@ def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, Any], torch.nn.Module]
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -56,13 +57,26 @@ def _versions() -> dict[str, str]:
 
     import imunet
 
-    return {"imunet": imunet.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
-            "SimpleITK": SimpleITK.Version_VersionString(), "python": platform.python_version()}
+    return {
+        "imunet": imunet.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "SimpleITK": SimpleITK.Version_VersionString(),
+        "python": platform.python_version(),
+    }
 
 
-def build_manifest(cfg: RunConfig, stats: dict[str, Any], graphs: dict[str, Path], parity: dict[str, Any],
-                   max_points: int, opset: int, run_dir: Path) -> dict[str, Any]:
+def build_manifest(
+    cfg: RunConfig,
+    stats: dict[str, Any],
+    graphs: dict[str, Path],
+    parity: dict[str, Any],
+    max_points: int,
+    opset: int,
+    run_dir: Path,
+) -> dict[str, Any]:
     """The manifest dict (without the ``files`` digests, added last)."""
     m = cfg.model
     inference = InferenceSettings()
@@ -70,15 +84,26 @@ def build_manifest(cfg: RunConfig, stats: dict[str, Any], graphs: dict[str, Path
     names = feature_names(m.levels)
     if m.kind == "implicit":
         graph_info = {
-            "encoder": {"file": graphs["encoder"].name, "inputs": {"image": [1, 1, *m.patch_size]},
-                        "outputs": dict(zip(names, shapes))},
-            "decoder": {"file": graphs["decoder"].name, "features": names,
-                        "inputs": {**dict(zip(names, shapes)), "points": ["N", 3]},
-                        "outputs": {"logits": ["N", m.num_classes]}},
+            "encoder": {
+                "file": graphs["encoder"].name,
+                "inputs": {"image": [1, 1, *m.patch_size]},
+                "outputs": dict(zip(names, shapes)),
+            },
+            "decoder": {
+                "file": graphs["decoder"].name,
+                "features": names,
+                "inputs": {**dict(zip(names, shapes)), "points": ["N", 3]},
+                "outputs": {"logits": ["N", m.num_classes]},
+            },
         }
     else:
-        graph_info = {"model": {"file": graphs["model"].name, "inputs": {"image": [1, 1, *m.patch_size]},
-                                "outputs": {"logits": [1, m.num_classes, *m.patch_size]}}}
+        graph_info = {
+            "model": {
+                "file": graphs["model"].name,
+                "inputs": {"image": [1, 1, *m.patch_size]},
+                "outputs": {"logits": [1, m.num_classes, *m.patch_size]},
+            }
+        }
     extra = cfg.extra
     return {
         "format": FORMAT,
@@ -91,22 +116,38 @@ def build_manifest(cfg: RunConfig, stats: dict[str, Any], graphs: dict[str, Path
         "patch_size": list(m.patch_size),
         "array_order": "z, y, x",
         "normalization": stats["normalization"],
-        "encoder": {"channels": list(m.channels), "convs_per_block": list(m.convs_per_block),
-                    "strides": [1] + [2] * (m.levels - 1)},
+        "encoder": {
+            "channels": list(m.channels),
+            "convs_per_block": list(m.convs_per_block),
+            "strides": [1] + [2] * (m.levels - 1),
+        },
         "decoder": {
-            "pe_frequencies": m.pe_frequencies, "gather": m.gather, "points_dtype": "int32",
+            "pe_frequencies": m.pe_frequencies,
+            "gather": m.gather,
+            "points_dtype": "int32",
             "coordinates": "points are voxel indices (z, y, x) in the patch; normalised inside the graph "
-                           "to 2 * p / (S - 1) - 1 per axis, S the patch size",
-            "width": m.decoder_width, "depth": m.decoder_depth, "max_points": max_points,
-        } if m.kind == "implicit" else {},
+            "to 2 * p / (S - 1) - 1 per axis, S the patch size",
+            "width": m.decoder_width,
+            "depth": m.decoder_depth,
+            "max_points": max_points,
+        }
+        if m.kind == "implicit"
+        else {},
         "graphs": graph_info,
         "opset": opset,
-        "inference": {"mode": "sparse" if m.kind == "implicit" else "dense", "overlap": inference.overlap,
-                      "stride": inference.stride, "band": inference.band,
-                      "sigma_scale": inference.sigma_scale, "smoothing": inference.smoothing},
+        "inference": {
+            "mode": "sparse" if m.kind == "implicit" else "dense",
+            "overlap": inference.overlap,
+            "stride": inference.stride,
+            "band": inference.band,
+            "sigma_scale": inference.sigma_scale,
+            "smoothing": inference.smoothing,
+        },
         "provenance": {
-            "run": run_dir.name, "dataset": extra.get("dataset_name", cfg.dataset),
-            "commit": _git_commit(), "versions": _versions(),
+            "run": run_dir.name,
+            "dataset": extra.get("dataset_name", cfg.dataset),
+            "commit": _git_commit(),
+            "versions": _versions(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "train_steps": cfg.train.steps,
         },
@@ -119,13 +160,20 @@ def finalize_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     """Hash every file of the bundle into ``manifest["files"]`` and write ``manifest.json``."""
     manifest["files"] = {
         str(p.relative_to(bundle_dir)): sha256_file(p)
-        for p in sorted(bundle_dir.rglob("*")) if p.is_file() and p.name != MANIFEST
+        for p in sorted(bundle_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
     }
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def write_bundle(run_dir: Path, out: Path, opset: int = DEFAULT_OPSET, max_points: int = 65536,
-                 overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
+def write_bundle(
+    run_dir: Path,
+    out: Path,
+    opset: int = DEFAULT_OPSET,
+    max_points: int = 65536,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place)."""
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: exists; pass --overwrite to replace it")
@@ -142,9 +190,11 @@ def write_bundle(run_dir: Path, out: Path, opset: int = DEFAULT_OPSET, max_point
         worst = max(parity["max_abs_diff"].values())
         parity["tolerance"] = PARITY_TOLERANCE
         parity["passed"] = bool(worst < PARITY_TOLERANCE)
-        log(f"parity torch vs onnxruntime: " + ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs_diff"].items()))
+        log("parity torch vs onnxruntime: " + ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs_diff"].items()))
         if not parity["passed"]:
-            raise BundleError(f"ONNX graphs differ from PyTorch by {worst:.3g} > {PARITY_TOLERANCE}; bundle not written")
+            raise BundleError(
+                f"ONNX graphs differ from PyTorch by {worst:.3g} > {PARITY_TOLERANCE}; bundle not written"
+            )
         unsupported = {name: unsupported_by_tensorrt(p) for name, p in graphs.items()}
         bad = {k: v for k, v in unsupported.items() if v}
         if bad:

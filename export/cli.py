@@ -41,11 +41,17 @@ def export(
     manifest = json.loads((bundle / "manifest.json").read_text())
     graphs = {name: bundle / g["file"] for name, g in manifest["graphs"].items()}
     try:
-        record = build_engines(bundle, graphs, trt, (1, opt_points, max_points),
-                               {name: manifest["files"][g["file"]] for name, g in manifest["graphs"].items()})
+        record = build_engines(
+            bundle,
+            graphs,
+            trt,
+            (1, opt_points, max_points),
+            {name: manifest["files"][g["file"]] for name, g in manifest["graphs"].items()},
+        )
     except (ImunetError, ValueError, OSError) as exc:
-        typer.echo(f"imunet-export: --trt {trt}: {exc}; the ONNX bundle at {bundle} is complete without engines",
-                   err=True)
+        typer.echo(
+            f"imunet-export: --trt {trt}: {exc}; the ONNX bundle at {bundle} is complete without engines", err=True
+        )
         raise typer.Exit(3) from None
     manifest["engines"].append(record)
     finalize_manifest(bundle, manifest)
@@ -54,8 +60,10 @@ def export(
 
         record["parity"] = engine_parity(bundle, trt)
         finalize_manifest(bundle, manifest)
-        typer.echo(f"TensorRT {trt} vs onnxruntime: max |p| difference {record['parity']['max_abs_prob_diff']:.2e}, "
-                   f"argmax agreement {record['parity']['argmax_agreement']:.4%}")
+        typer.echo(
+            f"TensorRT {trt} vs onnxruntime: max |p| difference {record['parity']['max_abs_prob_diff']:.2e}, "
+            f"argmax agreement {record['parity']['argmax_agreement']:.4%}"
+        )
     except (ImunetError, OSError) as exc:
         typer.echo(f"imunet-export: engines built but their parity check failed: {exc}", err=True)
         raise typer.Exit(3) from None

@@ -25,7 +25,8 @@ DEFAULT_OPSET = 17
 # ONNX operators TensorRT's ONNX parser supports ("Y" in onnx-tensorrt docs/operators.md, the
 # matrix shipped with TensorRT 8.4; TensorRT 10 supports a superset). Only the ones a conv net and
 # an MLP could plausibly produce are listed: a graph using anything else fails the check.
-TENSORRT_OPS = frozenset("""
+TENSORRT_OPS = frozenset(
+    """
 Abs Add And ArgMax ArgMin AveragePool BatchNormalization Cast Ceil Clip Concat Constant
 ConstantOfShape Conv ConvTranspose Cos Div Dropout Equal Erf Exp Expand Flatten Floor Gather
 GatherElements GatherND Gemm GlobalAveragePool Greater GreaterOrEqual Identity
@@ -33,7 +34,8 @@ InstanceNormalization LeakyRelu Less LessOrEqual Log LogSoftmax MatMul Max MaxPo
 Neg Not Or Pad Pow PRelu Range ReduceL2 ReduceMax ReduceMean ReduceMin ReduceSum Relu Reshape
 Resize Round Shape Sigmoid Sign Sin Slice Softmax Split Sqrt Squeeze Sub Sum Tanh Tile Transpose
 Unsqueeze Where
-""".split())
+""".split()
+)
 
 
 def graph_ops(path: Path) -> set[str]:
@@ -46,20 +48,37 @@ def unsupported_by_tensorrt(path: Path) -> list[str]:
     return sorted(graph_ops(path) - TENSORRT_OPS)
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic: dict[str, dict[int, str]], opset: int) -> None:
+def _export(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict[str, dict[int, str]],
+    opset: int,
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
-            opset_version=opset, do_constant_folding=True, dynamo=False, external_data=False,
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+            external_data=False,
         )
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     onnx.save(onnx.shape_inference.infer_shapes(model, strict_mode=True), str(path))
 
 
-def export_implicit(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+def export_implicit(
+    model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET
+) -> dict[str, Path]:
     """Write ``encoder.onnx`` and ``decoder.onnx`` for an Implicit U-Net; returns their paths."""
     model = model.eval().cpu()
     names = feature_names(cfg.levels)
@@ -70,15 +89,26 @@ def export_implicit(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, ops
     with torch.no_grad():
         feats = enc(image)
     points = torch.zeros(7, 3, dtype=torch.int32)
-    _export(DecoderExport(model), (*feats, points), dec_path, [*names, "points"], ["logits"],
-            {"points": {0: "N"}, "logits": {0: "N"}}, opset)
+    _export(
+        DecoderExport(model),
+        (*feats, points),
+        dec_path,
+        [*names, "points"],
+        ["logits"],
+        {"points": {0: "N"}, "logits": {0: "N"}},
+        opset,
+    )
     return {"encoder": enc_path, "decoder": dec_path}
 
 
-def export_dense(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+def export_dense(
+    model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET
+) -> dict[str, Path]:
     """Write ``model.onnx`` for the dense U-Net baseline."""
     path = out_dir / "model.onnx"
-    _export(DenseExport(model.eval().cpu()), (torch.zeros(1, 1, *cfg.patch_size),), path, ["image"], ["logits"], {}, opset)
+    _export(
+        DenseExport(model.eval().cpu()), (torch.zeros(1, 1, *cfg.patch_size),), path, ["image"], ["logits"], {}, opset
+    )
     return {"model": path}
 
 
@@ -90,8 +120,14 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def verify_parity(model: torch.nn.Module, cfg: ModelConfig, graphs: dict[str, Path], trials: int = 2,
-                  points: int = 4096, seed: int = 0) -> dict[str, Any]:
+def verify_parity(
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    graphs: dict[str, Path],
+    trials: int = 2,
+    points: int = 4096,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Max |torch - onnxruntime| on random patches and points, per graph (float32, CPU)."""
     model = model.eval().cpu()
     rng = np.random.default_rng(seed)

@@ -36,8 +36,14 @@ def _pin_preamble_fp32(network, trt) -> int:
     return pinned
 
 
-def build_engine(onnx_path: Path, plan_path: Path, cache_path: Path, precision: str,
-                 points_profile: tuple[int, int, int] | None = None, workspace_gb: float = 4.0) -> dict:
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    cache_path: Path,
+    precision: str,
+    points_profile: tuple[int, int, int] | None = None,
+    workspace_gb: float = 4.0,
+) -> dict:
     """Parse ``onnx_path`` and write a serialized engine; returns build facts for the record."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -71,8 +77,13 @@ def build_engine(onnx_path: Path, plan_path: Path, cache_path: Path, precision: 
     return {"build_s": round(build_s, 2), "fp32_pinned_layers": pinned}
 
 
-def build_engines(bundle_dir: Path, graphs: dict[str, Path], precision: str,
-                  points_profile: tuple[int, int, int], graph_sha256: dict[str, str]) -> dict:
+def build_engines(
+    bundle_dir: Path,
+    graphs: dict[str, Path],
+    precision: str,
+    points_profile: tuple[int, int, int],
+    graph_sha256: dict[str, str],
+) -> dict:
     """Build every graph of a bundle into ``engines/<gpu>-trt<ver>-<precision>/``; returns its record."""
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"--trt must be fp16 or fp32, got {precision!r}")
@@ -84,12 +95,18 @@ def build_engines(bundle_dir: Path, graphs: dict[str, Path], precision: str,
     cache = out / "timing.cache"
     facts = {}
     for name, onnx_path in graphs.items():
-        facts[name] = build_engine(onnx_path, out / f"{name}.plan", cache, precision,
-                                   points_profile if name == "decoder" else None)
+        facts[name] = build_engine(
+            onnx_path, out / f"{name}.plan", cache, precision, points_profile if name == "decoder" else None
+        )
     record = {
-        "dir": str(sub), "gpu": gpu.name, "compute_capability": gpu.compute_capability,
-        "tensorrt": trt.__version__, "precision": precision, "points_profile": list(points_profile),
-        "graphs_sha256": graph_sha256, "build": facts,
+        "dir": str(sub),
+        "gpu": gpu.name,
+        "compute_capability": gpu.compute_capability,
+        "tensorrt": trt.__version__,
+        "precision": precision,
+        "points_profile": list(points_profile),
+        "graphs_sha256": graph_sha256,
+        "build": facts,
     }
     (out / "engine.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -121,5 +138,9 @@ def engine_parity(bundle_dir: Path, precision: str, points: int = 8192, seed: in
     finally:
         trt_b.close()
         ort_b.close()
-    return {"reference": "onnxruntime-cpu fp32", "max_abs_prob_diff": float(np.abs(a - b).max()),
-            "argmax_agreement": float((a.argmax(1) == b.argmax(1)).mean()), "points": int(len(a))}
+    return {
+        "reference": "onnxruntime-cpu fp32",
+        "max_abs_prob_diff": float(np.abs(a - b).max()),
+        "argmax_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+        "points": int(len(a)),
+    }

@@ -18,9 +18,11 @@ def _param_table() -> str:
     imp = build_model(ModelConfig(kind="implicit", num_classes=3))
     unet = build_model(ModelConfig(kind="unet", num_classes=3))
     enc = count_parameters(imp.encoder)
-    return (f"Parameters at the defaults (3 classes): encoder {enc:,}; implicit decoder "
-            f"{count_parameters(imp.decoder):,} (Implicit U-Net {count_parameters(imp):,}); "
-            f"U-Net decoder {count_parameters(unet) - enc:,} (U-Net {count_parameters(unet):,}).")
+    return (
+        f"Parameters at the defaults (3 classes): encoder {enc:,}; implicit decoder "
+        f"{count_parameters(imp.decoder):,} (Implicit U-Net {count_parameters(imp):,}); "
+        f"U-Net decoder {count_parameters(unet) - enc:,} (U-Net {count_parameters(unet):,})."
+    )
 
 
 @app.command(help="Train on DATASET (MSD / nnU-Net layout: imagesTr/, labelsTr/, dataset.json).")
@@ -29,7 +31,8 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoint.pt, config.json, metrics.json, log.csv)."),
     model: str = typer.Option("implicit", help="implicit | unet"),
     patch: Optional[tuple[int, int, int]] = typer.Option(
-        None, help="Patch size Z Y X (multiples of 8); default: the median case shape, capped at 96 160 160."),
+        None, help="Patch size Z Y X (multiples of 8); default: the median case shape, capped at 96 160 160."
+    ),
     steps: int = typer.Option(1000, help="Optimisation steps."),
     batch: int = typer.Option(2, help="Patches per step (per process)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -39,7 +42,8 @@ def train(
     seed: int = typer.Option(0, help="Seed for the split, initialisation and sampling."),
     lr: float = typer.Option(1e-4, help="AdamW learning rate."),
     points: Optional[int] = typer.Option(
-        None, help="k: points per patch; default min(30000, 5% of the patch), the paper's 30,000 at 96x160x160."),
+        None, help="k: points per patch; default min(30000, 5% of the patch), the paper's 30,000 at 96x160x160."
+    ),
     alpha: float = typer.Option(0.5, help="Fraction of points sampled near label boundaries."),
     sigma: float = typer.Option(5.0, help="Std (voxels) of the displacement of boundary points."),
     channels: str = typer.Option("32,64,128,256", help="Encoder channels per block."),
@@ -65,13 +69,33 @@ def train(
             typer.echo(f"patch size {patch[0]} {patch[1]} {patch[2]} (median case shape; set --patch to change)")
         if points is None:
             points = int(min(30000, 0.05 * patch[0] * patch[1] * patch[2]))
-        mcfg = ModelConfig(kind=model, num_classes=len(info.labels), patch_size=tuple(patch), channels=chans,
-                           convs_per_block=(2, 2, 4, 4, 4, 4)[: len(chans)], decoder_width=decoder_width,
-                           decoder_dropout=dropout, gather=gather)
-        tcfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, points=points, boundary_fraction=alpha,
-                           boundary_sigma=sigma, augment=augment, amp=amp, val_fraction=val_fraction,
-                           val_every=val_every, seed=seed, lr_schedule=lr_schedule, checkpoint_every=checkpoint_every)
-        from .train import pick_device, train as run_training
+        mcfg = ModelConfig(
+            kind=model,
+            num_classes=len(info.labels),
+            patch_size=tuple(patch),
+            channels=chans,
+            convs_per_block=(2, 2, 4, 4, 4, 4)[: len(chans)],
+            decoder_width=decoder_width,
+            decoder_dropout=dropout,
+            gather=gather,
+        )
+        tcfg = TrainConfig(
+            steps=steps,
+            batch_size=batch,
+            lr=lr,
+            points=points,
+            boundary_fraction=alpha,
+            boundary_sigma=sigma,
+            augment=augment,
+            amp=amp,
+            val_fraction=val_fraction,
+            val_every=val_every,
+            seed=seed,
+            lr_schedule=lr_schedule,
+            checkpoint_every=checkpoint_every,
+        )
+        from .train import pick_device
+        from .train import train as run_training
 
         metrics = run_training(dataset, out, RunConfig(mcfg, tcfg), pick_device(device), resume, cache)
     except (ValueError, OSError) as exc:

@@ -96,7 +96,9 @@ class TrainConfig:
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.steps < 1 or self.batch_size < 1 or self.points < 1:
-            raise ValueError(f"steps, batch_size and points must be >= 1, got {self.steps}, {self.batch_size}, {self.points}")
+            raise ValueError(
+                f"steps, batch_size and points must be >= 1, got {self.steps}, {self.batch_size}, {self.points}"
+            )
         if self.lr_schedule not in ("constant", "poly"):
             raise ValueError(f"lr_schedule must be 'constant' or 'poly', got {self.lr_schedule!r}")
 
@@ -121,8 +123,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         return cls(
-            ModelConfig.from_dict(data["model"]), TrainConfig.from_dict(data["train"]),
-            data.get("dataset", ""), data.get("extra", {}),
+            ModelConfig.from_dict(data["model"]),
+            TrainConfig.from_dict(data["train"]),
+            data.get("dataset", ""),
+            data.get("extra", {}),
         )
 
     def save(self, path: Path) -> None:

@@ -180,7 +180,6 @@ class PreprocessedCache:
         return out
 
 
-
 def _header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -188,8 +187,9 @@ def _header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return reader.GetSize(), reader.GetSpacing()
 
 
-def auto_patch_size(info: DatasetInfo, cap_zyx: tuple[int, int, int] = (96, 160, 160), multiple: int = 8,
-                    max_cases: int = 200) -> tuple[int, int, int]:
+def auto_patch_size(
+    info: DatasetInfo, cap_zyx: tuple[int, int, int] = (96, 160, 160), multiple: int = 8, max_cases: int = 200
+) -> tuple[int, int, int]:
     """nnU-Net's rule of thumb: the median case shape at the median spacing, ``(Z, Y, X)``,
     rounded up to a multiple of ``multiple`` and capped at ``cap_zyx`` (the paper's 96x160x160).
 

@@ -82,7 +82,9 @@ def _rng_state(np_rng: np.random.Generator, aug_gen: torch.Generator, device: to
     return state
 
 
-def _set_rng_state(state: dict[str, Any], np_rng: np.random.Generator, aug_gen: torch.Generator, device: torch.device) -> None:
+def _set_rng_state(
+    state: dict[str, Any], np_rng: np.random.Generator, aug_gen: torch.Generator, device: torch.device
+) -> None:
     np_rng.bit_generator.state = json.loads(state["numpy"])
     aug_gen.set_state(state["augment"])
     torch.set_rng_state(state["torch"])
@@ -121,8 +123,14 @@ def points_for_batch(labels: np.ndarray, cfg: RunConfig, rng: np.random.Generato
     return np.stack(pts), np.stack(tgt).astype(np.int64)
 
 
-def validate(model: torch.nn.Module, cases: dict[str, tuple[np.ndarray, np.ndarray]], cfg: RunConfig,
-             labels: list[int], device: torch.device, settings: InferenceSettings | None = None) -> dict[str, Any]:
+def validate(
+    model: torch.nn.Module,
+    cases: dict[str, tuple[np.ndarray, np.ndarray]],
+    cfg: RunConfig,
+    labels: list[int],
+    device: torch.device,
+    settings: InferenceSettings | None = None,
+) -> dict[str, Any]:
     """Per-label Dice on whole held-out volumes through the runtime's sliding-window loop."""
     was_training = model.training
     model.eval()
@@ -151,8 +159,13 @@ def _lr(cfg: RunConfig, step: int) -> float:
 
 
 def train(
-    dataset_dir: Path, run_dir: Path, cfg: RunConfig, device: torch.device, resume: bool = False,
-    cache_dir: Path | None = None, log: Callable[[str], None] = print,
+    dataset_dir: Path,
+    run_dir: Path,
+    cfg: RunConfig,
+    device: torch.device,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train (or resume) a run; returns the final metrics (also in ``RUN/metrics.json``)."""
     ddp = setup_distributed(device)
@@ -188,17 +201,26 @@ def train(
     if ddp.main:
         t = time.perf_counter()
         cache.load_all([by_name[n] for n in split["train"] + split["val"]])
-        say(f"preprocessed {len(split['train']) + len(split['val'])} cases in {time.perf_counter() - t:.1f} s "
-            f"(spacing {stats.spacing}, normalisation {stats.normalization.scheme})")
+        say(
+            f"preprocessed {len(split['train']) + len(split['val'])} cases in {time.perf_counter() - t:.1f} s "
+            f"(spacing {stats.spacing}, normalisation {stats.normalization.scheme})"
+        )
     ddp.barrier()
     train_arrays = [cache.get(by_name[n]) for n in split["train"]]
     val_cases = {n: cache.get(by_name[n]) for n in split["val"]}
     if cfg.train.val_max_cases:
         val_cases = dict(list(val_cases.items())[: cfg.train.val_max_cases])
-    cfg = RunConfig(cfg.model, cfg.train, str(info.root), {
-        **cfg.extra, "dataset_name": info.name, "modality": info.modality,
-        "labels": {str(k): v for k, v in info.labels.items()},
-    })
+    cfg = RunConfig(
+        cfg.model,
+        cfg.train,
+        str(info.root),
+        {
+            **cfg.extra,
+            "dataset_name": info.name,
+            "modality": info.modality,
+            "labels": {str(k): v for k, v in info.labels.items()},
+        },
+    )
     if ddp.main:
         cfg.save(run_dir / "config.json")
 
@@ -223,10 +245,14 @@ def train(
         say(f"resuming {run_dir} at step {start} of {cfg.train.steps}")
     net = model
     if ddp.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if ddp.main:
-        say(f"{cfg.model.kind} model: {count_parameters(model):,} parameters; device {device}; "
-            f"{len(train_arrays)} train / {len(val_cases)} val cases; world size {ddp.world}")
+        say(
+            f"{cfg.model.kind} model: {count_parameters(model):,} parameters; device {device}; "
+            f"{len(train_arrays)} train / {len(val_cases)} val cases; world size {ddp.world}"
+        )
 
     labels = [k for k in range(1, cfg.model.num_classes)]
     log_path = run_dir / "log.csv"
@@ -240,11 +266,19 @@ def train(
             rngs = [None] * ddp.world  # type: ignore[list-item]
             dist.all_gather_object(rngs, rng)
         if ddp.main:
-            _save_atomic({
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "config": json.dumps(cfg.to_dict()), "stats": json.dumps(stats.to_dict()),
-                "rng": rngs, "history": json.dumps(history),
-            }, ckpt_path)
+            _save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "config": json.dumps(cfg.to_dict()),
+                    "stats": json.dumps(stats.to_dict()),
+                    "rng": rngs,
+                    "history": json.dumps(history),
+                },
+                ckpt_path,
+            )
 
     # --- the loop ---
     model.train()
@@ -287,8 +321,17 @@ def train(
         if ddp.main:
             history.append({"step": done, "loss": loss_v, "val": val_mean})
             with log_path.open("a") as fh:
-                csv.writer(fh).writerow([done, f"{loss_v:.5f}", f"{_lr(cfg, step):.3g}", f"{step_s:.4f}",
-                                         f"{t1 - t0:.4f}", f"{t2 - t1:.4f}", val_mean])
+                csv.writer(fh).writerow(
+                    [
+                        done,
+                        f"{loss_v:.5f}",
+                        f"{_lr(cfg, step):.3g}",
+                        f"{step_s:.4f}",
+                        f"{t1 - t0:.4f}",
+                        f"{t2 - t1:.4f}",
+                        val_mean,
+                    ]
+                )
             if done % report_every == 0 or is_last:
                 elapsed = time.perf_counter() - t_start
                 say(f"step {done}/{cfg.train.steps}  loss {loss_v:.4f}  {(done - start) / elapsed:.2f} steps/s")
@@ -297,9 +340,15 @@ def train(
 
     if ddp.main:
         metrics = {
-            **metrics, "steps": cfg.train.steps, "train_seconds": round(time.perf_counter() - t_start, 1),
-            "parameters": count_parameters(model), "device": str(device), "world_size": ddp.world,
-            "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
+            **metrics,
+            "steps": cfg.train.steps,
+            "train_seconds": round(time.perf_counter() - t_start, 1),
+            "parameters": count_parameters(model),
+            "device": str(device),
+            "world_size": ddp.world,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "machine": platform.machine(),
         }
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         plot_curves(log_path, run_dir / "curves.png")

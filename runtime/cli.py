@@ -76,8 +76,10 @@ def run(
         _fail(str(exc))
     if not quiet:
         m = seg.bundle.manifest
-        typer.echo(f"model {seg.bundle.path.name} ({m.kind}, labels {', '.join(list(m.labels.values())[1:])}); "
-                   f"backend {seg.backend_name}; mode {seg.settings.mode if m.kind == 'implicit' else 'dense-model'}")
+        typer.echo(
+            f"model {seg.bundle.path.name} ({m.kind}, labels {', '.join(list(m.labels.values())[1:])}); "
+            f"backend {seg.backend_name}; mode {seg.settings.mode if m.kind == 'implicit' else 'dense-model'}"
+        )
     report, failed = [], []
     for i, scan in enumerate(scans):
         timings: dict = {}

@@ -64,9 +64,13 @@ class InferenceStats:
 
     def as_dict(self) -> dict:
         return {
-            "windows": self.windows, "points_decoded": self.points_decoded, "voxels": self.voxels,
-            "points_per_voxel": round(self.points_per_voxel, 4), "encode_s": round(self.encode_s, 4),
-            "decode_s": round(self.decode_s, 4), "loop_s": round(self.total_s, 4),
+            "windows": self.windows,
+            "points_decoded": self.points_decoded,
+            "voxels": self.voxels,
+            "points_per_voxel": round(self.points_per_voxel, 4),
+            "encode_s": round(self.encode_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "loop_s": round(self.total_s, 4),
             "windows_without_boundary": self.skipped_refinement,
         }
 
@@ -166,8 +170,12 @@ def predict_probabilities(
 
 
 def predict_labels(
-    volume: np.ndarray, backend: Backend, patch_size: tuple[int, int, int], settings: InferenceSettings,
-    dense_model: bool = False, progress: Callable[[int, int], None] | None = None,
+    volume: np.ndarray,
+    backend: Backend,
+    patch_size: tuple[int, int, int],
+    settings: InferenceSettings,
+    dense_model: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, InferenceStats]:
     """Label map ``(Z, Y, X)`` uint8 of a normalised volume (argmax of :func:`predict_probabilities`)."""
     probs, stats = predict_probabilities(volume, backend, patch_size, settings, dense_model, progress)

@@ -100,7 +100,9 @@ def read_image(path: str | os.PathLike, series: str | None = None, channel: int 
 def as_3d_scalar(image: sitk.Image, name: str, channel: int | None = None) -> sitk.Image:
     """Check that ``image`` is a 3D single-channel volume (picking ``channel`` of a 4D one)."""
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar image")
+        raise InputError(
+            f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar image"
+        )
     dim = image.GetDimension()
     if dim == 4:
         n = image.GetSize()[3]

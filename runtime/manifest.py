@@ -61,22 +61,27 @@ def parse_manifest(raw: dict[str, Any], where: str = "bundle") -> Manifest:
         raise BundleError(f"{where}: not an imunet bundle manifest (format {raw.get('format')!r})")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{where}: bundle format version {version} is not supported by this runtime "
-                          f"(supports {FORMAT_VERSION}); re-export it with a matching imunet-export")
+        raise BundleError(
+            f"{where}: bundle format version {version} is not supported by this runtime "
+            f"(supports {FORMAT_VERSION}); re-export it with a matching imunet-export"
+        )
     try:
         labels = {int(k): str(v) for k, v in _get(raw, "labels", where).items()}
         if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
             raise BundleError(f"{where}: labels must be 0..C-1 with C >= 2, got {labels}")
         inf = dict(_get(raw, "inference", where))
-        settings = InferenceSettings(**{k: inf[k] for k in
-                                        ("overlap", "stride", "band", "sigma_scale", "smoothing") if k in inf})
+        settings = InferenceSettings(
+            **{k: inf[k] for k in ("overlap", "stride", "band", "sigma_scale", "smoothing") if k in inf}
+        )
         graphs = _get(raw, "graphs", where)
         kind = _get(raw, "model_kind", where)
         if kind not in ("implicit", "unet"):
             raise BundleError(f"{where}: unknown model_kind {kind!r}")
         decoder = raw.get("decoder", {})
         return Manifest(
-            raw=raw, kind=kind, labels=labels,
+            raw=raw,
+            kind=kind,
+            labels=labels,
             spacing=tuple(float(s) for s in _get(raw, "spacing", where)),  # type: ignore[arg-type]
             patch_size=tuple(int(p) for p in _get(raw, "patch_size", where)),  # type: ignore[arg-type]
             normalization=Normalization.from_dict(_get(raw, "normalization", where)),
@@ -115,8 +120,9 @@ def verify_files(path: Path, files: dict[str, str]) -> None:
         if not f.is_file():
             raise BundleError(f"{path}: bundle file {name} is missing")
         if sha256_file(f) != digest:
-            raise BundleError(f"{path}: {name} does not match its sha256 in the manifest; "
-                              "the bundle is corrupt or was modified")
+            raise BundleError(
+                f"{path}: {name} does not match its sha256 in the manifest; the bundle is corrupt or was modified"
+            )
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

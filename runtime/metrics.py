@@ -33,8 +33,11 @@ def hd95(pred: np.ndarray, ref: np.ndarray, label: int, spacing_zyx: tuple[float
     def surface_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         img_b = sitk.GetImageFromArray(b.astype(np.uint8))
         img_b.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
-        dist = sitk.GetArrayFromImage(sitk.Abs(sitk.SignedMaurerDistanceMap(
-            img_b, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)))
+        dist = sitk.GetArrayFromImage(
+            sitk.Abs(
+                sitk.SignedMaurerDistanceMap(img_b, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+            )
+        )
         img_a = sitk.GetImageFromArray(a.astype(np.uint8))
         contour = sitk.GetArrayFromImage(sitk.BinaryContour(img_a, fullyConnected=True)).astype(bool)
         return dist[contour]

@@ -35,9 +35,16 @@ class Segmenter:
     ``max_memory_gb`` refuses scans whose estimated working memory exceeds it before any work.
     """
 
-    def __init__(self, bundle: str | Path | Bundle | None = None, backend: str = "auto", mode: str | None = None,
-                 overlap: float | None = None, stride: int | None = None, max_memory_gb: float | None = None,
-                 verify: bool = True) -> None:
+    def __init__(
+        self,
+        bundle: str | Path | Bundle | None = None,
+        backend: str = "auto",
+        mode: str | None = None,
+        overlap: float | None = None,
+        stride: int | None = None,
+        max_memory_gb: float | None = None,
+        verify: bool = True,
+    ) -> None:
         if bundle is None:
             bundle = default_bundle_path()
             if bundle is None:
@@ -63,8 +70,14 @@ class Segmenter:
     def estimate_memory_gb(self, image: sitk.Image) -> float:
         """Working memory of one scan: resampled volume and per-class accumulators, in GiB."""
         m = self.bundle.manifest
-        voxels = float(np.prod([max(n * s / t, p) for n, s, t, p in
-                                zip(image.GetSize(), image.GetSpacing(), m.spacing, m.patch_size[::-1])]))
+        voxels = float(
+            np.prod(
+                [
+                    max(n * s / t, p)
+                    for n, s, t, p in zip(image.GetSize(), image.GetSpacing(), m.spacing, m.patch_size[::-1])
+                ]
+            )
+        )
         per_voxel = BYTES_PER_VOXEL_BASE + 3 * 4 * m.num_classes  # accumulators, normalised and smoothed maps
         return (voxels * per_voxel + float(np.prod(image.GetSize())) * 8) / 2**30
 
@@ -74,8 +87,9 @@ class Segmenter:
         if self.max_memory_gb is not None:
             need = self.estimate_memory_gb(image)
             if need > self.max_memory_gb:
-                raise InputError(f"needs about {need:.1f} GiB of working memory, over --max-memory "
-                                 f"{self.max_memory_gb:g} GiB")
+                raise InputError(
+                    f"needs about {need:.1f} GiB of working memory, over --max-memory {self.max_memory_gb:g} GiB"
+                )
         m = self.bundle.manifest
         t0 = time.perf_counter()
         resampled = resample_to_spacing(image, m.spacing)
@@ -93,8 +107,11 @@ class Segmenter:
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         counts = np.bincount(sitk.GetArrayViewFromImage(out).ravel(), minlength=m.num_classes)
         self.last_stats = {
-            **stats.as_dict(), "preprocess_s": round(t1 - t0, 4), "resample_back_s": round(t3 - t2, 4),
-            "backend": self.backend.name, "mode": self.settings.mode if m.kind == "implicit" else "dense-model",
+            **stats.as_dict(),
+            "preprocess_s": round(t1 - t0, 4),
+            "resample_back_s": round(t3 - t2, 4),
+            "backend": self.backend.name,
+            "mode": self.settings.mode if m.kind == "implicit" else "dense-model",
             "volumes_ml": {m.labels[k]: round(float(counts[k]) * voxel_ml, 3) for k in range(1, m.num_classes)},
         }
         return out

@@ -79,9 +79,7 @@ def ct_statistics(foreground_values: np.ndarray, low_pct: float = 0.5, high_pct:
 
 def resampled_size(image: sitk.Image, spacing_xyz: tuple[float, float, float]) -> tuple[int, int, int]:
     """Grid size ``(x, y, z)`` covering ``image``'s extent at ``spacing_xyz``."""
-    return tuple(
-        max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing_xyz)
-    )
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing_xyz))
 
 
 def resample_to_spacing(
@@ -103,7 +101,14 @@ def resample_to_spacing(
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     src = image if is_label else sitk.Cast(image, sitk.sitkFloat32)
     return sitk.Resample(
-        src, size, sitk.Transform(), interp, tuple(origin), tuple(spacing_xyz), image.GetDirection(), 0,
+        src,
+        size,
+        sitk.Transform(),
+        interp,
+        tuple(origin),
+        tuple(spacing_xyz),
+        image.GetDirection(),
+        0,
         image.GetPixelID() if is_label else sitk.sitkFloat32,
     )
 
@@ -113,4 +118,3 @@ def resample_label_like(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
     out = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
     out.CopyInformation(reference)
     return out
-

@@ -15,8 +15,14 @@ sys.path.insert(0, str(ROOT / "tools"))
 HIPPO = SHARED / "hippocampus"
 CT_DIR = SHARED / "ct"
 
-TINY_MODEL = dict(patch_size=(16, 32, 32), channels=(4, 8, 16, 16), decoder_width=32, decoder_depth=4,
-                  reinject_at=2, decoder_dropout=0.0)
+TINY_MODEL = dict(
+    patch_size=(16, 32, 32),
+    channels=(4, 8, 16, 16),
+    decoder_width=32,
+    decoder_depth=4,
+    reinject_at=2,
+    decoder_dropout=0.0,
+)
 
 
 def torch_available() -> bool:
@@ -40,10 +46,22 @@ def _train(dataset: Path, out: Path, kind: str, steps: int, **train_kw):
     from imunet.config import ModelConfig, RunConfig, TrainConfig
     from imunet.train import train
 
-    torch.set_num_threads(2)
     mcfg = ModelConfig(kind=kind, num_classes=3, **TINY_MODEL)
-    tcfg = TrainConfig(**{**dict(steps=steps, batch_size=2, lr=3e-3, points=2000, augment=False,
-                                  val_fraction=0.34, checkpoint_every=1000, seed=0), **train_kw})
+    tcfg = TrainConfig(
+        **{
+            **dict(
+                steps=steps,
+                batch_size=2,
+                lr=3e-3,
+                points=2000,
+                augment=False,
+                val_fraction=0.34,
+                checkpoint_every=1000,
+                seed=0,
+            ),
+            **train_kw,
+        }
+    )
     metrics = train(dataset, out, RunConfig(mcfg, tcfg), torch.device("cpu"), log=lambda _m: None)
     return out, metrics
 

@@ -8,8 +8,9 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from conftest import CT_DIR
 from imunet.runtime.cli import app
+
+from conftest import CT_DIR
 
 runner = CliRunner()
 
@@ -36,8 +37,17 @@ def phantom(phantom_dir, i=0):
 @pytest.mark.skipif(not (CT_DIR / "example_ct_dicom").is_dir(), reason="shared CT data not present")
 def test_real_dicom_series_keeps_its_geometry(bundle_dir, tmp_path):
     dicom = CT_DIR / "example_ct_dicom"
-    code, out, err = run(dicom, "--model", bundle_dir, "--out", tmp_path / "ct.nrrd", "--stats", tmp_path / "s.json",
-                         "--preview", tmp_path / "p.png")
+    code, out, err = run(
+        dicom,
+        "--model",
+        bundle_dir,
+        "--out",
+        tmp_path / "ct.nrrd",
+        "--stats",
+        tmp_path / "s.json",
+        "--preview",
+        tmp_path / "p.png",
+    )
     assert code == 0, err
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(dicom)))
@@ -60,8 +70,10 @@ def test_batch_with_one_bad_scan_writes_the_others(bundle_dir, phantom_dir, tmp_
         shutil.copy(phantom(phantom_dir, i), tmp_path / "in")
     code, out, err = run(tmp_path / "in", "--model", bundle_dir, "--out", tmp_path / "out")
     assert code == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["phantom_000_0000_seg.nii.gz",
-                                                                    "phantom_001_0000_seg.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "phantom_000_0000_seg.nii.gz",
+        "phantom_001_0000_seg.nii.gz",
+    ]
     assert f"FAILED {bad}: cannot read as an image" in err
     assert f"2 of 3 scans segmented; failed: {bad}" in err
 
@@ -95,11 +107,15 @@ def bad_cases(tmp_path):
         "random": (tmp_path / "random.nii.gz", "cannot read as an image"),
         "empty": (tmp_path / "empty.nii.gz", "cannot read as an image"),
         "2d": (write(np.zeros((30, 40), np.float32), tmp_path / "flat.nii.gz"), "is 2D (40x30); need a 3D volume"),
-        "4d": (write(np.zeros((3, 10, 12, 14), np.float32), tmp_path / "four.nii.gz"),
-               "is 4D with 3 volumes; pick one with --channel 0..2"),
+        "4d": (
+            write(np.zeros((3, 10, 12, 14), np.float32), tmp_path / "four.nii.gz"),
+            "is 4D with 3 volumes; pick one with --channel 0..2",
+        ),
         "nan": (write(nan, tmp_path / "nan.mha"), "scan has 2 NaN or infinite voxels"),
-        "skew": (write(np.zeros((10, 12, 14), np.float32), tmp_path / "skew.mha",
-                       direction=(1, 0, 0, 0.5, 1, 0, 0, 0, 1)), "direction matrix is not orthonormal"),
+        "skew": (
+            write(np.zeros((10, 12, 14), np.float32), tmp_path / "skew.mha", direction=(1, 0, 0, 0.5, 1, 0, 0, 0, 1)),
+            "direction matrix is not orthonormal",
+        ),
     }
 
 
@@ -133,7 +149,8 @@ def test_max_memory_refuses_before_work(bundle_dir, phantom_dir, tmp_path):
 
 def test_unknown_backend_and_missing_bundle_are_one_line_errors(bundle_dir, phantom_dir, tmp_path):
     code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--backend", "magic")
-    assert code == 2 and err.strip() == ("imunet-run: error: unknown backend 'magic'; choose from auto, ort-cpu, "
-                                         "ort-cuda, ort-trt, tensorrt")
+    assert code == 2 and err.strip() == (
+        "imunet-run: error: unknown backend 'magic'; choose from auto, ort-cpu, ort-cuda, ort-trt, tensorrt"
+    )
     code, _, err = run(phantom(phantom_dir), "--model", tmp_path / "none.imunet")
     assert code == 2 and err.strip() == f"imunet-run: error: {tmp_path / 'none.imunet'}: no such bundle directory"

@@ -70,12 +70,15 @@ def test_changed_byte_in_decoder_is_refused(bundle_dir, tmp_path):
         load_bundle(b)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda m: m.update(format_version=99), "format version 99 is not supported"),
-    (lambda m: m.update(format="something"), "not an imunet bundle"),
-    (lambda m: m.pop("files"), "lists no files"),
-    (lambda m: m["labels"].pop("2"), None),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.update(format_version=99), "format version 99 is not supported"),
+        (lambda m: m.update(format="something"), "not an imunet bundle"),
+        (lambda m: m.pop("files"), "lists no files"),
+        (lambda m: m["labels"].pop("2"), None),
+    ],
+)
 def test_broken_manifests_are_refused(bundle_dir, tmp_path, edit, message):
     b = copy_bundle(bundle_dir, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -105,8 +108,12 @@ def test_tensorrt_operator_list_flags_unsupported_ops(tmp_path, bundle_dir, unet
         for g in json.loads((b / "manifest.json").read_text())["graphs"].values():
             assert unsupported_by_tensorrt(b / g["file"]) == []
     node = helper.make_node("NonZero", ["x"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1, None])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [1, None])],
+    )
     path = tmp_path / "nz.onnx"
     onnx.save(helper.make_model(graph), str(path))
     assert unsupported_by_tensorrt(path) == ["NonZero"]
@@ -117,19 +124,29 @@ def test_export_cli_trt_without_tensorrt_fails_in_one_line_and_keeps_the_bundle(
     pytest.importorskip("torch")
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("TensorRT is installed here; this checks the machine without it")
     except ImportError:
         pass
     out = tmp_path / "t.imunet"
-    res = subprocess.run([sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out),
-                          "--trt", "fp16"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out), "--trt", "fp16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 3
     assert res.stderr.strip().splitlines() == [
         f"imunet-export: --trt fp16: TensorRT is not installed (pip install 'imunet[gpu]'); "
-        f"the ONNX bundle at {out} is complete without engines"]
+        f"the ONNX bundle at {out} is complete without engines"
+    ]
     load_bundle(out)
-    res = subprocess.run([sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2 and "exists; pass --overwrite" in res.stderr
 
 
@@ -150,16 +167,17 @@ def _gpu_and_tensorrt() -> str | None:
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_and_tensorrt() is not None, reason=f"needs a GPU and TensorRT: {_gpu_and_tensorrt()}")
 def test_tensorrt_fp16_engines_build_and_match_onnxruntime(trained_run, tmp_path):
-    from imunet.export.bundle import write_bundle
+    from imunet.export.bundle import finalize_manifest, write_bundle
     from imunet.export.tensorrt import build_engines
-    from imunet.export.bundle import finalize_manifest
     from imunet.runtime.backends.ort import OrtBackend
     from imunet.runtime.backends.trt import TensorRTBackend
 
     out = write_bundle(trained_run[0], tmp_path / "g.imunet", log=lambda _m: None)
     m = json.loads((out / "manifest.json").read_text())
     graphs = {n: out / g["file"] for n, g in m["graphs"].items()}
-    rec = build_engines(out, graphs, "fp16", (1, 4096, 65536), {n: m["files"][g["file"]] for n, g in m["graphs"].items()})
+    rec = build_engines(
+        out, graphs, "fp16", (1, 4096, 65536), {n: m["files"][g["file"]] for n, g in m["graphs"].items()}
+    )
     m["engines"].append(rec)
     finalize_manifest(out, m)
     bundle = load_bundle(out)

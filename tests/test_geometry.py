@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from imunet.runtime.mesh import box_smooth, boundary_band, grid_points, mesh_axes, nearest_fill
+from imunet.runtime.mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from imunet.runtime.windows import gaussian_importance, pad_to_patch, window_slices, window_starts
 
 

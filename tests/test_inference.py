@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from conftest import FakeBackend
 from imunet.runtime.inference import InferenceSettings, predict_labels, predict_probabilities, softmax
+
+from conftest import FakeBackend
 
 SHAPE = (30, 41, 37)
 PATCH = (16, 16, 16)
@@ -24,6 +25,7 @@ def sphere_logits(shape=SHAPE, centre=(14, 20, 19), radii=(9, 12, 7)):
         logits[shell, 1] = 8.0
         logits[inner, 2] = 8.0
         return logits
+
     return fn
 
 
@@ -61,15 +63,20 @@ def test_chunking_respects_backend_max_points():
             seen.append(len(points))
             return super().decode(features, points)
 
-    predict_labels(index_volume((16, 16, 16)), Recording(sphere_logits((16, 16, 16), (8, 8, 8), (5, 5, 5)), 333),
-                   PATCH, InferenceSettings(mode="dense"))
+    predict_labels(
+        index_volume((16, 16, 16)),
+        Recording(sphere_logits((16, 16, 16), (8, 8, 8), (5, 5, 5)), 333),
+        PATCH,
+        InferenceSettings(mode="dense"),
+    )
     assert max(seen) == 333 and sum(seen) == 16**3
 
 
 def test_volume_smaller_than_patch_is_padded_and_cropped_back():
     fn = sphere_logits((8, 9, 10), (4, 4, 5), (3, 3, 3))
-    labels, _ = predict_labels(index_volume((8, 9, 10)), FakeBackend(fn), PATCH, InferenceSettings(mode="dense",
-                                                                                                  smoothing=1))
+    labels, _ = predict_labels(
+        index_volume((8, 9, 10)), FakeBackend(fn), PATCH, InferenceSettings(mode="dense", smoothing=1)
+    )
     assert labels.shape == (8, 9, 10)
     expected = fn(index_volume((8, 9, 10)).ravel()).argmax(1).reshape(8, 9, 10)
     np.testing.assert_array_equal(labels, expected)

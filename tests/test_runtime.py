@@ -75,11 +75,14 @@ def rotation(deg):
     return tuple((r @ np.diag([1, -1, 1])).ravel())
 
 
-@pytest.mark.parametrize("spacing,origin,direction", [
-    ((0.7, 0.9, 3.3), (-120.5, 33.0, 817.25), rotation(30)),
-    ((1.5, 1.5, 3.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())),
-    ((2.1, 0.6, 1.2), (5.0, -5.0, 1e3), (0, 1, 0, 0, 0, 1, 1, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "spacing,origin,direction",
+    [
+        ((0.7, 0.9, 3.3), (-120.5, 33.0, 817.25), rotation(30)),
+        ((1.5, 1.5, 3.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())),
+        ((2.1, 0.6, 1.2), (5.0, -5.0, 1e3), (0, 1, 0, 0, 0, 1, 1, 0, 0)),
+    ],
+)
 def test_output_has_the_input_geometry_exactly(bundle_dir, spacing, origin, direction):
     img = geometry_case(spacing, origin, direction)
     out = Segmenter(bundle_dir, backend="ort-cpu").predict(img)

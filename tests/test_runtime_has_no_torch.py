@@ -21,14 +21,21 @@ BLOCK_TORCH = textwrap.dedent("""
 def run_without_torch(code: str, tmp_path):
     script = tmp_path / "no_torch.py"
     script.write_text(BLOCK_TORCH + textwrap.dedent(code))
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_runtime_segments_a_scan_without_torch(bundle_dir, phantom_dir, tmp_path):
     scan = phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"
     out = tmp_path / "seg.nii.gz"
-    res = run_without_torch(f"""
+    res = run_without_torch(
+        f"""
         import imunet.runtime
         from imunet.runtime.cli import main
         sys.argv = ["imunet-run", "{scan}", "--model", "{bundle_dir}", "--out", "{out}", "--stats", "s.json"]
@@ -38,7 +45,9 @@ def test_runtime_segments_a_scan_without_torch(bundle_dir, phantom_dir, tmp_path
             assert not e.code, e.code
         assert "torch" not in sys.modules and "imunet.model" not in sys.modules
         print("OK", sorted(m for m in sys.modules if m.startswith("imunet")))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "OK" in res.stdout
     assert out.is_file()

@@ -10,22 +10,33 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import HIPPO, ROOT, TINY_MODEL  # noqa: E402
 from imunet.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from imunet.data import read_dataset, split_cases  # noqa: E402
 from imunet.train import train  # noqa: E402
 
+from conftest import HIPPO, ROOT, TINY_MODEL  # noqa: E402
+
 
 def small_cfg(steps, **kw):
-    return RunConfig(ModelConfig(kind="implicit", num_classes=3, **{**TINY_MODEL, "decoder_dropout": 0.1}),
-                     TrainConfig(steps=steps, batch_size=2, lr=1e-3, points=500, val_fraction=0.34,
-                                 checkpoint_every=2, seed=3, **kw))
+    return RunConfig(
+        ModelConfig(kind="implicit", num_classes=3, **{**TINY_MODEL, "decoder_dropout": 0.1}),
+        TrainConfig(
+            steps=steps, batch_size=2, lr=1e-3, points=500, val_fraction=0.34, checkpoint_every=2, seed=3, **kw
+        ),
+    )
 
 
 def test_run_writes_its_outputs_and_learns(trained_run):
     run, metrics = trained_run
-    for name in ("checkpoint.pt", "config.json", "metrics.json", "log.csv", "curves.png", "split.json",
-                 "dataset_stats.json"):
+    for name in (
+        "checkpoint.pt",
+        "config.json",
+        "metrics.json",
+        "log.csv",
+        "curves.png",
+        "split.json",
+        "dataset_stats.json",
+    ):
         assert (run / name).is_file(), name
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 150
@@ -73,9 +84,16 @@ def test_dataset_layouts_v1_and_v2(phantom_dir, tmp_path):
         (v1 / "imagesTr" / f"{c.name}.nii.gz").symlink_to(c.image)
         (v1 / "labelsTr" / f"{c.name}.nii.gz").symlink_to(c.label)
         entries.append({"image": f"./imagesTr/{c.name}.nii.gz", "label": f"./labelsTr/{c.name}.nii.gz"})
-    (v1 / "dataset.json").write_text(json.dumps({"name": "v1", "modality": {"0": "CT"},
-                                                 "labels": {"0": "background", "1": "organ", "2": "lesion"},
-                                                 "training": entries}))
+    (v1 / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "v1",
+                "modality": {"0": "CT"},
+                "labels": {"0": "background", "1": "organ", "2": "lesion"},
+                "training": entries,
+            }
+        )
+    )
     info1 = read_dataset(v1)
     assert [c.name for c in info1.cases] == [c.name for c in info.cases[:2]] and info1.labels == info.labels
     assert meta["channel_names"] == {"0": "CT"}
@@ -98,10 +116,39 @@ def test_hippocampus_mixed_intensity_scales_are_normalised_per_image(tmp_path):
 
 def test_distributed_two_cpu_processes_on_gloo(phantom_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "imunet.cli", str(phantom_dir), "--out", str(out), "--steps", "3", "--batch", "1",
-           "--patch", "16", "32", "32", "--channels", "4,8,16,16", "--decoder-width", "32", "--points", "300",
-           "--device", "cpu", "--val-fraction", "0.34", "--no-augment"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "imunet.cli",
+        str(phantom_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch",
+        "1",
+        "--patch",
+        "16",
+        "32",
+        "32",
+        "--channels",
+        "4,8,16,16",
+        "--decoder-width",
+        "32",
+        "--points",
+        "300",
+        "--device",
+        "cpu",
+        "--val-fraction",
+        "0.34",
+        "--no-augment",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -113,7 +160,11 @@ def test_distributed_two_cpu_processes_on_gloo(phantom_dir, tmp_path):
 
 
 def test_train_cli_reports_bad_dataset_in_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "imunet.cli", str(tmp_path), "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "imunet.cli", str(tmp_path), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert res.stderr.strip() == f"imunet-train: error: {tmp_path}: no dataset.json (expected the MSD / nnU-Net layout)"

@@ -38,8 +38,9 @@ def mosaic(paths: list[Path], k: int) -> sitk.Image:
     tiles = [np.pad(a, [(0, s - d) for s, d in zip(shape, a.shape)]) for a in arrays]
     out = np.zeros(tuple(shape * k), np.float32)
     for i, (z, y, x) in enumerate(np.ndindex(k, k, k)):
-        out[z * shape[0]:(z + 1) * shape[0], y * shape[1]:(y + 1) * shape[1],
-            x * shape[2]:(x + 1) * shape[2]] = tiles[i % len(tiles)]
+        out[z * shape[0] : (z + 1) * shape[0], y * shape[1] : (y + 1) * shape[1], x * shape[2] : (x + 1) * shape[2]] = (
+            tiles[i % len(tiles)]
+        )
     img = sitk.GetImageFromArray(out)
     img.SetSpacing(read_image(paths[0]).GetSpacing())
     return img
@@ -57,8 +58,10 @@ def main() -> None:
     args = ap.parse_args()
 
     images = [mosaic(args.scans, args.mosaic)] if args.mosaic else [read_image(p) for p in args.scans]
-    configs = {"implicit-sparse": Segmenter(args.implicit, args.backend, mode="sparse"),
-               "implicit-dense": Segmenter(args.implicit, args.backend, mode="dense")}
+    configs = {
+        "implicit-sparse": Segmenter(args.implicit, args.backend, mode="sparse"),
+        "implicit-dense": Segmenter(args.implicit, args.backend, mode="dense"),
+    }
     if args.unet:
         configs["unet"] = Segmenter(args.unet, args.backend)
     walls: dict[str, list[float]] = {k: [] for k in configs}
@@ -67,7 +70,7 @@ def main() -> None:
     labels: dict[str, list[np.ndarray]] = {k: [] for k in configs}
     for rep in range(args.repeats):
         for name, seg in configs.items():
-            for j, img in enumerate(images):
+            for img in images:
                 t = time.perf_counter()
                 out = seg.predict(img)
                 wall = time.perf_counter() - t
@@ -81,22 +84,30 @@ def main() -> None:
     n_classes = configs["implicit-sparse"].bundle.manifest.num_classes
     report = {}
     for name in configs:
-        per_label = {str(c): round(float(np.mean([dice(a, b, c) for a, b in zip(labels[name], ref)])), 4)
-                     for c in range(1, n_classes)}
+        per_label = {
+            str(c): round(float(np.mean([dice(a, b, c) for a, b in zip(labels[name], ref)])), 4)
+            for c in range(1, n_classes)
+        }
         report[name] = {
             "median_wall_s": round(statistics.median(walls[name]), 4),
             "outside_graphs_fraction": round(1 - statistics.median(inside[name]), 3),
             "points_per_voxel": round(statistics.median(ppv[name]), 4),
             "dice_vs_implicit_dense": per_label,
-            "agreement_vs_implicit_dense": round(float(np.mean([(a == b).mean() for a, b in zip(labels[name], ref)])), 5),
+            "agreement_vs_implicit_dense": round(
+                float(np.mean([(a == b).mean() for a, b in zip(labels[name], ref)])), 5
+            ),
         }
     med = {k: v["median_wall_s"] for k, v in report.items()}
     report["ratios"] = {"sparse_over_dense": round(med["implicit-sparse"] / med["implicit-dense"], 3)}
     if args.unet:
         report["ratios"]["implicit_sparse_over_unet"] = round(med["implicit-sparse"] / med["unet"], 3)
-    report["setup"] = {"volumes": [list(i.GetSize()) for i in images], "repeats": args.repeats,
-                       "backend": args.backend, "windows": configs["implicit-sparse"].last_stats["windows"],
-                       "machine": platform.machine()}
+    report["setup"] = {
+        "volumes": [list(i.GetSize()) for i in images],
+        "repeats": args.repeats,
+        "backend": args.backend,
+        "windows": configs["implicit-sparse"].last_stats["windows"],
+        "machine": platform.machine(),
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

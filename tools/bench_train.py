@@ -33,16 +33,24 @@ def one(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     patch = tuple(args.patch)
-    cfg = ModelConfig(kind=args.one, num_classes=3, patch_size=patch, channels=tuple(args.channels),
-                      decoder_width=args.width, decoder_dropout=0.2)
+    cfg = ModelConfig(
+        kind=args.one,
+        num_classes=3,
+        patch_size=patch,
+        channels=tuple(args.channels),
+        decoder_width=args.width,
+        decoder_dropout=0.2,
+    )
     model = build_model(cfg).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = dev.type == "cuda" and args.amp
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     z, y, x = np.indices(patch)
     c = np.asarray(patch) / 2
-    label = ((((z - c[0]) / (patch[0] / 4)) ** 2 + ((y - c[1]) / (patch[1] / 4)) ** 2
-              + ((x - c[2]) / (patch[2] / 3)) ** 2) <= 1).astype(np.uint8)
+    label = (
+        (((z - c[0]) / (patch[0] / 4)) ** 2 + ((y - c[1]) / (patch[1] / 4)) ** 2 + ((x - c[2]) / (patch[2] / 3)) ** 2)
+        <= 1
+    ).astype(np.uint8)
     label[(((z - c[0]) / 3) ** 2 + ((y - c[1]) / 4) ** 2 + ((x - c[2]) / 4) ** 2) <= 1] = 2
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
@@ -75,11 +83,20 @@ def one(args: argparse.Namespace) -> dict:
         if i >= args.warmup:
             step_times.append(t2 - t1)
             aug_times.append(t1 - t0)
-    peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"model": args.one, "parameters": count_parameters(model), "step_s": step_times, "augment_s": aug_times,
-            "peak_mb": round(peak, 1), "memory": "cuda max allocated" if dev.type == "cuda" else "process max RSS",
-            "threads": torch.get_num_threads()}
+    peak = (
+        torch.cuda.max_memory_allocated(dev) / 2**20
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "model": args.one,
+        "parameters": count_parameters(model),
+        "step_s": step_times,
+        "augment_s": aug_times,
+        "peak_mb": round(peak, 1),
+        "memory": "cuda max allocated" if dev.type == "cuda" else "process max RSS",
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -104,29 +121,42 @@ def main() -> None:
     base = [a for a in sys.argv[1:] if not a.startswith("--json")]
     if "--json" in sys.argv:
         i = sys.argv.index("--json")
-        base = sys.argv[1:i] + sys.argv[i + 2:]
+        base = sys.argv[1:i] + sys.argv[i + 2 :]
     for _ in range(args.rounds):
         for kind in ("implicit", "unet"):
-            out = subprocess.run([sys.executable, __file__, *base, "--one", kind], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, *base, "--one", kind], capture_output=True, text=True, check=True
+            )
             results[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
     summary = {}
     for kind, runs in results.items():
         steps = [s for r in runs for s in r["step_s"]]
         augs = [s for r in runs for s in r["augment_s"]]
-        summary[kind] = {"parameters": runs[0]["parameters"], "median_step_s": round(statistics.median(steps), 4),
-                         "median_augment_s": round(statistics.median(augs), 4),
-                         "peak_mb": max(r["peak_mb"] for r in runs), "memory": runs[0]["memory"],
-                         "threads": runs[0]["threads"], "n_steps": len(steps)}
+        summary[kind] = {
+            "parameters": runs[0]["parameters"],
+            "median_step_s": round(statistics.median(steps), 4),
+            "median_augment_s": round(statistics.median(augs), 4),
+            "peak_mb": max(r["peak_mb"] for r in runs),
+            "memory": runs[0]["memory"],
+            "threads": runs[0]["threads"],
+            "n_steps": len(steps),
+        }
     imp, unet = summary["implicit"], summary["unet"]
     summary["ratios_implicit_over_unet"] = {
         "step_time": round(imp["median_step_s"] / unet["median_step_s"], 3),
         "peak_memory": round(imp["peak_mb"] / unet["peak_mb"], 3),
         "parameters": round(imp["parameters"] / unet["parameters"], 3),
     }
-    summary["setup"] = {"patch": args.patch, "channels": args.channels, "decoder_width": args.width,
-                        "points": args.points, "batch": args.batch, "device": args.device, "amp": args.amp,
-                        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
+    summary["setup"] = {
+        "patch": args.patch,
+        "channels": args.channels,
+        "decoder_width": args.width,
+        "points": args.points,
+        "batch": args.batch,
+        "device": args.device,
+        "amp": args.amp,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:

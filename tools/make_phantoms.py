@@ -17,14 +17,17 @@ import numpy as np
 import SimpleITK as sitk
 
 
-def _ellipsoid(grid: tuple[np.ndarray, ...], centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator,
-               wobble: float) -> np.ndarray:
+def _ellipsoid(
+    grid: tuple[np.ndarray, ...], centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator, wobble: float
+) -> np.ndarray:
     z, y, x = grid
     d = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2
     phase = rng.uniform(0, 2 * np.pi, size=3)
     freq = rng.uniform(1.0, 3.0, size=3)
-    deform = wobble * (np.sin(freq[0] * z / radii[0] + phase[0]) * np.sin(freq[1] * y / radii[1] + phase[1])
-                       + np.sin(freq[2] * x / radii[2] + phase[2]))
+    deform = wobble * (
+        np.sin(freq[0] * z / radii[0] + phase[0]) * np.sin(freq[1] * y / radii[1] + phase[1])
+        + np.sin(freq[2] * x / radii[2] + phase[2])
+    )
     return d * (1 + deform) <= 1.0
 
 
@@ -51,23 +54,35 @@ def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple
     return np.clip(img, -1024, 3071).astype(np.int16), label
 
 
-def write_dataset(root: Path, cases: int = 8, shape: tuple[int, int, int] = (48, 64, 64),
-                  spacing_xyz: tuple[float, float, float] = (1.5, 1.5, 3.0), seed: int = 0) -> Path:
+def write_dataset(
+    root: Path,
+    cases: int = 8,
+    shape: tuple[int, int, int] = (48, 64, 64),
+    spacing_xyz: tuple[float, float, float] = (1.5, 1.5, 3.0),
+    seed: int = 0,
+) -> Path:
     """Write ``cases`` phantoms to ``root`` in the nnU-Net v2 layout; returns ``root``."""
     rng = np.random.default_rng(seed)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
     for i in range(cases):
         img, lbl = make_phantom(shape, rng)
-        for arr, path in ((img, root / "imagesTr" / f"phantom_{i:03d}_0000.nii.gz"),
-                          (lbl, root / "labelsTr" / f"phantom_{i:03d}.nii.gz")):
+        for arr, path in (
+            (img, root / "imagesTr" / f"phantom_{i:03d}_0000.nii.gz"),
+            (lbl, root / "labelsTr" / f"phantom_{i:03d}.nii.gz"),
+        ):
             im = sitk.GetImageFromArray(arr)
             im.SetSpacing(spacing_xyz)
             im.SetOrigin((-10.0 * i, 5.0, 20.0))
             sitk.WriteImage(im, str(path), useCompression=True)
-    meta = {"name": "Phantoms", "description": "synthetic CT-like phantoms (imunet tools/make_phantoms.py)",
-            "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
-            "numTraining": cases, "file_ending": ".nii.gz"}
+    meta = {
+        "name": "Phantoms",
+        "description": "synthetic CT-like phantoms (imunet tools/make_phantoms.py)",
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "numTraining": cases,
+        "file_ending": ".nii.gz",
+    }
     (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return root
 

@@ -1,11 +1,17 @@
 """PyTorch models: the shared encoder, the implicit decoder, and the dense U-Net baseline."""
 
-from .encoder import Encoder
 from .decoder import ImplicitDecoder, gather_features, positional_encoding
+from .encoder import Encoder
 from .network import ImplicitUNet, build_model, count_parameters
 from .unet import UNet
 
 __all__ = [
-    "Encoder", "ImplicitDecoder", "gather_features", "positional_encoding",
-    "ImplicitUNet", "UNet", "build_model", "count_parameters",
+    "Encoder",
+    "ImplicitDecoder",
+    "gather_features",
+    "positional_encoding",
+    "ImplicitUNet",
+    "UNet",
+    "build_model",
+    "count_parameters",
 ]

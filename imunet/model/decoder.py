@@ -68,8 +68,13 @@ class ImplicitDecoder(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, width: int = 512, depth: int = 8,
-        dropout: float = 0.2, reinject_at: int = 4,
+        self,
+        in_features: int,
+        num_classes: int,
+        width: int = 512,
+        depth: int = 8,
+        dropout: float = 0.2,
+        reinject_at: int = 4,
     ) -> None:
         super().__init__()
         self.reinject_at = reinject_at

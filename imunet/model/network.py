@@ -18,8 +18,12 @@ class ImplicitUNet(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg.in_channels, cfg.channels, cfg.convs_per_block)
         self.decoder = ImplicitDecoder(
-            cfg.decoder_in, cfg.num_classes, cfg.decoder_width, cfg.decoder_depth,
-            cfg.decoder_dropout, cfg.reinject_at,
+            cfg.decoder_in,
+            cfg.num_classes,
+            cfg.decoder_width,
+            cfg.decoder_depth,
+            cfg.decoder_dropout,
+            cfg.reinject_at,
         )
 
     def encode(self, patch: torch.Tensor) -> list[torch.Tensor]:

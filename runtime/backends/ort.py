@@ -7,6 +7,8 @@ point indices go in and logits come out.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +41,10 @@ class OrtBackend:
             raise BackendError(f"unknown onnxruntime backend {kind!r}; choose from {', '.join(PROVIDERS)}")
         wanted = PROVIDERS[kind][0]
         if wanted not in ort.get_available_providers():
-            raise BackendError(f"--backend {kind}: onnxruntime here has no {wanted} "
-                               f"(available: {', '.join(ort.get_available_providers())})")
+            raise BackendError(
+                f"--backend {kind}: onnxruntime here has no {wanted} "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
         self.name = kind
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -53,11 +57,26 @@ class OrtBackend:
             opts.intra_op_num_threads = threads
         providers: list[Any] = list(PROVIDERS[kind])
         if kind == "ort-trt":
-            cache = str(bundle.path / "engines" / "ort-trt-cache")
-            providers[0] = ("TensorrtExecutionProvider", {
-                "trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
-                "trt_timing_cache_enable": True,
-            })
+            # outside the bundle: it may be read-only, and its manifest covers its own files only
+            digest = bundle.manifest.raw["files"].get(
+                bundle.manifest.raw["graphs"]["decoder" if "decoder" in bundle.manifest.raw["graphs"] else "model"][
+                    "file"
+                ],
+                "x",
+            )
+            cache = str(
+                Path(os.environ.get("IMUNET_CACHE", Path.home() / ".cache" / "imunet")) / "ort-trt" / digest[:16]
+            )
+            Path(cache).mkdir(parents=True, exist_ok=True)
+            providers[0] = (
+                "TensorrtExecutionProvider",
+                {
+                    "trt_fp16_enable": True,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": cache,
+                    "trt_timing_cache_enable": True,
+                },
+            )
         self.sessions = {}
         for graph in bundle.manifest.raw["graphs"]:
             try:
@@ -72,8 +91,10 @@ class OrtBackend:
         out = self.sessions[graph].get_outputs()[0]
         width = out.shape[-1] if graph == "decoder" else out.shape[1]
         if isinstance(width, int) and width != self.manifest.num_classes:
-            raise BackendError(f"{self.bundle.path}: manifest lists {self.manifest.num_classes} labels but the "
-                               f"{graph} graph outputs {width} classes")
+            raise BackendError(
+                f"{self.bundle.path}: manifest lists {self.manifest.num_classes} labels but the "
+                f"{graph} graph outputs {width} classes"
+            )
 
     def encode(self, patch: np.ndarray) -> Any:
         image = np.ascontiguousarray(patch, dtype=np.float32)[None, None]

@@ -29,8 +29,12 @@ class GpuInfo:
 def gpu_info() -> GpuInfo:
     """Name and compute capability of GPU 0, from ``nvidia-smi``; :class:`BackendError` when none."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         raise BackendError("no NVIDIA GPU found (nvidia-smi is not available)") from None
     line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
@@ -73,8 +77,11 @@ def find_engine(bundle: Bundle, precision: str | None = None) -> dict:
             reasons.append(f"{rec['dir']} was built from other graphs than the bundle's")
         else:
             return rec
-    raise BackendError(f"{bundle.path}: no engine usable on {gpu.name} with TensorRT {trt.__version__}: "
-                       + "; ".join(reasons) + ". Rebuild with imunet-export --trt, or use --backend ort-cuda")
+    raise BackendError(
+        f"{bundle.path}: no engine usable on {gpu.name} with TensorRT {trt.__version__}: "
+        + "; ".join(reasons)
+        + ". Rebuild with imunet-export --trt, or use --backend ort-cuda"
+    )
 
 
 class _Cuda:
@@ -101,12 +108,18 @@ class _Cuda:
         return int(self._ok(self.rt.cudaMalloc(max(nbytes, 1))))
 
     def to_device(self, ptr: int, array: np.ndarray) -> None:
-        self._ok(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
-                                         self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+        self._ok(
+            self.rt.cudaMemcpyAsync(
+                ptr, array.ctypes.data, array.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+            )
+        )
 
     def to_host(self, array: np.ndarray, ptr: int) -> None:
-        self._ok(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes,
-                                         self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        self._ok(
+            self.rt.cudaMemcpyAsync(
+                array.ctypes.data, ptr, array.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+            )
+        )
 
     def sync(self) -> None:
         self._ok(self.rt.cudaStreamSynchronize(self.stream))
@@ -192,4 +205,3 @@ class TensorRTBackend:
         for ptr in self.buffers.values():
             self.cuda.free(ptr)
         self.buffers.clear()
-
