@@ -57,6 +57,8 @@ def write_preview(image: sitk.Image, label: sitk.Image, path: str | os.PathLike)
     height = max(v.shape[0] for v in views)
     padded = [np.pad(v, ((0, height - v.shape[0]), (0, 4), (0, 0))) for v in views]
     canvas = np.concatenate(padded, axis=1).astype(np.uint8)
+    zoom = max(1, 256 // canvas.shape[0])  # small scans: enlarge so a person can see them
+    canvas = np.repeat(np.repeat(canvas, zoom, axis=0), zoom, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

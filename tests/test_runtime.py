@@ -107,3 +107,16 @@ def test_numpy_api(bundle_dir, phantom_dir):
     labels = seg.predict_array(arr, spacing_zyx=image.GetSpacing()[::-1])
     assert labels.shape == arr.shape and labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(seg.predict(image)))
+
+
+def test_shipped_default_model_segments_the_shipped_sample():
+    from imunet.runtime.manifest import default_bundle_path
+
+    bundle = default_bundle_path()
+    assert bundle is not None and bundle.name == "hippocampus.imunet"
+    sample = bundle.parent / "sample"
+    seg = Segmenter(backend="ort-cpu")  # no bundle given: the shipped default, verified on load
+    pred = sitk.GetArrayFromImage(seg.predict(read_image(sample / "hippocampus_014_0000.nii.gz")))
+    ref = sitk.GetArrayFromImage(read_image(sample / "hippocampus_014.nii.gz"))
+    assert dice(pred, ref, 1) > 0.8 and dice(pred, ref, 2) > 0.75
+    assert seg.bundle.manifest.labels == {0: "background", 1: "anterior", 2: "posterior"}
