@@ -28,6 +28,7 @@ from .config import RunConfig
 from .data import DatasetStats, PreprocessedCache, compute_stats, read_dataset, split_cases
 from .losses import deep_supervision_loss, point_loss
 from .model import build_model, count_parameters
+from .progress import StepProgress
 from .sampling import point_labels, sample_patch, sample_points
 from .torch_backend import TorchBackend
 
@@ -284,7 +285,7 @@ def train(
     model.train()
     metrics: dict[str, Any] = {}
     t_start = time.perf_counter()
-    report_every = max(1, cfg.train.steps // 20)
+    progress = StepProgress(cfg.train.steps, start, say) if ddp.main else None
     for step in range(start, cfg.train.steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
@@ -332,12 +333,12 @@ def train(
                         val_mean,
                     ]
                 )
-            if done % report_every == 0 or is_last:
-                elapsed = time.perf_counter() - t_start
-                say(f"step {done}/{cfg.train.steps}  loss {loss_v:.4f}  {(done - start) / elapsed:.2f} steps/s")
+            progress.update(done, loss_v)
         if done % cfg.train.checkpoint_every == 0 or is_last:
             checkpoint(done)
 
+    if progress is not None:
+        progress.close()
     if ddp.main:
         metrics = {
             **metrics,

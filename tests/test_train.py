@@ -168,3 +168,20 @@ def test_train_cli_reports_bad_dataset_in_one_line(tmp_path):
     )
     assert res.returncode == 2
     assert res.stderr.strip() == f"imunet-train: error: {tmp_path}: no dataset.json (expected the MSD / nnU-Net layout)"
+
+
+def test_progress_reports_every_five_percent_off_a_terminal_and_runs_live():
+    from imunet.progress import StepProgress
+
+    lines = []
+    p = StepProgress(100, 40, lines.append, live=False)
+    for step in range(41, 101):
+        p.update(step, 0.5)
+    p.close()
+    assert [ln.split()[1] for ln in lines] == [f"{s}/100" for s in range(45, 101, 5)]
+    assert "loss 0.5000" in lines[-1] and "steps/s" in lines[-1] and "min left" in lines[-1]
+    live = StepProgress(3, 0, lines.append, live=True)
+    for step in (1, 2, 3):
+        live.update(step, 0.1)
+    live.close()
+    assert len(lines) == 12  # the live bar prints nothing through `say`
