@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from .backends import open_backend
 from .errors import BundleError, InputError
 from .inference import InferenceSettings, predict_labels
-from .io import Geometry, as_3d_scalar, from_array, to_array
+from .io import Geometry, as_3d_scalar, from_array
 from .manifest import Bundle, default_bundle_path, load_bundle
 from .preprocess import normalize, resample_label_like, resample_to_spacing
 
@@ -93,7 +93,7 @@ class Segmenter:
         m = self.bundle.manifest
         t0 = time.perf_counter()
         resampled = resample_to_spacing(image, m.spacing)
-        volume = normalize(to_array(resampled, np.float64), m.normalization)
+        volume = normalize(sitk.GetArrayViewFromImage(resampled), m.normalization)
         t1 = time.perf_counter()
         labels, stats = predict_labels(volume, self.backend, m.patch_size, self.settings, m.kind == "unet", progress)
         del volume

@@ -50,19 +50,26 @@ class Normalization:
 
 
 def normalize(array: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Normalise a ``(Z, Y, X)`` intensity array; returns float32.
+    """Normalise a ``(Z, Y, X)`` intensity array; returns a new float32 array.
 
-    Raises :class:`InputError` for NaN or infinite voxels (a scan with them is corrupt).
+    Works in float32 (statistics accumulated in float64), so a 512 x 512 x 300 scan needs one
+    300 MB working copy. Raises :class:`InputError` for NaN or infinite voxels (a corrupt scan).
     """
-    data = np.asarray(array, dtype=np.float64)
-    if not np.all(np.isfinite(data)):
-        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-        raise InputError(f"scan has {bad} NaN or infinite voxels")
+    data = np.array(array, dtype=np.float32, copy=True)
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise InputError(f"scan has {int(data.size - np.count_nonzero(finite))} NaN or infinite voxels")
+    del finite
     if norm.scheme == "ct":
-        data = np.clip(data, norm.clip_low, norm.clip_high)
-        return ((data - norm.mean) / norm.std).astype(np.float32)
-    std = float(data.std())
-    return ((data - data.mean()) / max(std, 1e-8)).astype(np.float32)
+        np.clip(data, norm.clip_low, norm.clip_high, out=data)
+        data -= np.float32(norm.mean)
+        data /= np.float32(norm.std)
+        return data
+    mean = float(data.mean(dtype=np.float64))
+    std = float(data.std(dtype=np.float64))
+    data -= np.float32(mean)
+    data /= np.float32(max(std, 1e-8))
+    return data
 
 
 def ct_statistics(foreground_values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> Normalization:

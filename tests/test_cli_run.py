@@ -154,3 +154,35 @@ def test_unknown_backend_and_missing_bundle_are_one_line_errors(bundle_dir, phan
     )
     code, _, err = run(phantom(phantom_dir), "--model", tmp_path / "none.imunet")
     assert code == 2 and err.strip() == f"imunet-run: error: {tmp_path / 'none.imunet'}: no such bundle directory"
+
+
+def write_dicom_series(folder, uid, values, spacing=(1.0, 1.0, 2.0)):
+    """A small CT series written slice by slice with its own SeriesInstanceUID."""
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, arr in enumerate(values):
+        sl = sitk.GetImageFromArray(arr.astype(np.int16))
+        sl.SetSpacing(spacing[:2])
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", uid), ("0020|0013", str(k + 1)),
+                           ("0020|0032", f"0\\0\\{k * spacing[2]}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0008|0018", f"{uid}.{k + 1}"), ("0018|0050", str(spacing[2]))):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{uid}_{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_folder_with_two_series_needs_series(bundle_dir, tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    a, b = "1.2.826.0.1.3680043.2.1125.11", "1.2.826.0.1.3680043.2.1125.12"
+    write_dicom_series(folder, a, rng.integers(-100, 100, size=(6, 20, 24)))
+    write_dicom_series(folder, b, rng.integers(-100, 100, size=(4, 20, 24)))
+    code, _, err = run(folder, "--model", bundle_dir, "--out", tmp_path / "o.nii.gz")
+    assert code == 1 and f"holds 2 DICOM series; pick one with --series: {a} (6 files), {b} (4 files)" in err
+    assert not (tmp_path / "o.nii.gz").exists()
+    code, _, err = run(folder, "--model", bundle_dir, "--series", b, "--out", tmp_path / "o.nii.gz")
+    assert code == 0, err
+    seg = sitk.ReadImage(str(tmp_path / "o.nii.gz"))
+    assert seg.GetSize() == (24, 20, 4) and np.allclose(seg.GetSpacing(), (1.0, 1.0, 2.0))
