@@ -163,10 +163,16 @@ def write_dicom_series(folder, uid, values, spacing=(1.0, 1.0, 2.0)):
     for k, arr in enumerate(values):
         sl = sitk.GetImageFromArray(arr.astype(np.int16))
         sl.SetSpacing(spacing[:2])
-        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
-                           ("0020|000e", uid), ("0020|0013", str(k + 1)),
-                           ("0020|0032", f"0\\0\\{k * spacing[2]}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                           ("0008|0018", f"{uid}.{k + 1}"), ("0018|0050", str(spacing[2]))):
+        for tag, value in (
+            ("0008|0060", "CT"),
+            ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+            ("0020|000e", uid),
+            ("0020|0013", str(k + 1)),
+            ("0020|0032", f"0\\0\\{k * spacing[2]}"),
+            ("0020|0037", "1\\0\\0\\0\\1\\0"),
+            ("0008|0018", f"{uid}.{k + 1}"),
+            ("0018|0050", str(spacing[2])),
+        ):
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{uid}_{k:03d}.dcm"))
         writer.Execute(sl)

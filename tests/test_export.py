@@ -191,3 +191,32 @@ def test_tensorrt_fp16_engines_build_and_match_onnxruntime(trained_run, tmp_path
 
     assert np.abs(softmax(a) - softmax(b)).max() < 2e-2
     assert (a.argmax(1) == b.argmax(1)).mean() > 0.99
+
+
+def test_engines_for_another_gpu_tensorrt_or_graph_are_refused(bundle_dir):
+    from imunet.runtime.backends.trt import GpuInfo, select_engine
+
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    graphs = {n: m["files"][g["file"]] for n, g in m["graphs"].items()}
+    h100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+    rec = {
+        "dir": "engines/NVIDIA-H100-80GB-HBM3-trt10.3.0-fp16",
+        "gpu": h100.name,
+        "compute_capability": "9.0",
+        "tensorrt": "10.3.0",
+        "precision": "fp16",
+        "graphs_sha256": graphs,
+    }
+    with pytest.raises(BackendError, match="bundle has no TensorRT engines"):
+        select_engine(m, h100, "10.3.0")
+    m["engines"] = [rec]
+    assert select_engine(m, h100, "10.3.0") is rec
+    with pytest.raises(BackendError, match=r"was built for NVIDIA H100 80GB HBM3 \(sm 9.0\)"):
+        select_engine(m, GpuInfo("NVIDIA A100-SXM4-40GB", "8.0"), "10.3.0")
+    with pytest.raises(BackendError, match="was built with TensorRT 10.3.0, this is 10.7.0"):
+        select_engine(m, h100, "10.7.0")
+    with pytest.raises(BackendError, match="is fp16, not fp32"):
+        select_engine(m, h100, "10.3.0", "fp32")
+    m["files"]["decoder.onnx"] = "0" * 64  # the graph changed since the engine was built
+    with pytest.raises(BackendError, match="built from other graphs than the bundle's"):
+        select_engine(m, h100, "10.3.0")

@@ -57,31 +57,42 @@ def engine_dir_name(gpu: GpuInfo, trt_version: str, precision: str) -> str:
     return f"{slug}-trt{trt_version}-{precision}"
 
 
-def find_engine(bundle: Bundle, precision: str | None = None) -> dict:
-    """The engine record of ``bundle`` built for this GPU and TensorRT, or a clear refusal."""
-    trt = import_tensorrt()
-    gpu = gpu_info()
-    records = bundle.manifest.raw.get("engines", [])
+def select_engine(manifest: dict, gpu: GpuInfo, trt_version: str, precision: str | None = None) -> dict:
+    """The engine record of a manifest usable on ``gpu`` with TensorRT ``trt_version``.
+
+    Raises :class:`BackendError` listing why each engine was refused (other GPU, other TensorRT,
+    built from other graphs than the bundle holds now). Pure: no TensorRT needed to decide.
+    """
+    records = manifest.get("engines", [])
     if not records:
-        raise BackendError(f"{bundle.path}: bundle has no TensorRT engines; export with --trt fp16 on this GPU")
-    files = bundle.manifest.raw["files"]
+        raise BackendError("bundle has no TensorRT engines; export with --trt fp16 on this GPU")
+    files, graphs = manifest["files"], manifest["graphs"]
     reasons = []
     for rec in records:
         if precision and rec["precision"] != precision:
-            continue
-        if rec["gpu"] != gpu.name or rec["compute_capability"] != gpu.compute_capability:
+            reasons.append(f"{rec['dir']} is {rec['precision']}, not {precision}")
+        elif rec["gpu"] != gpu.name or rec["compute_capability"] != gpu.compute_capability:
             reasons.append(f"{rec['dir']} was built for {rec['gpu']} (sm {rec['compute_capability']})")
-        elif rec["tensorrt"] != trt.__version__:
-            reasons.append(f"{rec['dir']} was built with TensorRT {rec['tensorrt']}, this is {trt.__version__}")
-        elif any(files.get(bundle.manifest.raw["graphs"][g]["file"]) != h for g, h in rec["graphs_sha256"].items()):
+        elif rec["tensorrt"] != trt_version:
+            reasons.append(f"{rec['dir']} was built with TensorRT {rec['tensorrt']}, this is {trt_version}")
+        elif any(files.get(graphs[g]["file"]) != h for g, h in rec["graphs_sha256"].items()):
             reasons.append(f"{rec['dir']} was built from other graphs than the bundle's")
         else:
             return rec
     raise BackendError(
-        f"{bundle.path}: no engine usable on {gpu.name} with TensorRT {trt.__version__}: "
+        f"no engine usable on {gpu.name} with TensorRT {trt_version}: "
         + "; ".join(reasons)
         + ". Rebuild with imunet-export --trt, or use --backend ort-cuda"
     )
+
+
+def find_engine(bundle: Bundle, precision: str | None = None) -> dict:
+    """The engine record of ``bundle`` built for this machine's GPU and TensorRT, or a clear refusal."""
+    trt = import_tensorrt()
+    try:
+        return select_engine(bundle.manifest.raw, gpu_info(), trt.__version__, precision)
+    except BackendError as exc:
+        raise BackendError(f"{bundle.path}: {exc}") from None
 
 
 class _Cuda:
