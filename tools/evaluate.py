@@ -1,0 +1,120 @@
+"""Accuracy of a bundle on a folder of labelled scans, through the runtime exactly as a user runs it.
+
+    python tools/evaluate.py --model h.imunet --images DIR --labels DIR [--cases a,b] [--json out.json]
+
+Images are matched to labels by the nnU-Net naming (``CASE_0000.nii.gz`` <-> ``CASE.nii.gz``) or
+by identical names. Prints per-label Dice and HD95 (mm), mean and standard deviation, and the
+median seconds per scan. HD95 is undefined when a label is missing from prediction or reference
+and such cases are left out of its mean (counted in ``hd95_undefined``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from imunet.runtime import Segmenter
+from imunet.runtime.io import image_suffix, read_image
+from imunet.runtime.metrics import dice, hd95
+
+
+def pair_cases(images: Path, labels: Path, only: set[str] | None = None) -> list[tuple[str, Path, Path]]:
+    """``(case, image, label)`` for every image with a label."""
+    pairs = []
+    for img in sorted(p for p in images.iterdir() if image_suffix(p)):
+        suffix = image_suffix(img)
+        stem = img.name[: -len(suffix)]
+        case = stem[:-5] if stem.endswith("_0000") else stem
+        label = labels / f"{case}{suffix}"
+        if label.exists() and (only is None or case in only):
+            pairs.append((case, img, label))
+    return pairs
+
+
+def evaluate(
+    model: Path,
+    images: Path,
+    labels: Path,
+    backend: str = "ort-cpu",
+    mode: str | None = None,
+    only: set[str] | None = None,
+) -> dict:
+    seg = Segmenter(model, backend=backend, mode=mode)
+    names = seg.bundle.manifest.labels
+    per_case, seconds = {}, []
+    for case, img_path, lbl_path in pair_cases(images, labels, only):
+        image = read_image(img_path)
+        t = time.perf_counter()
+        pred = sitk.GetArrayFromImage(seg.predict(image))
+        seconds.append(time.perf_counter() - t)
+        ref = sitk.GetArrayFromImage(read_image(lbl_path)).astype(np.int64)
+        spacing_zyx = image.GetSpacing()[::-1]
+        per_case[case] = {
+            names[k]: {"dice": dice(pred, ref, k), "hd95": hd95(pred, ref, k, spacing_zyx)}
+            for k in range(1, len(names))
+        }
+    if not per_case:
+        raise SystemExit(f"no image in {images} has a label in {labels}")
+    summary = {}
+    for k in range(1, len(names)):
+        d = [c[names[k]]["dice"] for c in per_case.values()]
+        h = [c[names[k]]["hd95"] for c in per_case.values() if np.isfinite(c[names[k]]["hd95"])]
+        summary[names[k]] = {
+            "dice_mean": float(np.mean(d)),
+            "dice_std": float(np.std(d)),
+            "hd95_mean": float(np.mean(h)) if h else float("nan"),
+            "hd95_std": float(np.std(h)) if h else float("nan"),
+            "hd95_undefined": len(d) - len(h),
+        }
+    mode_used = seg.settings.mode if seg.bundle.manifest.kind == "implicit" else "dense-model"
+    return {
+        "model": str(model),
+        "backend": seg.backend_name,
+        "mode": mode_used,
+        "cases": len(per_case),
+        "median_s_per_scan": statistics.median(seconds),
+        "labels": summary,
+        "per_case": per_case,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--images", type=Path, required=True)
+    ap.add_argument("--labels", type=Path, required=True)
+    ap.add_argument("--cases", type=str, default=None, help="comma-separated case names, or @split.json:val")
+    ap.add_argument("--backend", default="ort-cpu")
+    ap.add_argument("--mode", default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    only = None
+    if a.cases:
+        if a.cases.startswith("@"):
+            path, _, key = a.cases[1:].partition(":")
+            only = set(json.loads(Path(path).read_text())[key or "val"])
+        else:
+            only = set(a.cases.split(","))
+    res = evaluate(a.model, a.images, a.labels, a.backend, a.mode, only)
+    print(
+        f"{res['model']}: {res['cases']} cases, backend {res['backend']}, mode {res['mode']}, "
+        f"median {res['median_s_per_scan']:.3f} s per scan"
+    )
+    for name, s in res["labels"].items():
+        print(
+            f"  {name:12s} Dice {s['dice_mean']:.4f} +- {s['dice_std']:.4f}   "
+            f"HD95 {s['hd95_mean']:.2f} +- {s['hd95_std']:.2f} mm ({s['hd95_undefined']} undefined)"
+        )
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
