@@ -6,8 +6,11 @@ SimpleITK's ``(x, y, z)`` order and only at this boundary.
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +77,53 @@ def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
     return reader.Execute()
 
 
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file must hold (header offset + voxel data), or None if not NIfTI."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    n = 1
+    for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]:
+        n *= max(int(d), 1)
+    return max(offset, 348) + n * max(int(bitpix), 8) // 8
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated or corrupt NIfTI file, which SimpleITK reads silently as zero-filled voxels."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".nii.gz"):
+            size, header = 0, b""
+            with gzip.open(path, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    if len(header) < 540:
+                        header += block[:540]
+                    size += len(block)
+        elif name.endswith(".nii"):
+            size = path.stat().st_size
+            with path.open("rb") as fh:
+                header = fh.read(540)
+        else:
+            return
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: truncated or corrupt compressed file ({exc})") from None
+    expected = _nifti_expected_bytes(header)
+    if expected is None:
+        raise InputError(f"{path}: not a NIfTI file (no valid NIfTI header)")
+    if size < expected:
+        raise InputError(f"{path}: truncated: holds {size} bytes of the {expected} its header describes")
+
+
 def read_image(path: str | os.PathLike, series: str | None = None, channel: int | None = None) -> sitk.Image:
     """Read a 3D scan from a NIfTI/NRRD/MHA file or a DICOM series directory.
 
@@ -87,6 +137,7 @@ def read_image(path: str | os.PathLike, series: str | None = None, channel: int 
         if path.is_dir():
             image = _read_dicom(path, series)
         else:
+            check_nifti_complete(path)
             image = sitk.ReadImage(str(path))
     except InputError:
         raise

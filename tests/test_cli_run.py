@@ -74,7 +74,7 @@ def test_batch_with_one_bad_scan_writes_the_others(bundle_dir, phantom_dir, tmp_
         "phantom_000_0000_seg.nii.gz",
         "phantom_001_0000_seg.nii.gz",
     ]
-    assert f"FAILED {bad}: cannot read as an image" in err
+    assert f"FAILED {bad}: truncated or corrupt compressed file" in err
     assert f"2 of 3 scans segmented; failed: {bad}" in err
 
 
@@ -101,11 +101,18 @@ def bad_cases(tmp_path):
     nan[3, 4, 5] = np.nan
     nan[7, 1, 2] = np.inf
     (tmp_path / "random.nii.gz").write_bytes(rng.bytes(5000))
+    (tmp_path / "random.mha").write_bytes(rng.bytes(5000))
     (tmp_path / "empty.nii.gz").write_bytes(b"")
+    for suffix in (".nii.gz", ".nii"):  # SimpleITK reads these silently as zero-filled voxels
+        whole = write(rng.integers(0, 1000, size=(20, 30, 30)).astype(np.int16), tmp_path / f"whole{suffix}")
+        (tmp_path / f"cut{suffix}").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     return {
         "missing": (tmp_path / "nope.nii.gz", "no such file or directory"),
-        "random": (tmp_path / "random.nii.gz", "cannot read as an image"),
-        "empty": (tmp_path / "empty.nii.gz", "cannot read as an image"),
+        "random": (tmp_path / "random.nii.gz", "truncated or corrupt compressed file"),
+        "random-mha": (tmp_path / "random.mha", "cannot read as an image"),
+        "empty": (tmp_path / "empty.nii.gz", "not a NIfTI file (no valid NIfTI header)"),
+        "cut-gz": (tmp_path / "cut.nii.gz", "truncated or corrupt compressed file"),
+        "cut-nii": (tmp_path / "cut.nii", "truncated: holds 18176 bytes of the 36352 its header describes"),
         "2d": (write(np.zeros((30, 40), np.float32), tmp_path / "flat.nii.gz"), "is 2D (40x30); need a 3D volume"),
         "4d": (
             write(np.zeros((3, 10, 12, 14), np.float32), tmp_path / "four.nii.gz"),
@@ -119,7 +126,9 @@ def bad_cases(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "random", "empty", "2d", "4d", "nan", "skew"])
+@pytest.mark.parametrize(
+    "case", ["missing", "random", "random-mha", "empty", "cut-gz", "cut-nii", "2d", "4d", "nan", "skew"]
+)
 def test_bad_input_fails_with_one_clear_line_and_no_output(bundle_dir, tmp_path, case):
     path, message = bad_cases(tmp_path)[case]
     out = tmp_path / "out"
@@ -140,6 +149,16 @@ def test_4d_input_with_channel_and_tiny_volume_are_segmented(bundle_dir, tmp_pat
     code, _, err = run(tiny, "--model", bundle_dir, "--out", tmp_path / "tiny_seg.nii.gz")
     assert code == 0, err
     assert sitk.ReadImage(str(tmp_path / "tiny_seg.nii.gz")).GetSize() == (5, 4, 3)
+
+
+@pytest.mark.parametrize("dtype,value", [(np.int64, 2**62), (np.uint32, 4_000_000_000), (np.float64, 1e30)])
+def test_extreme_integer_and_float_ranges_are_segmented(bundle_dir, tmp_path, dtype, value):
+    arr = np.full((10, 12, 14), value, dtype)
+    arr[2:5, 3:8, 4:9] = 0
+    scan = write(arr, tmp_path / "x.nrrd")
+    code, _, err = run(scan, "--model", bundle_dir, "--out", tmp_path / "x_seg.nii.gz")
+    assert code == 0, err
+    assert sitk.ReadImage(str(tmp_path / "x_seg.nii.gz")).GetSize() == (14, 12, 10)
 
 
 def test_max_memory_refuses_before_work(bundle_dir, phantom_dir, tmp_path):
