@@ -87,3 +87,12 @@ def test_settings_reject_bad_values():
         InferenceSettings(mode="fast")
     with pytest.raises(ValueError, match="stride must be >= 1, got 0"):
         InferenceSettings(stride=0)
+
+
+def test_streaming_labels_equal_the_argmax_of_the_probabilities():
+    fn = sphere_logits()
+    for mode in ("sparse", "dense"):
+        settings = InferenceSettings(mode=mode)
+        probs, _ = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, settings)
+        labels, _ = predict_labels(index_volume(), FakeBackend(fn), PATCH, settings)
+        np.testing.assert_array_equal(labels, probs.argmax(0))
