@@ -101,8 +101,12 @@ def run(
 
                 ppath = preview if not many else preview.with_name(f"{dest.name.split('.')[0]}_{preview.name}")
                 write_preview(image, label, ppath)
-        except (ImunetError, ValueError, OSError, MemoryError) as exc:
-            msg = str(exc) if str(scan) in str(exc) else f"{scan}: {exc}"
+        except Exception as exc:  # one scan's failure must never stop the batch or print a traceback
+            known = isinstance(exc, (ImunetError, ValueError, OSError))
+            text = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
+            if isinstance(exc, MemoryError):
+                text = "out of memory; try --max-memory to refuse such scans up front"
+            msg = text if str(scan) in text else f"{scan}: {text}"
             typer.echo(f"FAILED {msg}", err=True)
             failed.append(str(scan))
             report.append({"input": str(scan), "ok": False, "error": msg})

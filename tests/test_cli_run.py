@@ -211,3 +211,24 @@ def test_dicom_folder_with_two_series_needs_series(bundle_dir, tmp_path):
     assert code == 0, err
     seg = sitk.ReadImage(str(tmp_path / "o.nii.gz"))
     assert seg.GetSize() == (24, 20, 4) and np.allclose(seg.GetSpacing(), (1.0, 1.0, 2.0))
+
+
+def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path, monkeypatch):
+    from imunet.runtime import io
+
+    image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.uint8))
+    real_write = sitk.WriteImage
+
+    def write_half_then_fail(img, path, *args, **kwargs):
+        real_write(img, path, *args, **kwargs)  # the temporary file really exists now
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(io.sitk, "WriteImage", write_half_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.write_image_atomic(image, tmp_path / "seg.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / "seg.nii.gz").write_bytes(b"old")
+    io.write_image_atomic(image, tmp_path / "seg.nii.gz", overwrite=True)
+    assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetSize() == (6, 5, 4)
+    assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
