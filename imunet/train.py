@@ -124,6 +124,36 @@ def points_for_batch(labels: np.ndarray, cfg: RunConfig, rng: np.random.Generato
     return np.stack(pts), np.stack(tgt).astype(np.int64)
 
 
+def optimisation_step(
+    net: torch.nn.Module,
+    cfg: RunConfig,
+    img: torch.Tensor,
+    lbl: torch.Tensor,
+    rng: np.random.Generator,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    use_amp: bool,
+) -> torch.Tensor:
+    """One step on an (augmented) batch: ``img`` ``(B, 1, Z, Y, X)``, ``lbl`` ``(B, Z, Y, X)``.
+
+    The implicit model's points are sampled on the labels it is given; the U-Net takes the whole
+    patch with deep supervision. Returns the detached loss.
+    """
+    device = img.device
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        if cfg.model.kind == "implicit":
+            pts, tgt = points_for_batch(lbl.to(torch.uint8).cpu().numpy(), cfg, rng)
+            logits = net(img, torch.from_numpy(pts).to(device))
+            loss = point_loss(logits, torch.from_numpy(tgt).to(device))
+        else:
+            loss = deep_supervision_loss(net(img), lbl)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
 def validate(
     model: torch.nn.Module,
     cases: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -297,18 +327,7 @@ def train(
         if cfg.train.augment:
             img, lbl = augment_batch(img, lbl, aug_gen)
         t2 = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            if cfg.model.kind == "implicit":
-                pts, tgt = points_for_batch(lbl.to(torch.uint8).cpu().numpy(), cfg, np_rng)
-                logits = net(img, torch.from_numpy(pts).to(device))
-                loss = point_loss(logits, torch.from_numpy(tgt).to(device))
-            else:
-                loss = deep_supervision_loss(net(img), lbl)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        loss_v = float(loss.detach())
+        loss_v = float(optimisation_step(net, cfg, img, lbl, np_rng, opt, scaler, use_amp))
         if not np.isfinite(loss_v):
             raise RuntimeError(f"loss became {loss_v} at step {step + 1}; lower the learning rate")
         step_s = time.perf_counter() - t0

@@ -25,10 +25,9 @@ def one(args: argparse.Namespace) -> dict:
     import torch
 
     from imunet.augment import augment_batch
-    from imunet.config import ModelConfig
-    from imunet.losses import deep_supervision_loss, point_loss
+    from imunet.config import ModelConfig, RunConfig, TrainConfig
     from imunet.model import build_model, count_parameters
-    from imunet.sampling import point_labels, sample_points
+    from imunet.train import optimisation_step
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -41,6 +40,7 @@ def one(args: argparse.Namespace) -> dict:
         decoder_width=args.width,
         decoder_dropout=0.2,
     )
+    run_cfg = RunConfig(cfg, TrainConfig(batch_size=args.batch, points=args.points))
     model = build_model(cfg).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = dev.type == "cuda" and args.amp
@@ -65,18 +65,7 @@ def one(args: argparse.Namespace) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
-            if args.one == "implicit":
-                lab_np = a_lbl.to(torch.uint8).cpu().numpy()
-                pts = [sample_points(lb, args.points, 0.5, 5.0, rng)[0] for lb in lab_np]
-                tgt = np.stack([point_labels(lb, p) for lb, p in zip(lab_np, pts)]).astype(np.int64)
-                loss = point_loss(model(a_img, torch.from_numpy(np.stack(pts)).to(dev)), torch.from_numpy(tgt).to(dev))
-            else:
-                loss = deep_supervision_loss(model(a_img), a_lbl)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        optimisation_step(model, run_cfg, a_img, a_lbl, rng, opt, scaler, amp)  # exactly the training step
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
