@@ -9,7 +9,7 @@ The geometry lives in :mod:`.windows` and :mod:`.mesh`; this module only orchest
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -56,7 +56,6 @@ class InferenceStats:
     decode_s: float = 0.0
     total_s: float = 0.0
     skipped_refinement: int = 0  # windows whose broad mesh had no boundary
-    extra: dict = field(default_factory=dict)
 
     @property
     def points_per_voxel(self) -> float:

@@ -102,9 +102,6 @@ class Bundle:
     path: Path
     manifest: Manifest
 
-    def file(self, name: str) -> Path:
-        return self.path / name
-
     def graph(self, name: str) -> Path:
         """Path of graph ``name`` ("encoder", "decoder" or "model")."""
         graphs = self.manifest.raw["graphs"]
