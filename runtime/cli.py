@@ -49,7 +49,7 @@ def run(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Bundle directory (default: the shipped model)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (one scan) or folder (default: .)."),
     backend: str = typer.Option("auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt"),
-    mode: Optional[str] = typer.Option(None, help="sparse | dense (implicit bundles; default from the bundle)."),
+    mode: Optional[str] = typer.Option(None, help="adaptive | sparse | dense (implicit bundles only)."),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap in [0, 1)."),
     stride: Optional[int] = typer.Option(None, help="Broad-mesh stride in voxels."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write per-scan timings and label volumes as JSON."),

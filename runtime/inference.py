@@ -14,25 +14,28 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from .adaptive import accumulate_adaptive
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from .windows import gaussian_importance, pad_to_patch, window_slices
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend
 
-MODES = ("sparse", "dense")
+MODES = ("sparse", "dense", "adaptive")
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
     """Knobs of the loop; defaults come from the bundle manifest."""
 
-    mode: str = "sparse"  # "sparse": mesh + boundary band; "dense": decode every voxel
+    mode: str = "sparse"  # "sparse": mesh + boundary band; "dense": every voxel; "adaptive": see .adaptive
     overlap: float = 0.3
     stride: int = 4  # broad-mesh spacing, voxels
     band: int = 2  # half-width (voxels) of the refined band around the broad boundary
     sigma_scale: float = 0.125  # Gaussian importance sigma, fraction of the patch
     smoothing: int = 3  # average-pool kernel on the blended probabilities; 1 = none
+    halo: int = 0  # adaptive: also refine cells within this many cells of a refined one
+    confidence: float = 0.0  # adaptive: also refine cells with a corner whose top probability is below this
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -43,6 +46,10 @@ class InferenceSettings:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if self.band < 0:
             raise ValueError(f"band must be >= 0, got {self.band}")
+        if self.mode == "adaptive" and self.stride & (self.stride - 1):
+            raise ValueError(f"adaptive mode needs a power-of-two stride, got {self.stride}")
+        if self.halo < 0 or not 0 <= self.confidence < 1:
+            raise ValueError(f"need halo >= 0 and confidence in [0, 1), got {self.halo}, {self.confidence}")
 
 
 @dataclass
@@ -56,6 +63,7 @@ class InferenceStats:
     decode_s: float = 0.0
     total_s: float = 0.0
     skipped_refinement: int = 0  # windows whose broad mesh had no boundary
+    windows_reused: int = 0  # constant windows whose result was reused rather than recomputed
 
     @property
     def points_per_voxel(self) -> float:
@@ -71,6 +79,7 @@ class InferenceStats:
             "decode_s": round(self.decode_s, 4),
             "loop_s": round(self.total_s, 4),
             "windows_without_boundary": self.skipped_refinement,
+            "windows_reused": self.windows_reused,
         }
 
 
@@ -131,28 +140,38 @@ def _accumulate(
     dense_model: bool,
     progress: Callable[[int, int], None] | None,
     stats: InferenceStats,
-) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...]]:
+) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, ...]]:
     """Gaussian-weighted sums of window probabilities ``(C, Z', Y', X')``, the weight sums and the
-    crop from the padded grid back to the volume."""
+    crop from the padded grid back to the volume. Adaptive mode decodes each voxel once, so it
+    returns probabilities and no weights."""
     padded, crop = pad_to_patch(np.asarray(volume, dtype=np.float32), patch_size)
+    if settings.mode == "adaptive" and not dense_model:
+        probs = accumulate_adaptive(padded, backend, patch_size, settings, stats, _Decoder(backend, stats), progress)
+        return probs, None, crop
     slices = window_slices(padded.shape, patch_size, settings.overlap)
     weight = gaussian_importance(patch_size, settings.sigma_scale)
     acc: np.ndarray | None = None
     wsum = np.zeros(padded.shape, dtype=np.float32)
     decode = _Decoder(backend, stats)
+    reuse: dict[float, np.ndarray] = {}  # constant windows (padding, masked air): value -> probabilities
     for i, win in enumerate(slices):
         patch = np.ascontiguousarray(padded[win])
-        if dense_model:
+        constant = float(patch.flat[0]) if patch.min() == patch.max() else None
+        if constant is not None and constant in reuse:
+            probs = reuse[constant]
+            stats.windows_reused += 1
+        elif dense_model:
             t = time.perf_counter()
             probs = softmax(backend.predict_dense(patch), axis=0)
             stats.encode_s += time.perf_counter() - t
         else:
             probs = _implicit_window(backend, decode, patch, settings, stats)
+        if constant is not None and constant not in reuse and len(reuse) < 4:
+            reuse[constant] = probs
         if acc is None:
             acc = np.zeros((probs.shape[0], *padded.shape), dtype=np.float32)
         acc[(slice(None), *win)] += probs * weight
         wsum[win] += weight
-        del probs
         stats.windows += 1
         if progress is not None:
             progress(i + 1, len(slices))
@@ -176,8 +195,9 @@ def predict_probabilities(
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
     acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats)
-    acc /= wsum
-    del wsum
+    if wsum is not None:
+        acc /= wsum
+        del wsum
     probs = box_smooth(acc[(slice(None), *crop)], settings.smoothing)
     stats.total_s = time.perf_counter() - t0
     return probs, stats
@@ -196,11 +216,12 @@ def predict_labels(
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
     acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats)
-    weights = wsum[crop]
+    weights = wsum[crop] if wsum is not None else None
     best: np.ndarray | None = None
-    labels = np.zeros(weights.shape, dtype=np.uint8)
+    labels = np.zeros(np.shape(volume), dtype=np.uint8)
     for c in range(acc.shape[0]):
-        p = box_smooth((acc[c][crop] / weights)[None], settings.smoothing)[0]
+        p = acc[c][crop] / weights if weights is not None else acc[c][crop]
+        p = box_smooth(p[None], settings.smoothing)[0]
         if best is None:
             best = p
         else:

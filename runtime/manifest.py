@@ -16,6 +16,8 @@ from .errors import BundleError
 from .inference import InferenceSettings
 from .preprocess import Normalization
 
+INFERENCE_KEYS = ("mode", "overlap", "stride", "band", "sigma_scale", "smoothing", "halo", "confidence")
+
 FORMAT = "imunet-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -71,7 +73,7 @@ def parse_manifest(raw: dict[str, Any], where: str = "bundle") -> Manifest:
             raise BundleError(f"{where}: labels must be 0..C-1 with C >= 2, got {labels}")
         inf = dict(_get(raw, "inference", where))
         settings = InferenceSettings(
-            **{k: inf[k] for k in ("overlap", "stride", "band", "sigma_scale", "smoothing") if k in inf}
+            **{k: inf[k] for k in INFERENCE_KEYS if k in inf}
         )
         graphs = _get(raw, "graphs", where)
         kind = _get(raw, "model_kind", where)

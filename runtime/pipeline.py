@@ -11,7 +11,7 @@ label map back (nearest) onto the input grid.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,8 @@ BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy shar
 class Segmenter:
     """Segments scans with one bundle on one backend; reuse it for many scans.
 
-    ``mode``, ``overlap`` and ``stride`` override the bundle's inference defaults.
+    ``mode``, ``overlap``, ``stride`` and any other :class:`InferenceSettings` field given by keyword
+    (``halo=1``) override the bundle's inference defaults.
     ``max_memory_gb`` refuses scans whose estimated working memory exceeds it before any work.
     """
 
@@ -44,6 +45,7 @@ class Segmenter:
         stride: int | None = None,
         max_memory_gb: float | None = None,
         verify: bool = True,
+        **inference: object,
     ) -> None:
         if bundle is None:
             bundle = default_bundle_path()
@@ -58,6 +60,10 @@ class Segmenter:
             settings = replace(settings, overlap=overlap)
         if stride is not None:
             settings = replace(settings, stride=stride)
+        unknown = set(inference) - {f.name for f in fields(InferenceSettings)}
+        if unknown:
+            raise ValueError(f"unknown inference settings: {', '.join(sorted(unknown))}")
+        settings = replace(settings, **inference)  # type: ignore[arg-type]
         self.settings: InferenceSettings = settings
         self.max_memory_gb = max_memory_gb
         self.backend = open_backend(self.bundle, backend)

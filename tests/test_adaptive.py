@@ -1,0 +1,101 @@
+"""Adaptive mode: owner boxes partition the volume, coarse-to-fine decoding reproduces dense decoding."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_inference import PATCH, SHAPE, index_volume, sphere_logits
+
+from imunet.runtime.adaptive import owner_boxes
+from imunet.runtime.inference import InferenceSettings, predict_labels, predict_probabilities, softmax
+
+from conftest import FakeBackend
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(16, 70)] * 3),
+    overlap=st.sampled_from([0.0, 0.1, 0.3, 0.5]),
+    stride=st.sampled_from([1, 2, 4, 8]),
+)
+def test_owner_boxes_partition_the_volume_and_fit_their_windows(shape, overlap, stride):
+    patch = (16, 16, 12)
+    shape = tuple(max(s, p) for s, p in zip(shape, patch))
+    if stride > 4:
+        with pytest.raises(ValueError, match="too small"):
+            owner_boxes(shape, (8, 8, 8), overlap, stride)
+    boxes = owner_boxes(shape, patch, overlap, min(stride, 4))
+    hits = np.zeros(shape, np.int32)
+    for b in boxes:
+        hits[tuple(slice(a, a + n) for a, n in zip(b.start, b.size))] += 1
+        for a, n, w, p, length in zip(b.start, b.size, b.window, patch, shape):
+            assert a % min(stride, 4) == 0  # aligned to the global lattice
+            assert 0 <= w and w + p <= length  # the window lies in the volume
+            assert w <= a and min(a + n, length - 1) <= w + p - 1  # box and its far lattice face in the window
+    assert (hits == 1).all()  # every voxel in exactly one box
+
+
+def test_owner_boxes_need_fewer_windows_at_lower_overlap():
+    counts = [len(owner_boxes((200, 300, 300), (40, 56, 40), o, 4)) for o in (0.3, 0.15, 0.0)]
+    assert counts[0] > counts[1] > counts[2]
+
+
+def test_adaptive_at_stride_1_decodes_every_voxel_once_and_exactly():
+    fn = sphere_logits()
+    s = InferenceSettings(mode="adaptive", stride=1, smoothing=1)
+    probs, stats = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, s)
+    expected = softmax(fn(index_volume().ravel())).T.reshape(3, *SHAPE)
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    assert stats.points_per_voxel < 1.25  # once per voxel, plus the shared far faces of the boxes
+
+
+@pytest.mark.parametrize("stride", [2, 4, 8])
+def test_coarse_to_fine_matches_dense_and_decodes_far_fewer_points(stride):
+    fn = sphere_logits()
+    dense, s_dense = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="dense"))
+    patch = (16, 20, 20) if stride == 8 else PATCH
+    s = InferenceSettings(mode="adaptive", stride=stride)
+    adaptive, s_ad = predict_labels(index_volume(), FakeBackend(fn), patch, s)
+    exact = fn(index_volume().ravel()).argmax(1).reshape(SHAPE)
+    assert (adaptive == dense).mean() >= 0.999
+    raw = InferenceSettings(mode="adaptive", stride=stride, smoothing=1)
+    unsmoothed, _ = predict_labels(index_volume(), FakeBackend(fn), patch, raw)
+    assert (unsmoothed == exact).mean() >= 0.9995  # only features thinner than a cell may be missed
+    assert s_ad.points_decoded < 0.3 * s_dense.points_decoded
+    assert s_ad.points_per_voxel < 0.4
+
+
+def test_halo_and_confidence_only_add_points():
+    fn = sphere_logits()
+    base = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive"))[1]
+    halo = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive", halo=1))[1]
+    assert halo.points_decoded > base.points_decoded
+
+    def soft(idx):  # same labels, but class 1 is uncertain everywhere
+        logits = fn(idx)
+        logits[:, 1] = np.where(logits[:, 1] > 0, 0.1, 0.0)
+        return logits
+
+    low = predict_labels(index_volume(), FakeBackend(soft), PATCH, InferenceSettings(mode="adaptive"))[1]
+    conf = predict_labels(index_volume(), FakeBackend(soft), PATCH, InferenceSettings(mode="adaptive", confidence=0.6))[
+        1
+    ]
+    assert conf.points_decoded > low.points_decoded
+
+
+def test_constant_windows_are_reused_with_the_exact_result():
+    volume = index_volume((40, 41, 37))
+    volume[:, :, 18:] = 7.0  # a constant slab several windows wide
+    fn = sphere_logits((40, 41, 37), (10, 20, 9), (6, 8, 5))
+    expected = softmax(fn(volume.ravel())).T.reshape(3, *volume.shape)
+    for s in (InferenceSettings(mode="adaptive", stride=1, smoothing=1), InferenceSettings(mode="dense", smoothing=1)):
+        probs, stats = predict_probabilities(volume, FakeBackend(fn), PATCH, s)
+        assert stats.windows_reused > 0
+        np.testing.assert_allclose(probs, expected, atol=1e-6)
+
+
+def test_adaptive_rejects_a_stride_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="power-of-two stride, got 3"):
+        InferenceSettings(mode="adaptive", stride=3)
+    with pytest.raises(ValueError, match="confidence in"):
+        InferenceSettings(mode="adaptive", confidence=1.0)
