@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .mesh import dilate, grid_points
+from .windows import window_starts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend
@@ -56,32 +57,61 @@ def _axis_layout(length: int, patch: int, step: int) -> list[tuple[int, int, int
     return out
 
 
+def box_step(length: int, patch: int, overlap: float, stride: int) -> int:
+    """Edge of the owner boxes along one axis: as many boxes as the blended modes have windows
+    (``window_starts``), each a multiple of ``stride`` (aligned to the global lattice) and at most
+    ``patch - 2``, so the lattice face after a box still lies inside the box's window."""
+    limit = (patch - 2) // stride * stride
+    if limit < stride:
+        raise ValueError(f"patch {patch} is too small for adaptive decoding at stride {stride}")
+    n = len(window_starts(length, patch, overlap))
+    while True:
+        per_box = -(-length // n)  # ceil(length / n)
+        step = -(-per_box // stride) * stride  # rounded up to the stride
+        if step <= limit:
+            return step
+        n += 1
+
+
 def owner_boxes(
     shape: tuple[int, int, int], patch: tuple[int, int, int], overlap: float, stride: int
 ) -> list[OwnerBox]:
-    """Partition of a volume of ``shape`` (padded to >= ``patch``) into owner boxes.
-
-    The box edge is the window advance ``patch * (1 - overlap)`` rounded down to a multiple of
-    ``stride`` (so boxes align with the global lattice), at least ``stride`` and at most
-    ``patch - 2``, so the lattice face after a box still lies inside the box's window.
-    """
+    """Partition of a volume of ``shape`` (padded to >= ``patch``) into owner boxes, each decoded
+    by the window centred on it (shifted to stay inside the volume)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     axes = []
     for length, p in zip(shape, patch):
         if length < p:
             raise ValueError(f"volume axis {length} is shorter than the patch {p}; pad first")
-        step = int(p * (1.0 - overlap)) // stride * stride
-        step = min(max(step, stride), (p - 2) // stride * stride)
-        if step < stride:
-            raise ValueError(f"patch {p} is too small for adaptive decoding at stride {stride}")
-        axes.append(_axis_layout(length, p, step))
+        axes.append(_axis_layout(length, p, box_step(length, p, overlap, stride)))
     return [
         OwnerBox((z[0], y[0], x[0]), (z[1], y[1], x[1]), (z[2], y[2], x[2]))
         for z in axes[0]
         for y in axes[1]
         for x in axes[2]
     ]
+
+
+def upsample_linear(lattice: np.ndarray) -> np.ndarray:
+    """``(K+1, K+1, K+1, C)`` lattice values to the ``(2K+1, ...)`` lattice of half the stride, by
+    (separable) linear interpolation: even points keep their values, odd points average two."""
+    out = lattice
+    for axis in range(3):
+        n = out.shape[axis]
+        shape = list(out.shape)
+        shape[axis] = 2 * n - 1
+        up = np.empty(shape, dtype=np.float32)
+        even = [slice(None)] * out.ndim
+        odd = [slice(None)] * out.ndim
+        lo = [slice(None)] * out.ndim
+        hi = [slice(None)] * out.ndim
+        even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+        lo[axis], hi[axis] = slice(0, n - 1), slice(1, n)
+        up[tuple(even)] = out
+        up[tuple(odd)] = 0.5 * (out[tuple(lo)] + out[tuple(hi)])
+        out = up
+    return out
 
 
 def _corners_disagree(lab: np.ndarray) -> np.ndarray:
@@ -128,14 +158,15 @@ def refine_box(
     stride: int,
     halo: int = 0,
     confidence: float = 0.0,
+    min_stride: int = 1,
 ) -> np.ndarray:
     """Probabilities ``(C, *box.size)`` of one owner box by coarse-to-fine decoding.
 
     ``decode(points)`` takes ``(N, 3)`` window-local voxel indices and returns ``(N, C)``
     probabilities. ``limits`` is the last valid voxel index per axis (lattice points beyond it are
     clamped). Cells are refined where their corners' labels differ, where a corner's top probability
-    is below ``confidence``, and within ``halo`` cells of those. A point that is not decoded takes
-    the probabilities of its cell's lower corner, as the paper's mesh takes its nearest mesh point's.
+    is below ``confidence``, and within ``halo`` cells of those, down to ``min_stride``. A point
+    that is not decoded gets the probabilities interpolated linearly from the coarser lattice.
     """
     a = np.asarray(box.start)
     w = np.asarray(box.window)
@@ -157,11 +188,12 @@ def refine_box(
             refine |= _any_corner(prob.max(-1) < confidence)
         if halo and refine.any():
             refine = dilate(refine, halo)
-        cz, cy, cx = (np.arange(2 * n - 1) // 2 for n in lab.shape)  # (K+1) points -> (2K+1)
-        prob = prob[cz][:, cy][:, :, cx]  # every fine point takes its cell's lower corner (exact on the coarse lattice)
+        prob = upsample_linear(prob)  # exact on the coarse lattice, interpolated between
         need = _closure_points(refine)
         need[::2, ::2, ::2] = False  # already decoded at the coarser level
         s //= 2
+        if s < min_stride:
+            continue  # below the finest decoded stride: interpolation only
         pts = np.argwhere(need)
         if len(pts):
             fine = local(s, prob.shape[:3])
@@ -206,6 +238,7 @@ def accumulate_adaptive(
                 settings.stride,
                 settings.halo,
                 settings.confidence,
+                settings.min_stride,
             )
             if key is not None and len(reuse) < 8:
                 reuse[key] = out

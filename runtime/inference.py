@@ -36,6 +36,7 @@ class InferenceSettings:
     smoothing: int = 3  # average-pool kernel on the blended probabilities; 1 = none
     halo: int = 0  # adaptive: also refine cells within this many cells of a refined one
     confidence: float = 0.0  # adaptive: also refine cells with a corner whose top probability is below this
+    min_stride: int = 1  # adaptive: finest decoded lattice; finer points are interpolated
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -48,6 +49,8 @@ class InferenceSettings:
             raise ValueError(f"band must be >= 0, got {self.band}")
         if self.mode == "adaptive" and self.stride & (self.stride - 1):
             raise ValueError(f"adaptive mode needs a power-of-two stride, got {self.stride}")
+        if self.min_stride < 1 or self.min_stride & (self.min_stride - 1):
+            raise ValueError(f"min_stride must be a power of two, got {self.min_stride}")
         if self.halo < 0 or not 0 <= self.confidence < 1:
             raise ValueError(f"need halo >= 0 and confidence in [0, 1), got {self.halo}, {self.confidence}")
 

@@ -16,7 +16,7 @@ from .errors import BundleError
 from .inference import InferenceSettings
 from .preprocess import Normalization
 
-INFERENCE_KEYS = ("mode", "overlap", "stride", "band", "sigma_scale", "smoothing", "halo", "confidence")
+INFERENCE_KEYS = ("mode", "overlap", "stride", "band", "sigma_scale", "smoothing", "halo", "confidence", "min_stride")
 
 FORMAT = "imunet-bundle"
 FORMAT_VERSION = 1

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_inference import PATCH, SHAPE, index_volume, sphere_logits
 
-from imunet.runtime.adaptive import owner_boxes
+from imunet.runtime.adaptive import owner_boxes, upsample_linear
 from imunet.runtime.inference import InferenceSettings, predict_labels, predict_probabilities, softmax
 
 from conftest import FakeBackend
@@ -99,3 +99,23 @@ def test_adaptive_rejects_a_stride_that_is_not_a_power_of_two():
         InferenceSettings(mode="adaptive", stride=3)
     with pytest.raises(ValueError, match="confidence in"):
         InferenceSettings(mode="adaptive", confidence=1.0)
+
+
+def test_linear_upsampling_is_exact_for_a_linear_field():
+    k = np.stack(np.meshgrid(np.arange(3), np.arange(4), np.arange(5), indexing="ij"), -1).astype(np.float32)
+    coarse = np.concatenate([k @ np.array([[1.0], [2.0], [-3.0]], np.float32), k[..., :1] * 0 + 1], -1)
+    fine = upsample_linear(coarse)
+    assert fine.shape == (5, 7, 9, 2)
+    z, y, x = np.meshgrid(np.arange(5), np.arange(7), np.arange(9), indexing="ij")
+    np.testing.assert_allclose(fine[..., 0], (z + 2 * y - 3 * x) / 2.0, atol=1e-6)
+    assert (fine[..., 1] == 1).all()
+
+
+def test_min_stride_decodes_fewer_points():
+    fn = sphere_logits()
+    full = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive"))
+    coarse = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive", min_stride=2))
+    assert coarse[1].points_decoded < 0.6 * full[1].points_decoded
+    assert (coarse[0] == full[0]).mean() > 0.95  # step-function logits: interpolation blurs edges
+    with pytest.raises(ValueError, match="min_stride must be a power of two"):
+        InferenceSettings(mode="adaptive", min_stride=3)

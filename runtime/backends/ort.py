@@ -55,6 +55,11 @@ class OrtBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if self.manifest.kind == "implicit":
+            # Encoder and decoder sessions alternate many times per window; each session's idle threads
+            # would spin-wait and take the cores from the other (measured: adaptive mode 1.6x faster
+            # on 2 cores with spinning off, see docs/BENCHMARKS.md).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = list(PROVIDERS[kind])
         if kind == "ort-trt":
             # outside the bundle: it may be read-only, and its manifest covers its own files only
