@@ -20,6 +20,7 @@ from imunet.runtime.inference import InferenceSettings
 from imunet.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
 
 from .onnx import DEFAULT_OPSET, export_dense, export_implicit, unsupported_by_tensorrt, verify_parity
+from .quantize import int8_parity, quantize_decoder
 from .wrappers import feature_names
 
 PARITY_TOLERANCE = 1e-4
@@ -136,7 +137,7 @@ def build_manifest(
         "graphs": graph_info,
         "opset": opset,
         "inference": {
-            "mode": "sparse" if m.kind == "implicit" else "dense",
+            "mode": "adaptive" if m.kind == "implicit" else "dense",
             "overlap": inference.overlap,
             "stride": inference.stride,
             "band": inference.band,
@@ -173,8 +174,11 @@ def write_bundle(
     max_points: int = 65536,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    int8: bool = True,
 ) -> Path:
-    """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place)."""
+    """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place).
+
+    ``int8`` adds an int8 decoder variant for onnxruntime on CPUs (implicit bundles only)."""
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: exists; pass --overwrite to replace it")
     cfg, stats, model = load_run(run_dir)
@@ -201,6 +205,23 @@ def write_bundle(
             raise BundleError(f"graphs use operators TensorRT cannot parse: {bad}")
         manifest = build_manifest(cfg, stats, graphs, {"onnx": parity}, max_points, opset, run_dir)
         manifest["tensorrt_ops_checked"] = True
+        if int8 and cfg.model.kind == "implicit":
+            q = quantize_decoder(graphs["decoder"], tmp / "decoder_int8.onnx")
+            check = int8_parity(graphs["encoder"], graphs["decoder"], q, cfg.model.patch_size)
+            log(
+                f"int8 decoder: max logit difference {check['max_abs_logit_diff']:.3f}, "
+                f"argmax agreement {check['argmax_agreement']:.4f}"
+            )
+            manifest["variants"] = {
+                "decoder_int8": {
+                    "file": q.name,
+                    "replaces": "decoder",
+                    "precision": "int8",
+                    "backend": "ort-cpu",
+                    "quantization": "onnxruntime dynamic: int8 weights per output channel, uint8 activations",
+                    "parity": check,
+                }
+            }
         finalize_manifest(tmp, manifest)
         if out.exists():
             shutil.rmtree(out)

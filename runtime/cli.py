@@ -49,6 +49,7 @@ def run(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Bundle directory (default: the shipped model)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (one scan) or folder (default: .)."),
     backend: str = typer.Option("auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt"),
+    precision: str = typer.Option("auto", help="Decoder on onnxruntime: auto (int8 on CPU if shipped) | fp32 | int8."),
     mode: Optional[str] = typer.Option(None, help="adaptive | sparse | dense (implicit bundles only)."),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap in [0, 1)."),
     stride: Optional[int] = typer.Option(None, help="Broad-mesh stride in voxels."),
@@ -71,14 +72,24 @@ def run(
     if many and out is not None and image_suffix(out):
         _fail(f"--out {out} names a file but {len(scans)} scans were given; pass a folder")
     try:
-        seg = Segmenter(model, backend=backend, mode=mode, overlap=overlap, stride=stride, max_memory_gb=max_memory)
+        seg = Segmenter(
+            model,
+            backend=backend,
+            mode=mode,
+            overlap=overlap,
+            stride=stride,
+            max_memory_gb=max_memory,
+            precision=precision,
+        )
     except (ImunetError, ValueError) as exc:
         _fail(str(exc))
     if not quiet:
         m = seg.bundle.manifest
         typer.echo(
             f"model {seg.bundle.path.name} ({m.kind}, labels {', '.join(list(m.labels.values())[1:])}); "
-            f"backend {seg.backend_name}; mode {seg.settings.mode if m.kind == 'implicit' else 'dense-model'}"
+            f"backend {seg.backend_name}"
+            f"{' (int8 decoder)' if getattr(seg.backend, 'precision', '') == 'int8' else ''}; "
+            f"mode {seg.settings.mode if m.kind == 'implicit' else 'dense-model'}"
         )
     report, failed = [], []
     for i, scan in enumerate(scans):

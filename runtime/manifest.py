@@ -111,6 +111,11 @@ class Bundle:
             raise BundleError(f"{self.path}: bundle has no '{name}' graph (it has {', '.join(graphs)})")
         return self.path / graphs[name]["file"]
 
+    def variant(self, name: str) -> Path | None:
+        """Path of the optional graph variant ``name`` (e.g. "decoder_int8"), or None."""
+        entry = self.manifest.raw.get("variants", {}).get(name)
+        return None if entry is None else self.path / entry["file"]
+
 
 def verify_files(path: Path, files: dict[str, str]) -> None:
     """Check that every listed file exists and has the recorded sha256."""
@@ -140,7 +145,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     files = raw.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path}: manifest lists no files with their sha256")
-    for g in raw["graphs"].values():
+    for g in [*raw["graphs"].values(), *raw.get("variants", {}).values()]:
         if g.get("file") not in files:
             raise BundleError(f"{path}: graph file {g.get('file')} is not covered by the manifest's sha256 list")
     if verify:

@@ -32,7 +32,8 @@ class Segmenter:
     """Segments scans with one bundle on one backend; reuse it for many scans.
 
     ``mode``, ``overlap``, ``stride`` and any other :class:`InferenceSettings` field given by keyword
-    (``halo=1``) override the bundle's inference defaults.
+    (``halo=1``) override the bundle's inference defaults. ``precision`` picks the decoder graph on
+    onnxruntime: ``auto`` (the int8 decoder on the CPU where the bundle has one), ``fp32`` or ``int8``.
     ``max_memory_gb`` refuses scans whose estimated working memory exceeds it before any work.
     """
 
@@ -45,6 +46,7 @@ class Segmenter:
         stride: int | None = None,
         max_memory_gb: float | None = None,
         verify: bool = True,
+        precision: str = "auto",
         **inference: object,
     ) -> None:
         if bundle is None:
@@ -66,7 +68,7 @@ class Segmenter:
         settings = replace(settings, **inference)  # type: ignore[arg-type]
         self.settings: InferenceSettings = settings
         self.max_memory_gb = max_memory_gb
-        self.backend = open_backend(self.bundle, backend)
+        self.backend = open_backend(self.bundle, backend, precision)
         self.last_stats: dict = {}
 
     @property
@@ -117,6 +119,7 @@ class Segmenter:
             "preprocess_s": round(t1 - t0, 4),
             "resample_back_s": round(t3 - t2, 4),
             "backend": self.backend.name,
+            "decoder_precision": getattr(self.backend, "precision", "fp32") if m.kind == "implicit" else None,
             "mode": self.settings.mode if m.kind == "implicit" else "dense-model",
             "volumes_ml": {m.labels[k]: round(float(counts[k]) * voxel_ml, 3) for k in range(1, m.num_classes)},
         }

@@ -28,8 +28,10 @@ def test_implicit_bundle_records_parity_below_1e4(bundle_dir):
     assert set(diffs) == {"encoder", "decoder"}
     assert max(diffs.values()) < 1e-4 and m["parity"]["onnx"]["passed"] is True
     assert m["model_kind"] == "implicit" and m["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
-    assert set(m["files"]) == {"encoder.onnx", "decoder.onnx"}
+    assert set(m["files"]) == {"encoder.onnx", "decoder.onnx", "decoder_int8.onnx"}
     assert m["graphs"]["decoder"]["inputs"]["points"] == ["N", 3]
+    int8 = m["variants"]["decoder_int8"]
+    assert int8["replaces"] == "decoder" and int8["parity"]["argmax_agreement"] >= 0.99
     assert m["provenance"]["versions"]["torch"]
 
 
@@ -220,3 +222,29 @@ def test_engines_for_another_gpu_tensorrt_or_graph_are_refused(bundle_dir):
     m["files"]["decoder.onnx"] = "0" * 64  # the graph changed since the engine was built
     with pytest.raises(BackendError, match="built from other graphs than the bundle's"):
         select_engine(m, h100, "10.3.0")
+
+
+def test_int8_decoder_is_used_on_the_cpu_and_agrees_with_fp32(bundle_dir, phantom_dir):
+    import SimpleITK as sitk
+
+    from imunet.runtime import Segmenter
+    from imunet.runtime.io import read_image
+
+    image = read_image(phantom_dir / "imagesTr" / "phantom_002_0000.nii.gz")
+    fp32 = Segmenter(bundle_dir, backend="ort-cpu", precision="fp32", mode="dense")
+    int8 = Segmenter(bundle_dir, backend="ort-cpu", mode="dense")  # auto: int8 on the CPU
+    assert fp32.backend.precision == "fp32" and int8.backend.precision == "int8"
+    a = sitk.GetArrayFromImage(fp32.predict(image))
+    b = sitk.GetArrayFromImage(int8.predict(image))
+    assert (a == b).mean() >= 0.995
+    assert int8.last_stats["decoder_precision"] == "int8"
+
+
+def test_int8_is_refused_where_it_cannot_run(unet_bundle_dir, bundle_dir, tmp_path):
+    from imunet.runtime.backends import open_backend
+    from imunet.runtime.manifest import load_bundle
+
+    with pytest.raises(BackendError, match="no int8 decoder"):
+        open_backend(load_bundle(unet_bundle_dir), "ort-cpu", "int8")
+    with pytest.raises(BackendError, match="unknown precision"):
+        open_backend(load_bundle(bundle_dir), "ort-cpu", "int4")

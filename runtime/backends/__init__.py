@@ -15,8 +15,11 @@ KINDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 __all__ = ["Backend", "KINDS", "open_backend"]
 
 
-def open_backend(bundle: Bundle, kind: str = "auto") -> Backend:
-    """The backend ``kind`` for ``bundle``; ``auto`` tries TensorRT, then CUDA, then the CPU."""
+def open_backend(bundle: Bundle, kind: str = "auto", precision: str = "auto") -> Backend:
+    """The backend ``kind`` for ``bundle``; ``auto`` tries TensorRT, then CUDA, then the CPU.
+
+    ``precision`` (onnxruntime only): ``auto`` runs the bundle's int8 decoder on the CPU where it has
+    one; ``fp32`` never does; ``int8`` insists (CPU only)."""
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
     if kind == "tensorrt":
@@ -26,7 +29,7 @@ def open_backend(bundle: Bundle, kind: str = "auto") -> Backend:
     if kind != "auto":
         from .ort import OrtBackend
 
-        return OrtBackend(bundle, kind)
+        return OrtBackend(bundle, kind, precision=precision)
     from .ort import OrtBackend, available_providers
 
     providers = available_providers()
@@ -39,7 +42,7 @@ def open_backend(bundle: Bundle, kind: str = "auto") -> Backend:
             pass  # no usable engine here: fall through to onnxruntime
     if "CUDAExecutionProvider" in providers:
         try:
-            return OrtBackend(bundle, "ort-cuda")
+            return OrtBackend(bundle, "ort-cuda", precision="fp32" if precision == "auto" else precision)
         except ImunetError:
             pass
-    return OrtBackend(bundle, "ort-cpu")
+    return OrtBackend(bundle, "ort-cpu", precision=precision)

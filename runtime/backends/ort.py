@@ -31,10 +31,13 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+PRECISIONS = ("auto", "fp32", "int8")
+
+
 class OrtBackend:
     """Runs a bundle's graphs with onnxruntime on the execution provider ``kind`` names."""
 
-    def __init__(self, bundle: Bundle, kind: str = "ort-cpu", threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle, kind: str = "ort-cpu", threads: int = 0, precision: str = "auto") -> None:
         import onnxruntime as ort
 
         if kind not in PROVIDERS:
@@ -82,14 +85,31 @@ class OrtBackend:
                     "trt_timing_cache_enable": True,
                 },
             )
+        self.precision = self._decoder_precision(precision)
         self.sessions = {}
         for graph in bundle.manifest.raw["graphs"]:
+            path = bundle.graph(graph)
+            if graph == "decoder" and self.precision == "int8":
+                path = bundle.variant("decoder_int8")  # type: ignore[assignment]
             try:
-                self.sessions[graph] = ort.InferenceSession(str(bundle.graph(graph)), opts, providers=providers)
+                self.sessions[graph] = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise BackendError(f"{bundle.path}: onnxruntime cannot load {graph} graph: {exc}") from None
         self._check_classes()
         self._ort = ort
+
+    def _decoder_precision(self, precision: str) -> str:
+        """``auto``: the int8 decoder on the CPU where the bundle has one, fp32 otherwise."""
+        if precision not in PRECISIONS:
+            raise BackendError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        has_int8 = self.bundle.variant("decoder_int8") is not None
+        if precision == "auto":
+            return "int8" if has_int8 and self.name == "ort-cpu" else "fp32"
+        if precision == "int8" and not has_int8:
+            raise BackendError(f"{self.bundle.path}: bundle has no int8 decoder (re-export it with imunet-export)")
+        if precision == "int8" and self.name != "ort-cpu":
+            raise BackendError("the int8 decoder is for --backend ort-cpu; GPUs run fp32 or TensorRT fp16")
+        return precision
 
     def _check_classes(self) -> None:
         graph = "decoder" if "decoder" in self.sessions else "model"
