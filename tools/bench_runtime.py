@@ -1,4 +1,4 @@
-"""Runtime cost: sparse against dense mode, the implicit bundle against the U-Net bundle, same scans.
+"""Runtime cost: adaptive, sparse and dense mode, the implicit bundle against the U-Net bundle, same scans.
 
 Configurations are run in turn within each repetition (so drift hits all alike); the report gives
 the median whole-scan seconds, points decoded per voxel, the share of wall time spent outside the
@@ -59,8 +59,10 @@ def main() -> None:
 
     images = [mosaic(args.scans, args.mosaic)] if args.mosaic else [read_image(p) for p in args.scans]
     configs = {
-        "implicit-sparse": Segmenter(args.implicit, args.backend, mode="sparse"),
-        "implicit-dense": Segmenter(args.implicit, args.backend, mode="dense"),
+        "implicit-adaptive": Segmenter(args.implicit, args.backend, mode="adaptive"),
+        "implicit-adaptive-fp32": Segmenter(args.implicit, args.backend, mode="adaptive", precision="fp32"),
+        "implicit-sparse": Segmenter(args.implicit, args.backend, mode="sparse", precision="fp32"),
+        "implicit-dense": Segmenter(args.implicit, args.backend, mode="dense", precision="fp32"),
     }
     if args.unet:
         configs["unet"] = Segmenter(args.unet, args.backend)
@@ -68,6 +70,8 @@ def main() -> None:
     inside: dict[str, list[float]] = {k: [] for k in configs}
     ppv: dict[str, list[float]] = {k: [] for k in configs}
     labels: dict[str, list[np.ndarray]] = {k: [] for k in configs}
+    for seg in configs.values():
+        seg.predict(images[0])  # warm-up, not timed
     for rep in range(args.repeats):
         for name, seg in configs.items():
             for img in images:
@@ -98,9 +102,11 @@ def main() -> None:
             ),
         }
     med = {k: v["median_wall_s"] for k, v in report.items()}
-    report["ratios"] = {"sparse_over_dense": round(med["implicit-sparse"] / med["implicit-dense"], 3)}
+    report["ratios"] = {
+        f"{k}_over_dense": round(v / med["implicit-dense"], 3) for k, v in med.items() if k.startswith("implicit")
+    }
     if args.unet:
-        report["ratios"]["implicit_sparse_over_unet"] = round(med["implicit-sparse"] / med["unet"], 3)
+        report["ratios"].update({f"{k}_over_unet": round(v / med["unet"], 3) for k, v in med.items() if k != "unet"})
     report["setup"] = {
         "volumes": [list(i.GetSize()) for i in images],
         "repeats": args.repeats,

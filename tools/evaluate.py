@@ -44,8 +44,9 @@ def evaluate(
     backend: str = "ort-cpu",
     mode: str | None = None,
     only: set[str] | None = None,
+    precision: str = "auto",
 ) -> dict:
-    seg = Segmenter(model, backend=backend, mode=mode)
+    seg = Segmenter(model, backend=backend, mode=mode, precision=precision)
     names = seg.bundle.manifest.labels
     per_case, seconds = {}, []
     for case, img_path, lbl_path in pair_cases(images, labels, only):
@@ -77,6 +78,7 @@ def evaluate(
         "model": str(model),
         "backend": seg.backend_name,
         "mode": mode_used,
+        "precision": getattr(seg.backend, "precision", "fp32"),
         "cases": len(per_case),
         "median_s_per_scan": statistics.median(seconds),
         "labels": summary,
@@ -92,6 +94,7 @@ def main() -> None:
     ap.add_argument("--cases", type=str, default=None, help="comma-separated case names, or @split.json:val")
     ap.add_argument("--backend", default="ort-cpu")
     ap.add_argument("--mode", default=None)
+    ap.add_argument("--precision", default="auto", help="auto | fp32 | int8 (the implicit decoder on onnxruntime)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     only = None
@@ -101,9 +104,9 @@ def main() -> None:
             only = set(json.loads(Path(path).read_text())[key or "val"])
         else:
             only = set(a.cases.split(","))
-    res = evaluate(a.model, a.images, a.labels, a.backend, a.mode, only)
+    res = evaluate(a.model, a.images, a.labels, a.backend, a.mode, only, a.precision)
     print(
-        f"{res['model']}: {res['cases']} cases, backend {res['backend']}, mode {res['mode']}, "
+        f"{res['model']}: {res['cases']} cases, backend {res['backend']}, mode {res['mode']} ({res['precision']}), "
         f"median {res['median_s_per_scan']:.3f} s per scan"
     )
     for name, s in res["labels"].items():

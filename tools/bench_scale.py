@@ -1,0 +1,157 @@
+"""Whole-scan cost at CT scale: the implicit bundle (each mode) against the U-Net bundle, same runtime.
+
+For each volume size a phantom with ground truth is built from held-out hippocampus crops
+(``tools/ct_phantom.py``). Every (configuration, repeat) runs in a fresh process, so the peak
+resident memory is that configuration's alone; configurations run in turn within each repeat, so
+drift hits all alike. Reported per configuration: median seconds of ``Segmenter.predict`` (after a
+warm-up call), peak RSS of the process, points decoded per voxel, windows, Dice against the truth and
+against the implicit bundle's dense mode.
+
+    python tools/bench_scale.py --implicit runtime/default/hippocampus.imunet --unet runs/hu1200.imunet \\
+        --size 64 256 256 --repeats 3 --json docs/results/scale_64x256x256.json
+
+``--dense-max-voxels`` caps the size at which the (slow) dense mode runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+CONFIGS = {
+    "unet": ("unet", {}),
+    "implicit-adaptive": ("implicit", {}),  # the bundle's defaults: adaptive, int8 decoder on the CPU
+    "implicit-adaptive-fp32": ("implicit", {"precision": "fp32"}),
+    "implicit-sparse": ("implicit", {"mode": "sparse", "precision": "fp32"}),  # the paper's loop
+    "implicit-dense": ("implicit", {"mode": "dense", "precision": "fp32"}),
+}
+
+
+def child(bundle: str, options: str, image: str, out: str) -> None:
+    """One timed prediction in this process; prints a JSON line and saves the labels to ``out``."""
+    from imunet.runtime import Segmenter
+    from imunet.runtime.io import read_image
+
+    seg = Segmenter(bundle, backend="ort-cpu", **json.loads(options))
+    patch = seg.bundle.manifest.patch_size
+    seg.predict_array(np.random.default_rng(0).normal(size=patch).astype(np.float32))  # warm-up
+    img = read_image(Path(image))
+    t = time.perf_counter()
+    labels = seg.predict(img)
+    wall = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    np.save(out, sitk.GetArrayViewFromImage(labels))
+    s = seg.last_stats
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "peak_rss_gib": rss,
+                "points_per_voxel": s["points_per_voxel"],
+                "windows": s["windows"],
+                "encode_s": s["encode_s"],
+                "decode_s": s["decode_s"],
+            }
+        )
+    )
+
+
+def dice(a: np.ndarray, b: np.ndarray, c: int) -> float:
+    x, y = a == c, b == c
+    denom = int(x.sum()) + int(y.sum())
+    return 1.0 if denom == 0 else 2.0 * float(np.logical_and(x, y).sum()) / denom
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--implicit", type=Path, required=True)
+    ap.add_argument("--unet", type=Path, required=True)
+    ap.add_argument("--size", type=int, nargs=3, required=True, metavar=("Z", "Y", "X"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--dense-max-voxels", type=float, default=6e7)
+    ap.add_argument("--dense-repeats", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ct_phantom import DATA, build, case_names, load_crops
+
+    size = tuple(args.size)
+    split = Path(__file__).resolve().parents[1] / "docs" / "results" / "hippocampus_split.json"
+    image, truth = build(size, load_crops(DATA, case_names(f"@{split}:val")))
+    work = Path(tempfile.mkdtemp(prefix="imunet-scale-"))
+    path = work / "phantom.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
+    del image
+    configs = [c for c in args.configs if c != "implicit-dense" or np.prod(size) <= args.dense_max_voxels]
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for rep in range(args.repeats):
+        for name in configs:
+            if name == "implicit-dense" and rep >= args.dense_repeats:
+                continue
+            kind, options = CONFIGS[name]
+            bundle = args.implicit if kind == "implicit" else args.unet
+            out = work / f"{name}.npy"
+            cmd = [sys.executable, __file__, "--child", str(bundle), json.dumps(options), str(path), str(out)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(f"{name:24s} rep {rep}: {runs[name][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
+    labels = {c: np.load(work / f"{c}.npy") for c in configs}
+    dense = labels.get("implicit-dense")
+    report: dict = {}
+    for name in configs:
+        r = runs[name]
+        gt = [dice(labels[name], truth, c) for c in (1, 2)]
+        entry = {
+            "median_wall_s": round(statistics.median(x["wall_s"] for x in r), 3),
+            "walls_s": [round(x["wall_s"], 3) for x in r],
+            "peak_rss_gib": round(max(x["peak_rss_gib"] for x in r), 3),
+            "points_per_voxel": round(r[0]["points_per_voxel"], 4),
+            "windows": r[0]["windows"],
+            "encode_s": round(statistics.median(x["encode_s"] for x in r), 3),
+            "decode_s": round(statistics.median(x["decode_s"] for x in r), 3),
+            "dice_vs_truth": [round(d, 4) for d in gt],
+            "mean_dice_vs_truth": round(float(np.mean(gt)), 4),
+        }
+        if dense is not None:
+            vs_dense = [dice(labels[name], dense, c) for c in (1, 2)]
+            entry["mean_dice_vs_implicit_dense"] = round(float(np.mean(vs_dense)), 4)
+        report[name] = entry
+    med = {k: v["median_wall_s"] for k, v in report.items()}
+    report["ratios"] = {f"{k}_over_unet": round(v / med["unet"], 3) for k, v in med.items() if k != "unet"}
+    report["setup"] = {
+        "size_zyx": list(size),
+        "voxels": int(np.prod(size)),
+        "foreground_fraction": round(float((truth > 0).mean()), 4),
+        "repeats": args.repeats,
+        "backend": "ort-cpu",
+        "machine": platform.machine(),
+        "command": " ".join(sys.argv),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    for p in work.iterdir():
+        p.unlink()
+    work.rmdir()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        child(*sys.argv[2:])
+    else:
+        main()
