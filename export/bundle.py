@@ -137,7 +137,7 @@ def build_manifest(
         "graphs": graph_info,
         "opset": opset,
         "inference": {
-            "mode": "adaptive" if m.kind == "implicit" else "dense",
+            "mode": inference.mode if m.kind == "implicit" else "dense",
             "overlap": inference.overlap,
             "stride": inference.stride,
             "band": inference.band,

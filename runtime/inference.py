@@ -28,7 +28,7 @@ MODES = ("sparse", "dense", "adaptive")
 class InferenceSettings:
     """Knobs of the loop; defaults come from the bundle manifest."""
 
-    mode: str = "sparse"  # "sparse": mesh + boundary band; "dense": every voxel; "adaptive": see .adaptive
+    mode: str = "adaptive"  # see .adaptive; "sparse": the paper's mesh + band, blended; "dense": every voxel
     overlap: float = 0.3
     stride: int = 4  # broad-mesh spacing, voxels
     band: int = 2  # half-width (voxels) of the refined band around the broad boundary
