@@ -33,3 +33,31 @@ def test_hd95_on_known_shapes():
     assert hd95(a, b, 1, (1.0, 1.0, 1.0)) == 2.0
     assert hd95(a, b, 1, (1.0, 1.0, 3.0)) == 6.0  # spacing (z, y, x): x is 3 mm
     assert np.isnan(hd95(a, np.zeros_like(a), 1, (1.0, 1.0, 1.0)))
+
+
+def test_ct_phantom_keeps_labels_on_their_crops_and_fills_the_volume():
+    from ct_phantom import build
+
+    rng = np.random.default_rng(3)
+    crops = []
+    for shape in [(9, 12, 10), (7, 10, 13), (11, 8, 9)]:
+        img = rng.normal(size=shape).astype(np.float32)
+        crops.append((img, (img > 0.8).astype(np.uint8) + (img > 1.6).astype(np.uint8)))
+    image, label = build((30, 41, 37), crops, seed=1)
+    assert image.shape == label.shape == (30, 41, 37)
+    np.testing.assert_array_equal(label, (image > 0.8).astype(np.uint8) + (image > 1.6).astype(np.uint8))
+    assert (image != 0).mean() > 0.4  # packed (these crops are tiny next to the 2-voxel gaps)
+    again, _ = build((30, 41, 37), crops, seed=1)
+    np.testing.assert_array_equal(image, again)
+
+
+def test_table1_ratios_come_from_the_inputs():
+    from table1 import rows
+
+    ev = lambda d, s: {"labels": {"a": {"dice_mean": d}, "b": {"dice_mean": d - 0.1}}, "median_s_per_scan": s}  # noqa: E731
+    train = {"implicit": {"median_step_s": 0.6, "peak_mb": 700.0}, "unet": {"median_step_s": 1.0, "peak_mb": 1000.0}}
+    table = {name: (a, b) for name, a, b, _ in rows(ev(0.9, 0.07), ev(0.8, 0.1), train)}
+    assert np.isclose(table["mean validation Dice"][0], 0.85) and np.isclose(table["mean validation Dice"][1], 0.75)
+    assert table["inference, s per scan (median)"] == (0.07, 0.1)
+    assert table["training, s per 100 steps"] == (60.0, 100.0)
+    assert table["peak training memory, MB"] == (700.0, 1000.0)
