@@ -190,7 +190,8 @@ def predict_probabilities(
     dense_model: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, InferenceStats]:
-    """Blended, smoothed class probabilities ``(C, Z, Y, X)`` of a normalised ``(Z, Y, X)`` volume.
+    """Smoothed class probabilities ``(C, Z, Y, X)`` of a normalised ``(Z, Y, X)`` volume (blended across
+    windows, or decoded once per voxel in adaptive mode).
 
     ``dense_model`` selects the backend's ``predict_dense`` (U-Net bundles); otherwise the implicit
     loop runs in ``settings.mode``. ``progress(done, total)`` is called after every window.
