@@ -37,7 +37,9 @@ PRECISIONS = ("auto", "fp32", "int8")
 class OrtBackend:
     """Runs a bundle's graphs with onnxruntime on the execution provider ``kind`` names."""
 
-    def __init__(self, bundle: Bundle, kind: str = "ort-cpu", threads: int = 0, precision: str = "auto") -> None:
+    def __init__(
+        self, bundle: Bundle, kind: str = "ort-cpu", threads: int = 0, precision: str = "auto", spin: bool | None = None
+    ) -> None:
         import onnxruntime as ort
 
         if kind not in PROVIDERS:
@@ -58,11 +60,11 @@ class OrtBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        if self.manifest.kind == "implicit":
+        if spin is None:
             # Encoder and decoder sessions alternate many times per window; each session's idle threads
-            # would spin-wait and take the cores from the other (measured: adaptive mode 1.6x faster
-            # on 2 cores with spinning off, see docs/BENCHMARKS.md).
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # would spin-wait and take the cores from the other (tools/bench_spinning.py, BENCHMARKS.md).
+            spin = self.manifest.kind != "implicit"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         providers: list[Any] = list(PROVIDERS[kind])
         if kind == "ort-trt":
             # outside the bundle: it may be read-only, and its manifest covers its own files only
