@@ -45,8 +45,9 @@ def evaluate(
     mode: str | None = None,
     only: set[str] | None = None,
     precision: str = "auto",
+    settings: dict | None = None,
 ) -> dict:
-    seg = Segmenter(model, backend=backend, mode=mode, precision=precision)
+    seg = Segmenter(model, backend=backend, mode=mode, precision=precision, **(settings or {}))
     names = seg.bundle.manifest.labels
     per_case, seconds = {}, []
     for case, img_path, lbl_path in pair_cases(images, labels, only):
@@ -79,6 +80,7 @@ def evaluate(
         "backend": seg.backend_name,
         "mode": mode_used,
         "precision": getattr(seg.backend, "precision", "fp32"),
+        "settings": settings or {},
         "cases": len(per_case),
         "median_s_per_scan": statistics.median(seconds),
         "labels": summary,
@@ -95,8 +97,12 @@ def main() -> None:
     ap.add_argument("--backend", default="ort-cpu")
     ap.add_argument("--mode", default=None)
     ap.add_argument("--precision", default="auto", help="auto | fp32 | int8 (the implicit decoder on onnxruntime)")
+    ap.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="inference settings, e.g. stride=8 halo=1"
+    )
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    settings = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     only = None
     if a.cases:
         if a.cases.startswith("@"):
@@ -104,9 +110,10 @@ def main() -> None:
             only = set(json.loads(Path(path).read_text())[key or "val"])
         else:
             only = set(a.cases.split(","))
-    res = evaluate(a.model, a.images, a.labels, a.backend, a.mode, only, a.precision)
+    res = evaluate(a.model, a.images, a.labels, a.backend, a.mode, only, a.precision, settings)
     print(
-        f"{res['model']}: {res['cases']} cases, backend {res['backend']}, mode {res['mode']} ({res['precision']}), "
+        f"{res['model']}: {res['cases']} cases, backend {res['backend']}, mode {res['mode']} ({res['precision']}) "
+        f"{' '.join(a.set)}, "
         f"median {res['median_s_per_scan']:.3f} s per scan"
     )
     for name, s in res["labels"].items():
