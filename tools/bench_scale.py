@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from imunet.runtime.metrics import dice
+
 CONFIGS = {
     "unet": ("unet", {}),
     "implicit-adaptive": ("implicit", {}),  # the bundle's defaults: adaptive, int8 decoder on the CPU
@@ -67,12 +69,6 @@ def child(bundle: str, options: str, image: str, out: str) -> None:
             }
         )
     )
-
-
-def dice(a: np.ndarray, b: np.ndarray, c: int) -> float:
-    x, y = a == c, b == c
-    denom = int(x.sum()) + int(y.sum())
-    return 1.0 if denom == 0 else 2.0 * float(np.logical_and(x, y).sum()) / denom
 
 
 def main() -> None:
