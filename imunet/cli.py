@@ -55,6 +55,11 @@ def train(
     lr_schedule: str = typer.Option("constant", help="constant | poly"),
     checkpoint_every: int = typer.Option(100, help="Save a checkpoint every N steps."),
     cache: Optional[Path] = typer.Option(None, help="Folder for preprocessed arrays (default RUN/preprocessed)."),
+    init: Optional[Path] = typer.Option(
+        None,
+        help="Fine-tune: start from this run's (or checkpoint's) weights; its model configuration "
+        "(patch, channels, decoder) replaces the model options.",
+    ),
 ) -> None:
     from .config import ModelConfig, RunConfig, TrainConfig
     from .data import read_dataset
@@ -66,7 +71,8 @@ def train(
             from .data import auto_patch_size
 
             patch = auto_patch_size(info)
-            typer.echo(f"patch size {patch[0]} {patch[1]} {patch[2]} (median case shape; set --patch to change)")
+            if init is None:
+                typer.echo(f"patch size {patch[0]} {patch[1]} {patch[2]} (median case shape; set --patch to change)")
         if points is None:
             points = int(min(30000, 0.05 * patch[0] * patch[1] * patch[2]))
         mcfg = ModelConfig(
@@ -97,7 +103,7 @@ def train(
         from .train import pick_device
         from .train import train as run_training
 
-        metrics = run_training(dataset, out, RunConfig(mcfg, tcfg), pick_device(device), resume, cache)
+        metrics = run_training(dataset, out, RunConfig(mcfg, tcfg), pick_device(device), resume, cache, init=init)
     except (ValueError, OSError) as exc:
         typer.echo(f"imunet-train: error: {exc}", err=True)
         raise typer.Exit(2) from None

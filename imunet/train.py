@@ -7,6 +7,7 @@ CPU, NCCL on CUDA). Every rank samples its own patches; rank 0 logs, validates a
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -189,6 +190,32 @@ def _lr(cfg: RunConfig, step: int) -> float:
     return t.lr
 
 
+def init_weights(source: Path, cfg: RunConfig) -> tuple[RunConfig, dict[str, torch.Tensor], str]:
+    """Model weights to start from (fine-tuning): ``source`` is a run folder or its ``checkpoint.pt``.
+
+    Returns ``cfg`` with the source run's model configuration (so the weights fit), the weights and
+    their SHA-256. A source whose class count differs from ``cfg``'s is refused.
+    """
+    ckpt = source / CHECKPOINT if source.is_dir() else source
+    if not ckpt.is_file():
+        raise ValueError(f"--init: no checkpoint at {ckpt}")
+    conf = ckpt.parent / "config.json"
+    if not conf.is_file():
+        raise ValueError(f"--init: {conf} is missing; the run's model configuration is needed")
+    model_cfg = RunConfig.load(conf).model
+    if model_cfg.num_classes != cfg.model.num_classes:
+        raise ValueError(
+            f"--init: {ckpt} has {model_cfg.num_classes} classes (background included), "
+            f"this dataset {cfg.model.num_classes}"
+        )
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    except (RuntimeError, KeyError, EOFError) as exc:
+        raise ValueError(f"--init: {ckpt} is not an imunet checkpoint ({exc})") from None
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    return replace(cfg, model=model_cfg), state, digest
+
+
 def train(
     dataset_dir: Path,
     run_dir: Path,
@@ -197,8 +224,13 @@ def train(
     resume: bool = False,
     cache_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    init: Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) a run; returns the final metrics (also in ``RUN/metrics.json``)."""
+    """Train (or resume) a run; returns the final metrics (also in ``RUN/metrics.json``).
+
+    ``init`` starts a new run from another run's weights (its model configuration replaces
+    ``cfg.model``); the optimiser starts afresh.
+    """
     ddp = setup_distributed(device)
     say = log if ddp.main else (lambda _msg: None)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +242,10 @@ def train(
     if resume:  # the stored configuration wins: a resumed run is the same run
         stored = RunConfig.load(run_dir / "config.json")
         cfg = RunConfig(stored.model, replace(stored.train, steps=cfg.train.steps), stored.dataset, stored.extra)
+    init_state: dict[str, torch.Tensor] | None = None
+    if init is not None and not resume:
+        cfg, init_state, digest = init_weights(Path(init), cfg)
+        cfg = replace(cfg, extra={**cfg.extra, "init": {"checkpoint": str(init), "sha256": digest}})
 
     # --- data: split, statistics and preprocessing happen once, on rank 0 ---
     info = read_dataset(dataset_dir)
@@ -264,6 +300,9 @@ def train(
     np_rng = np.random.default_rng([cfg.train.seed, ddp.rank])
     aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + ddp.rank)
     start, history = 0, []
+    if init_state is not None:
+        model.load_state_dict(init_state)
+        say(f"starting from the weights of {init}")
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])

@@ -185,3 +185,30 @@ def test_progress_reports_every_five_percent_off_a_terminal_and_runs_live():
         live.update(step, 0.1)
     live.close()
     assert len(lines) == 12  # the live bar prints nothing through `say`
+
+
+def test_init_fine_tunes_from_another_run_s_weights(trained_run, phantom_dir, tmp_path):
+    from dataclasses import replace
+
+    source, _ = trained_run
+    cfg = small_cfg(1, augment=False)
+    cfg = replace(cfg, model=replace(cfg.model, decoder_width=16), train=replace(cfg.train, lr=1e-9))
+    metrics = train(phantom_dir, tmp_path / "ft", cfg, torch.device("cpu"), log=lambda _m: None, init=source)
+    # One step at a negligible learning rate: the organ is segmented only because the weights came along.
+    assert metrics["val_dice"]["1"] > 0.7, metrics["val_dice"]
+    stored = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert stored["model"] == json.loads((source / "config.json").read_text())["model"]  # the source's widths
+    assert len(stored["extra"]["init"]["sha256"]) == 64
+
+
+def test_init_refuses_what_does_not_fit(trained_run, tmp_path):
+    from dataclasses import replace
+
+    from imunet.train import init_weights
+
+    source, _ = trained_run
+    cfg = small_cfg(1)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        init_weights(tmp_path, cfg)
+    with pytest.raises(ValueError, match="has 3 classes"):
+        init_weights(source, replace(cfg, model=replace(cfg.model, num_classes=4)))
