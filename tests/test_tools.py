@@ -61,3 +61,28 @@ def test_table1_ratios_come_from_the_inputs():
     assert table["inference, s per scan (median)"] == (0.07, 0.1)
     assert table["training, s per 100 steps"] == (60.0, 100.0)
     assert table["peak training memory, MB"] == (700.0, 1000.0)
+
+
+def test_mosaic_dataset_is_a_trainable_dataset_of_the_named_cases(tmp_path):
+    import pytest
+    from mosaic_dataset import write_dataset
+
+    from imunet.data import read_dataset
+
+    from conftest import HIPPO
+
+    if not HIPPO.is_dir():
+        pytest.skip(f"{HIPPO} is not present")
+    cases = ["hippocampus_001", "hippocampus_003"]
+    names = write_dataset(tmp_path / "m", HIPPO, cases, 2, (24, 60, 60), seed=5)
+    info = read_dataset(tmp_path / "m")
+    assert [c.name for c in info.cases] == names == ["mosaic_000", "mosaic_001"]
+    assert info.labels == read_dataset(HIPPO).labels and info.modality == "MRI"
+    for case in info.cases:
+        img = sitk.GetArrayFromImage(sitk.ReadImage(str(case.image)))
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
+        assert img.shape == lab.shape == (24, 60, 60)
+        assert set(np.unique(lab)) <= {0, 1, 2} and 0 < (lab > 0).mean() < 0.5
+        assert (img != 0).mean() > 0.5  # crops packed in, not an empty volume
+    with pytest.raises(SystemExit, match="already holds"):
+        write_dataset(tmp_path / "m", HIPPO, cases, 1, (24, 60, 60))
