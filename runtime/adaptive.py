@@ -28,6 +28,8 @@ import numpy as np
 from .mesh import dilate, grid_points
 from .windows import window_starts
 
+REFINE_RULES = ("cells", "elements")
+
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend
     from .inference import InferenceSettings, InferenceStats
@@ -151,6 +153,25 @@ def _closure_points(cells: np.ndarray) -> np.ndarray:
     return out
 
 
+def _element_points(lab: np.ndarray) -> np.ndarray:
+    """Points of the refined lattice ``(2K+1, ...)`` that lie on an edge, face or cell of the coarse
+    lattice ``lab`` ``(K+1, ...)`` whose own corners (2, 4 or 8 coarse points) carry different labels."""
+    shape = lab.shape
+    out = np.zeros(tuple(2 * n - 1 for n in shape), dtype=bool)
+    for parity in np.ndindex(2, 2, 2):
+        if not any(parity):
+            continue  # coarse points themselves
+        corners = [
+            lab[tuple(slice(d, n - p + d) for d, p, n in zip(offset, parity, shape))]
+            for offset in np.ndindex(*(p + 1 for p in parity))
+        ]
+        differ = np.zeros(corners[0].shape, dtype=bool)
+        for c in corners[1:]:
+            differ |= c != corners[0]
+        out[tuple(slice(p, None, 2) for p in parity)] = differ
+    return out
+
+
 def refine_box(
     decode: Callable[[np.ndarray], np.ndarray],
     box: OwnerBox,
@@ -159,15 +180,21 @@ def refine_box(
     halo: int = 0,
     confidence: float = 0.0,
     min_stride: int = 1,
+    refine: str = "elements",
 ) -> np.ndarray:
     """Probabilities ``(C, *box.size)`` of one owner box by coarse-to-fine decoding.
 
     ``decode(points)`` takes ``(N, 3)`` window-local voxel indices and returns ``(N, C)``
     probabilities. ``limits`` is the last valid voxel index per axis (lattice points beyond it are
     clamped). Cells are refined where their corners' labels differ, where a corner's top probability
-    is below ``confidence``, and within ``halo`` cells of those, down to ``min_stride``. A point
-    that is not decoded gets the probabilities interpolated linearly from the coarser lattice.
+    is below ``confidence``, and within ``halo`` cells of those, down to ``min_stride``: every point
+    on or inside such a cell is decoded. With ``refine="elements"`` the last level (to stride 1)
+    decodes only the points whose own edge, face or cell has corners that differ (plus the
+    ``halo`` / ``confidence`` cells). A point that is not decoded gets the probabilities
+    interpolated linearly from the coarser lattice.
     """
+    if refine not in REFINE_RULES:
+        raise ValueError(f"refine must be one of {REFINE_RULES}, got {refine!r}")
     a = np.asarray(box.start)
     w = np.asarray(box.window)
     cells = [-(-n // stride) for n in box.size]
@@ -183,13 +210,17 @@ def refine_box(
     s = stride
     while s > 1:
         lab = prob.argmax(-1)
-        refine = _corners_disagree(lab)
+        differ = _corners_disagree(lab)
+        cells = differ.copy()
         if confidence > 0:
-            refine |= _any_corner(prob.max(-1) < confidence)
-        if halo and refine.any():
-            refine = dilate(refine, halo)
+            cells |= _any_corner(prob.max(-1) < confidence)
+        if halo and cells.any():
+            cells = dilate(cells, halo)
         prob = upsample_linear(prob)  # exact on the coarse lattice, interpolated between
-        need = _closure_points(refine)
+        if refine == "elements" and s == 2:
+            need = _element_points(lab) | _closure_points(cells & ~differ)
+        else:
+            need = _closure_points(cells)
         need[::2, ::2, ::2] = False  # already decoded at the coarser level
         s //= 2
         if s < min_stride:
@@ -239,6 +270,7 @@ def accumulate_adaptive(
                 settings.halo,
                 settings.confidence,
                 settings.min_stride,
+                settings.refine,
             )
             if key is not None and len(reuse) < 8:
                 reuse[key] = out

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .adaptive import accumulate_adaptive
+from .adaptive import REFINE_RULES, accumulate_adaptive
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from .windows import gaussian_importance, pad_to_patch, window_slices
 
@@ -29,7 +29,7 @@ class InferenceSettings:
     """Knobs of the loop; defaults come from the bundle manifest."""
 
     mode: str = "adaptive"  # see .adaptive; "sparse": the paper's mesh + band, blended; "dense": every voxel
-    overlap: float = 0.3
+    overlap: float = 0.3  # blended modes: window overlap; adaptive: sets the owner boxes (see .adaptive)
     stride: int = 4  # broad-mesh spacing, voxels
     band: int = 2  # half-width (voxels) of the refined band around the broad boundary
     sigma_scale: float = 0.125  # Gaussian importance sigma, fraction of the patch
@@ -37,6 +37,7 @@ class InferenceSettings:
     halo: int = 0  # adaptive: also refine cells within this many cells of a refined one
     confidence: float = 0.0  # adaptive: also refine cells with a corner whose top probability is below this
     min_stride: int = 1  # adaptive: finest decoded lattice; finer points are interpolated
+    refine: str = "elements"  # adaptive: "cells" refines whole cells at every level; see .adaptive.refine_box
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -51,6 +52,8 @@ class InferenceSettings:
             raise ValueError(f"adaptive mode needs a power-of-two stride, got {self.stride}")
         if self.min_stride < 1 or self.min_stride & (self.min_stride - 1):
             raise ValueError(f"min_stride must be a power of two, got {self.min_stride}")
+        if self.refine not in REFINE_RULES:
+            raise ValueError(f"refine must be one of {REFINE_RULES}, got {self.refine!r}")
         if self.halo < 0 or not 0 <= self.confidence < 1:
             raise ValueError(f"need halo >= 0 and confidence in [0, 1), got {self.halo}, {self.confidence}")
 

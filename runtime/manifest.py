@@ -16,7 +16,18 @@ from .errors import BundleError
 from .inference import InferenceSettings
 from .preprocess import Normalization
 
-INFERENCE_KEYS = ("mode", "overlap", "stride", "band", "sigma_scale", "smoothing", "halo", "confidence", "min_stride")
+INFERENCE_KEYS = (
+    "mode",
+    "overlap",
+    "stride",
+    "band",
+    "sigma_scale",
+    "smoothing",
+    "halo",
+    "confidence",
+    "min_stride",
+    "refine",
+)
 
 FORMAT = "imunet-bundle"
 FORMAT_VERSION = 1
@@ -72,9 +83,7 @@ def parse_manifest(raw: dict[str, Any], where: str = "bundle") -> Manifest:
         if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
             raise BundleError(f"{where}: labels must be 0..C-1 with C >= 2, got {labels}")
         inf = dict(_get(raw, "inference", where))
-        settings = InferenceSettings(
-            **{k: inf[k] for k in INFERENCE_KEYS if k in inf}
-        )
+        settings = InferenceSettings(**{k: inf[k] for k in INFERENCE_KEYS if k in inf})
         graphs = _get(raw, "graphs", where)
         kind = _get(raw, "model_kind", where)
         if kind not in ("implicit", "unet"):

@@ -113,9 +113,38 @@ def test_linear_upsampling_is_exact_for_a_linear_field():
 
 def test_min_stride_decodes_fewer_points():
     fn = sphere_logits()
-    full = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive"))
-    coarse = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive", min_stride=2))
+    full = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive", refine="cells"))
+    coarse = predict_labels(
+        index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive", min_stride=2, refine="cells")
+    )
     assert coarse[1].points_decoded < 0.6 * full[1].points_decoded
     assert (coarse[0] == full[0]).mean() > 0.95  # step-function logits: interpolation blurs edges
     with pytest.raises(ValueError, match="min_stride must be a power of two"):
         InferenceSettings(mode="adaptive", min_stride=3)
+
+
+def test_element_points_are_those_between_differing_corners():
+    from imunet.runtime.adaptive import _element_points
+
+    lab = np.zeros((3, 3, 3), np.int64)
+    lab[1, 1, 1] = 2  # one coarse point differs from all its neighbours
+    need = _element_points(lab)
+    assert need.shape == (5, 5, 5)
+    # every refined point whose edge, face or cell touches coarse point (1,1,1), i.e. fine (2,2,2)
+    expected = np.zeros_like(need)
+    expected[1:4, 1:4, 1:4] = True
+    expected[2, 2, 2] = False  # the coarse point itself
+    np.testing.assert_array_equal(need, expected)
+    assert not _element_points(np.ones((4, 3, 5), np.int64)).any()
+
+
+def test_element_refinement_decodes_fewer_points_for_the_same_labels():
+    fn = sphere_logits()
+    runs = {
+        r: predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive", refine=r))
+        for r in ("cells", "elements")
+    }
+    assert runs["elements"][1].points_decoded < 0.8 * runs["cells"][1].points_decoded
+    assert (runs["elements"][0] == runs["cells"][0]).mean() > 0.995
+    with pytest.raises(ValueError, match="refine"):
+        InferenceSettings(refine="faces")

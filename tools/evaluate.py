@@ -88,6 +88,14 @@ def evaluate(
     }
 
 
+def _setting(text: str) -> object:
+    """``--set`` value: JSON (``8``, ``0.3``, ``null``), else the plain string (``refine=cells``)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -102,7 +110,7 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    settings = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    settings = {k: _setting(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     only = None
     if a.cases:
         if a.cases.startswith("@"):
