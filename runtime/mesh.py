@@ -7,7 +7,6 @@ integer voxel indices ``(z, y, x)`` inside one patch.
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
 
 def mesh_axes(patch: tuple[int, int, int], stride: int) -> list[np.ndarray]:
@@ -85,20 +84,26 @@ def box_smooth(maps: np.ndarray, kernel: int = 3) -> np.ndarray:
     """Average pooling of ``(C, Z, Y, X)`` maps with a ``kernel``^3 box, stride 1, 'same' size.
 
     At the borders only voxels inside the volume are averaged (PyTorch's
-    ``avg_pool3d(count_include_pad=False)``). ``kernel`` 1 returns the input. Runs ITK's
-    multi-threaded ``BoxMean`` (same result to float32 rounding; 1.35x faster than our numpy version
-    on 100x256x256, which matters at CT size where it runs on every class map).
+    ``avg_pool3d(count_include_pad=False)``). ``kernel`` 1 returns the input.
     """
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"smoothing kernel must be odd and >= 1, got {kernel}")
     if kernel == 1:
         return maps
-    if maps.ndim != 4:
-        raise ValueError(f"expected (C, Z, Y, X) maps, got shape {maps.shape}")
-    out = np.empty(maps.shape, dtype=np.float32)
-    for c in range(maps.shape[0]):
-        image = sitk.GetImageFromArray(np.asarray(maps[c], dtype=np.float32))
-        smoothed = sitk.BoxMean(image, [kernel // 2] * 3)  # named: the view below borrows its buffer
-        out[c] = sitk.GetArrayViewFromImage(smoothed)
-        del smoothed
+    r = kernel // 2
+    out = maps.astype(np.float32, copy=True)
+    for axis in range(1, maps.ndim):
+        n = out.shape[axis]
+        total = out.copy()
+        for d in range(1, r + 1):
+            a = [slice(None)] * out.ndim
+            b = [slice(None)] * out.ndim
+            a[axis], b[axis] = slice(d, None), slice(0, n - d)
+            total[tuple(a)] += out[tuple(b)]
+            total[tuple(b)] += out[tuple(a)]
+        idx = np.arange(n)
+        count = (np.minimum(idx + r, n - 1) - np.maximum(idx - r, 0) + 1).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = n
+        out = total / count.reshape(shape)
     return out
