@@ -39,7 +39,20 @@ CONFIGS = {
     "implicit-decode-once": ("implicit", {"mode": "adaptive", "stride": 1, "precision": "fp32"}),
     "implicit-sparse": ("implicit", {"mode": "sparse", "precision": "fp32"}),  # the paper's loop
     "implicit-dense": ("implicit", {"mode": "dense", "precision": "fp32"}),
+    # adaptive mode's overlap only sets the owner boxes' size: less overlap, bigger boxes, fewer encoder
+    # windows and less context around each box's faces
+    "implicit-adaptive-overlap0.3": ("implicit", {"overlap": 0.3}),
+    "implicit-adaptive-overlap0.15": ("implicit", {"overlap": 0.15}),
+    "implicit-adaptive-overlap0": ("implicit", {"overlap": 0.0}),
+    "unet-overlap0": ("unet", {"overlap": 0.0}),  # the U-Net's side of the same trade: no blending
 }
+OPTIONAL = (
+    "implicit-decode-once",
+    "implicit-adaptive-overlap0.3",
+    "implicit-adaptive-overlap0.15",
+    "implicit-adaptive-overlap0",
+    "unet-overlap0",
+)
 
 
 def child(bundle: str, options: str, image: str, out: str) -> None:
@@ -77,9 +90,7 @@ def main() -> None:
     ap.add_argument("--unet", type=Path, required=True)
     ap.add_argument("--size", type=int, nargs=3, required=True, metavar=("Z", "Y", "X"))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument(
-        "--configs", nargs="+", default=[c for c in CONFIGS if c != "implicit-decode-once"], choices=list(CONFIGS)
-    )
+    ap.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c not in OPTIONAL], choices=list(CONFIGS))
     ap.add_argument("--dense-max-voxels", type=float, default=6e7)
     ap.add_argument("--dense-repeats", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
