@@ -41,6 +41,7 @@ CONFIGS = {
     "implicit-dense": ("implicit", {"mode": "dense", "precision": "fp32"}),
     # adaptive mode's overlap only sets the owner boxes' size: less overlap, bigger boxes, fewer encoder
     # windows and less context around each box's faces
+    "implicit-adaptive-cells": ("implicit", {"refine": "cells"}),  # session 2's refinement rule
     "implicit-adaptive-overlap0.3": ("implicit", {"overlap": 0.3}),
     "implicit-adaptive-overlap0.15": ("implicit", {"overlap": 0.15}),
     "implicit-adaptive-overlap0": ("implicit", {"overlap": 0.0}),
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--dense-max-voxels", type=float, default=6e7)
     ap.add_argument("--dense-repeats", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--phantom-seed", type=int, default=0, help="seed of the crop packing (ct_phantom.build)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,7 +103,7 @@ def main() -> None:
 
     size = tuple(args.size)
     split = Path(__file__).resolve().parents[1] / "docs" / "results" / "hippocampus_split.json"
-    image, truth = build(size, load_crops(DATA, case_names(f"@{split}:val")))
+    image, truth = build(size, load_crops(DATA, case_names(f"@{split}:val")), args.phantom_seed)
     work = Path(tempfile.mkdtemp(prefix="imunet-scale-"))
     path = work / "phantom.nii"
     sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
@@ -147,6 +149,7 @@ def main() -> None:
         "voxels": int(np.prod(size)),
         "foreground_fraction": round(float((truth > 0).mean()), 4),
         "repeats": args.repeats,
+        "phantom_seed": args.phantom_seed,
         "backend": "ort-cpu",
         "machine": platform.machine(),
         "command": " ".join(sys.argv),
