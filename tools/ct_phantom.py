@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
+SPLIT = Path(__file__).resolve().parents[1] / "docs" / "results" / "hippocampus_split.json"
 
 
 def case_names(spec: str) -> list[str]:
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=3, required=True, metavar=("Z", "Y", "X"))
     ap.add_argument("--out", type=Path, required=True, help="prefix: writes PREFIX_0000.nii.gz and PREFIX_label.nii.gz")
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--cases", default="@docs/results/hippocampus_split.json:val")
+    ap.add_argument("--cases", default=f"@{SPLIT}:val", help="a,b,c or @split.json:key")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     image, label = build(tuple(args.size), load_crops(args.data, case_names(args.cases)), args.seed)

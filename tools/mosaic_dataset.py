@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import SimpleITK as sitk
-from ct_phantom import DATA, build, case_names, load_crops
+from ct_phantom import DATA, SPLIT, build, case_names, load_crops
 
 
 def write_dataset(
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=40)
     ap.add_argument("--size", type=int, nargs=3, default=(64, 160, 160), metavar=("Z", "Y", "X"))
     ap.add_argument("--data", type=Path, default=DATA, help="source dataset (MSD / nnU-Net layout)")
-    ap.add_argument("--cases", default="@docs/results/hippocampus_split.json:train")
+    ap.add_argument("--cases", default=f"@{SPLIT}:train", help="a,b,c or @split.json:key")
     ap.add_argument("--seed", type=int, default=1000, help="first mosaic's seed (ct_phantom.py's test volumes use 0)")
     args = ap.parse_args()
     names = write_dataset(args.out, args.data, case_names(args.cases), args.count, tuple(args.size), args.seed)
