@@ -211,16 +211,16 @@ def refine_box(
     while s > 1:
         lab = prob.argmax(-1)
         differ = _corners_disagree(lab)
-        cells = differ.copy()
+        chosen = differ.copy()  # cells to refine
         if confidence > 0:
-            cells |= _any_corner(prob.max(-1) < confidence)
-        if halo and cells.any():
-            cells = dilate(cells, halo)
+            chosen |= _any_corner(prob.max(-1) < confidence)
+        if halo and chosen.any():
+            chosen = dilate(chosen, halo)
         prob = upsample_linear(prob)  # exact on the coarse lattice, interpolated between
         if refine == "elements" and s == 2:
-            need = _element_points(lab) | _closure_points(cells & ~differ)
+            need = _element_points(lab) | _closure_points(chosen & ~differ)
         else:
-            need = _closure_points(cells)
+            need = _closure_points(chosen)
         need[::2, ::2, ::2] = False  # already decoded at the coarser level
         s //= 2
         if s < min_stride:
