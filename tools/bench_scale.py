@@ -39,16 +39,17 @@ CONFIGS = {
     "implicit-decode-once": ("implicit", {"mode": "adaptive", "stride": 1, "precision": "fp32"}),
     "implicit-sparse": ("implicit", {"mode": "sparse", "precision": "fp32"}),  # the paper's loop
     "implicit-dense": ("implicit", {"mode": "dense", "precision": "fp32"}),
+    "implicit-adaptive-cells": ("implicit", {"refine": "cells"}),  # session 2's refinement rule
     # adaptive mode's overlap only sets the owner boxes' size: less overlap, bigger boxes, fewer encoder
     # windows and less context around each box's faces
-    "implicit-adaptive-cells": ("implicit", {"refine": "cells"}),  # session 2's refinement rule
     "implicit-adaptive-overlap0.3": ("implicit", {"overlap": 0.3}),
     "implicit-adaptive-overlap0.15": ("implicit", {"overlap": 0.15}),
     "implicit-adaptive-overlap0": ("implicit", {"overlap": 0.0}),
     "unet-overlap0": ("unet", {"overlap": 0.0}),  # the U-Net's side of the same trade: no blending
 }
-OPTIONAL = (
+OPTIONAL = (  # run only when named in --configs
     "implicit-decode-once",
+    "implicit-adaptive-cells",
     "implicit-adaptive-overlap0.3",
     "implicit-adaptive-overlap0.15",
     "implicit-adaptive-overlap0",
@@ -99,11 +100,10 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from ct_phantom import DATA, build, case_names, load_crops
+    from ct_phantom import DATA, SPLIT, build, case_names, load_crops
 
     size = tuple(args.size)
-    split = Path(__file__).resolve().parents[1] / "docs" / "results" / "hippocampus_split.json"
-    image, truth = build(size, load_crops(DATA, case_names(f"@{split}:val")), args.phantom_seed)
+    image, truth = build(size, load_crops(DATA, case_names(f"@{SPLIT}:val")), args.phantom_seed)
     work = Path(tempfile.mkdtemp(prefix="imunet-scale-"))
     path = work / "phantom.nii"
     sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
