@@ -1,0 +1,66 @@
+"""The label map from class probabilities: smoothing only where it can change a label gives the same
+labels as smoothing everything."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imunet.runtime.labels import smoothed_argmax
+from imunet.runtime.mesh import box_smooth
+
+
+def reference(acc, weights, crop, kernel):
+    maps = acc[(slice(None), *crop)] / (weights[crop] if weights is not None else 1.0)
+    return box_smooth(maps.astype(np.float32), kernel).argmax(0).astype(np.uint8)
+
+
+def blobs(shape, classes, seed):
+    """Class maps with a few blobs per class and noise, so boundaries are common and ragged."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    logits = rng.normal(0, 0.5, (classes, *shape)).astype(np.float32)
+    for c in range(1, classes):
+        for _ in range(3):
+            centre, r = rng.uniform(0, shape), rng.uniform(1, 2 + max(shape) / 2)
+            logits[c] += 4.0 * (np.linalg.norm(grid - centre, axis=-1) < r)
+    p = np.exp(logits - logits.max(0))
+    return p / p.sum(0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(1, 24)] * 3),
+    classes=st.integers(2, 4),
+    kernel=st.sampled_from([1, 3, 5]),
+    weighted=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_same_labels_as_smoothing_every_voxel(shape, classes, kernel, weighted, seed):
+    probs = blobs(shape, classes, seed)
+    rng = np.random.default_rng(seed + 1)
+    weights = rng.uniform(0.5, 2.0, shape).astype(np.float32) if weighted else None
+    acc = probs * weights if weighted else probs
+    lo = [int(rng.integers(0, max(1, s // 3))) for s in shape]
+    crop = tuple(slice(a, s - int(rng.integers(0, max(1, (s - a) // 3)))) for a, s in zip(lo, shape))
+    before = acc.copy()
+    got = smoothed_argmax(acc, weights, crop, kernel)
+    np.testing.assert_array_equal(got, reference(acc, weights, crop, kernel))
+    np.testing.assert_array_equal(acc, before)  # the caller's maps are not changed
+
+
+def test_a_uniform_map_needs_no_smoothing_and_ties_keep_the_lower_class():
+    acc = np.full((3, 5, 6, 7), 1 / 3, np.float32)
+    crop = (slice(0, 5), slice(0, 6), slice(0, 7))
+    assert (smoothed_argmax(acc, None, crop) == 0).all()
+    acc[2] = 0.5
+    assert (smoothed_argmax(acc, None, crop) == 2).all()
+
+
+def test_rejects_an_even_kernel_and_too_many_classes():
+    acc = np.zeros((2, 3, 3, 3), np.float32)
+    crop = (slice(0, 3),) * 3
+    with pytest.raises(ValueError, match="odd and >= 1, got 2"):
+        smoothed_argmax(acc, None, crop, 2)
+    with pytest.raises(ValueError, match="at most 255 classes"):
+        smoothed_argmax(np.zeros((256, 2, 2, 2), np.float32), None, (slice(0, 2),) * 3)
