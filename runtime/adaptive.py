@@ -10,11 +10,16 @@ Here instead:
 * **Coarse to fine.** Per box: decode the stride-``s`` lattice; a cell (its 8 lattice corners)
   whose corners share one label (and, optionally, are all confident) is filled with that label;
   the other cells are refined on the stride ``s/2`` lattice, and so on down to stride 1.
+* **Seams** (``seam`` > 0). The ``seam`` voxels either side of a face between two boxes are decoded
+  by both boxes and blended with linear weights that sum to 1, so the step between two windows'
+  predictions becomes a ramp. Windows see anatomy cut at their edges differently; a model trained on
+  whole crops, or any model near its window's edge, disagrees with its neighbour there, and most of
+  the voxels where decode-once loses against blending lie next to these faces.
 * **Constant windows** (padding, masked air) are decoded once per distinct value and box position
   and reused: the result is exactly what decoding them would give.
 
-The result is one probability map per class with no blending weights; the caller smooths it and takes
-the argmax exactly as for the blended modes.
+The result is one probability map per class with no blending weights (the seams' weights sum to 1);
+the caller smooths it and takes the argmax exactly as for the blended modes.
 """
 
 from __future__ import annotations
@@ -37,11 +42,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class OwnerBox:
-    """A box ``[start, start + size)`` of the volume and the start of the window that decodes it."""
+    """A box ``[start, start + size)`` of the volume and the start of the window that decodes it.
+
+    ``seam_lo`` / ``seam_hi``: voxels decoded beyond the box's low / high face per axis, where the
+    box's prediction is blended with its neighbour's (0 at the volume's border)."""
 
     start: tuple[int, int, int]
     size: tuple[int, int, int]
     window: tuple[int, int, int]
+    seam_lo: tuple[int, int, int] = (0, 0, 0)
+    seam_hi: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def region(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Start and size of what the box decodes: the box and its seams."""
+        start = tuple(a - lo for a, lo in zip(self.start, self.seam_lo))
+        size = tuple(n + lo + hi for n, lo, hi in zip(self.size, self.seam_lo, self.seam_hi))
+        return start, size  # type: ignore[return-value]
 
 
 def _axis_layout(length: int, patch: int, step: int) -> list[tuple[int, int, int]]:
@@ -75,24 +92,55 @@ def box_step(length: int, patch: int, overlap: float, stride: int) -> int:
         n += 1
 
 
+def _axis_seams(layout: list[tuple[int, int, int]], patch: int, seam: int) -> list[tuple[int, int]]:
+    """``(low, high)`` seam widths per box of one axis: at each face between two boxes, ``seam``
+    voxels on either side, fewer where either box's window would not reach (the seam's lattice may
+    reach past the window; its points there are clamped to the window, as at the volume's border),
+    or where a box is thinner than two seams."""
+    widths = []
+    for (_, n0, w0), (face, n1, w1) in zip(layout, layout[1:]):
+        widths.append(max(0, min(seam, n0 // 2, n1 // 2, w0 + patch - face, face - w1)))
+    return list(zip([0, *widths], [*widths, 0]))
+
+
 def owner_boxes(
-    shape: tuple[int, int, int], patch: tuple[int, int, int], overlap: float, stride: int
+    shape: tuple[int, int, int], patch: tuple[int, int, int], overlap: float, stride: int, seam: int = 0
 ) -> list[OwnerBox]:
     """Partition of a volume of ``shape`` (padded to >= ``patch``) into owner boxes, each decoded
-    by the window centred on it (shifted to stay inside the volume)."""
+    by the window centred on it (shifted to stay inside the volume), with up to ``seam`` voxels
+    either side of each face between two boxes decoded by both and blended (:func:`seam_weights`)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if seam < 0:
+        raise ValueError(f"seam must be >= 0, got {seam}")
     axes = []
     for length, p in zip(shape, patch):
         if length < p:
             raise ValueError(f"volume axis {length} is shorter than the patch {p}; pad first")
-        axes.append(_axis_layout(length, p, box_step(length, p, overlap, stride)))
+        layout = _axis_layout(length, p, box_step(length, p, overlap, stride))
+        axes.append([(*entry, *sides) for entry, sides in zip(layout, _axis_seams(layout, p, seam))])
     return [
-        OwnerBox((z[0], y[0], x[0]), (z[1], y[1], x[1]), (z[2], y[2], x[2]))
+        OwnerBox(*(tuple(int(a[k]) for a in (z, y, x)) for k in range(5)))  # type: ignore[arg-type]
         for z in axes[0]
         for y in axes[1]
         for x in axes[2]
     ]
+
+
+def seam_weights(box: OwnerBox) -> np.ndarray | None:
+    """Blending weights ``(Z, Y, X)`` over ``box.region``: 1 inside, a linear ramp across each seam
+    such that the two boxes at a face sum to 1. ``None`` for a box without seams."""
+    if not any(box.seam_lo) and not any(box.seam_hi):
+        return None
+    ramps = []
+    for n, lo, hi in zip(box.size, box.seam_lo, box.seam_hi):
+        w = np.ones(n + lo + hi, dtype=np.float32)
+        if lo:
+            w[: 2 * lo] = (np.arange(2 * lo, dtype=np.float32) + 0.5) / (2 * lo)
+        if hi:
+            w[len(w) - 2 * hi :] = (np.arange(2 * hi, 0, -1, dtype=np.float32) - 0.5) / (2 * hi)
+        ramps.append(w)
+    return ramps[0][:, None, None] * ramps[1][None, :, None] * ramps[2][None, None, :]
 
 
 def upsample_linear(lattice: np.ndarray) -> np.ndarray:
@@ -182,29 +230,49 @@ def refine_box(
     min_stride: int = 1,
     refine: str = "elements",
 ) -> np.ndarray:
-    """Probabilities ``(C, *box.size)`` of one owner box by coarse-to-fine decoding.
+    """Probabilities ``(C, *region size)`` of one owner box and its seams (``box.region``) by
+    coarse-to-fine decoding.
 
     ``decode(points)`` takes ``(N, 3)`` window-local voxel indices and returns ``(N, C)``
-    probabilities. ``limits`` is the last valid voxel index per axis (lattice points beyond it are
-    clamped). Cells are refined where their corners' labels differ, where a corner's top probability
-    is below ``confidence``, and within ``halo`` cells of those, down to ``min_stride``: every point
-    on or inside such a cell is decoded. With ``refine="elements"`` the last level (to stride 1)
+    probabilities. ``limits`` is the last voxel index per axis inside both the volume and the window
+    (lattice points beyond it, or before the window's start, are clamped). The coarse lattice is
+    aligned to the global stride-``stride`` lattice and covers the region. Cells are refined where
+    their corners' labels differ, where a corner's top probability is below ``confidence``, and
+    within ``halo`` cells of those, down to ``min_stride``: every point on or inside such a cell is
+    decoded. With ``refine="elements"`` the last level (to stride 1)
     decodes only the points whose own edge, face or cell has corners that differ (plus the
     ``halo`` / ``confidence`` cells). A point that is not decoded gets the probabilities
-    interpolated linearly from the coarser lattice.
+    interpolated linearly from the coarser lattice. Points outside the region are never refined.
     """
     if refine not in REFINE_RULES:
         raise ValueError(f"refine must be one of {REFINE_RULES}, got {refine!r}")
-    a = np.asarray(box.start)
+    r_start, r_size = box.region
     w = np.asarray(box.window)
-    cells = [-(-n // stride) for n in box.size]
+    if stride == 1:  # no lattice: each voxel of the region is decoded exactly once
+        axes = [np.clip(r_start[i] + np.arange(r_size[i]), w[i], limits[i]) - w[i] for i in range(3)]
+        probs = decode(grid_points(axes))
+        return np.ascontiguousarray(np.moveaxis(probs.reshape(*r_size, probs.shape[1]), -1, 0))
+    # lattice origin: the last stride-aligned plane at or before the region (the box's start is aligned)
+    origin = np.asarray([a - -(-lo // stride) * stride for a, lo in zip(box.start, box.seam_lo)])
+    offset = np.asarray(r_start) - origin  # region start in lattice voxels
+    cells = [-(-(off + n) // stride) for off, n in zip(offset, r_size)]
 
     def local(step: int, counts: tuple[int, ...]) -> list[np.ndarray]:
-        return [np.minimum(a[i] + step * np.arange(counts[i]), limits[i]) - w[i] for i in range(3)]
+        return [np.clip(origin[i] + step * np.arange(counts[i]), w[i], limits[i]) - w[i] for i in range(3)]
 
-    # The coarse lattice includes the box's far face (the next box's first plane) so that every cell has
-    # its 8 corners; at stride 1 there are no cells and each voxel is decoded exactly once.
-    axes = local(stride, tuple(k + 1 for k in cells) if stride > 1 else box.size)
+    def inside(step: int, counts: tuple[int, ...], pad: int) -> np.ndarray | None:
+        """Lattice points of this level within ``pad`` of the region, or None when all are (no seams)."""
+        if not offset.any() and not any(box.seam_hi):
+            return None
+        keep = [
+            (step * np.arange(n) >= off - pad) & (step * np.arange(n) < off + size + pad)
+            for n, off, size in zip(counts, offset, r_size)
+        ]
+        return keep[0][:, None, None] & keep[1][None, :, None] & keep[2][None, None, :]
+
+    # The coarse lattice includes the far face (the next box's first plane) so that every cell has its
+    # 8 corners.
+    axes = local(stride, tuple(k + 1 for k in cells))
     probs = decode(grid_points(axes))
     prob = probs.reshape(*(len(x) for x in axes), probs.shape[1])  # (Kz+1, Ky+1, Kx+1, C)
     s = stride
@@ -225,11 +293,15 @@ def refine_box(
         s //= 2
         if s < min_stride:
             continue  # below the finest decoded stride: interpolation only
+        # a finer level still needs the corners of the region's cells
+        keep = inside(s, prob.shape[:3], s if s > min_stride else 0)
+        if keep is not None:
+            need &= keep
         pts = np.argwhere(need)
         if len(pts):
             fine = local(s, prob.shape[:3])
             prob[need] = decode(np.stack([fine[i][pts[:, i]] for i in range(3)], axis=1))
-    out = prob[: box.size[0], : box.size[1], : box.size[2]]
+    out = prob[tuple(slice(off, off + n) for off, n in zip(offset, r_size))]
     return np.ascontiguousarray(np.moveaxis(out, -1, 0))
 
 
@@ -243,7 +315,7 @@ def accumulate_adaptive(
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume, one owner box at a time."""
-    boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride)
+    boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride, settings.seam)
     limits = tuple(s - 1 for s in padded.shape)
     probs: np.ndarray | None = None
     reuse: dict[tuple, np.ndarray] = {}
@@ -254,7 +326,7 @@ def accumulate_adaptive(
         if patch.min() == patch.max():
             rel = tuple(np.subtract(box.start, box.window).tolist())
             lim = tuple(np.minimum(np.subtract(limits, box.window), np.subtract(patch_size, 1)).tolist())
-            key = (float(patch.flat[0]), rel, box.size, lim)
+            key = (float(patch.flat[0]), rel, box.size, box.seam_lo, box.seam_hi, lim)
         if key is not None and key in reuse:
             out = reuse[key]
             stats.windows_reused += 1
@@ -265,7 +337,7 @@ def accumulate_adaptive(
             out = refine_box(
                 lambda pts, f=features: decode_probs(f, pts),
                 box,
-                limits,
+                tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size)),  # inside the window
                 settings.stride,
                 settings.halo,
                 settings.confidence,
@@ -276,9 +348,12 @@ def accumulate_adaptive(
                 reuse[key] = out
         if probs is None:
             probs = np.zeros((out.shape[0], *padded.shape), dtype=np.float32)
-        z, y, x = box.start
-        dz, dy, dx = box.size
-        probs[:, z : z + dz, y : y + dy, x : x + dx] = out
+        (z, y, x), (dz, dy, dx) = box.region
+        weights = seam_weights(box)
+        if weights is None:
+            probs[:, z : z + dz, y : y + dy, x : x + dx] = out
+        else:  # seams: the neighbour adds its share there; the weights of a face sum to 1
+            probs[:, z : z + dz, y : y + dy, x : x + dx] += out * weights
         stats.windows += 1
         if progress is not None:
             progress(i + 1, len(boxes))

@@ -39,6 +39,7 @@ class InferenceSettings:
     confidence: float = 0.0  # adaptive: also refine cells with a corner whose top probability is below this
     min_stride: int = 1  # adaptive: finest decoded lattice; finer points are interpolated
     refine: str = "elements"  # adaptive: "cells" refines whole cells at every level; see .adaptive.refine_box
+    seam: int = 0  # adaptive: voxels either side of a face between owner boxes decoded by both and blended
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -55,6 +56,8 @@ class InferenceSettings:
             raise ValueError(f"min_stride must be a power of two, got {self.min_stride}")
         if self.refine not in REFINE_RULES:
             raise ValueError(f"refine must be one of {REFINE_RULES}, got {self.refine!r}")
+        if self.seam < 0:
+            raise ValueError(f"seam must be >= 0, got {self.seam}")
         if self.halo < 0 or not 0 <= self.confidence < 1:
             raise ValueError(f"need halo >= 0 and confidence in [0, 1), got {self.halo}, {self.confidence}")
 

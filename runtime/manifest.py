@@ -27,6 +27,7 @@ INFERENCE_KEYS = (
     "confidence",
     "min_stride",
     "refine",
+    "seam",
 )
 
 FORMAT = "imunet-bundle"

@@ -148,3 +148,79 @@ def test_element_refinement_decodes_fewer_points_for_the_same_labels():
     assert (runs["elements"][0] == runs["cells"][0]).mean() > 0.995
     with pytest.raises(ValueError, match="refine"):
         InferenceSettings(refine="faces")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(16, 70)] * 3),
+    overlap=st.sampled_from([0.0, 0.3, 0.5]),
+    stride=st.sampled_from([1, 2, 4]),
+    seam=st.integers(1, 5),
+)
+def test_seam_weights_are_a_partition_of_unity_inside_each_window(shape, overlap, stride, seam):
+    from imunet.runtime.adaptive import seam_weights
+
+    patch = (16, 16, 12)
+    shape = tuple(max(s, p) for s, p in zip(shape, patch))
+    total = np.zeros(shape, np.float64)
+    for b in owner_boxes(shape, patch, overlap, stride, seam):
+        start, size = b.region
+        assert all(lo <= seam and hi <= seam for lo, hi in zip(b.seam_lo, b.seam_hi))
+        for a, n, w, p in zip(start, size, b.window, patch):
+            assert w <= a and a + n - 1 <= w + p - 1  # the decoded region lies inside the window
+        wts = seam_weights(b)
+        total[tuple(slice(a, a + n) for a, n in zip(start, size))] += 1.0 if wts is None else wts
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+
+
+def test_owner_boxes_get_seams_where_their_windows_overlap():
+    boxes = owner_boxes((200, 300, 300), (40, 56, 40), 0.3, 4, seam=2)
+    interior = [b for b in boxes if all(0 < a for a in b.start)]
+    assert interior and all(b.seam_lo == (2, 2, 2) for b in interior)
+    assert all(b.seam_lo == (0, 0, 0) for b in boxes if b.start == (0, 0, 0))
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_seams_keep_a_window_independent_function_exact(stride):
+    fn = sphere_logits()
+    base = InferenceSettings(mode="adaptive", stride=stride, smoothing=1)
+    seamed = InferenceSettings(mode="adaptive", stride=stride, smoothing=1, seam=3)
+    p0, s0 = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, base)
+    p1, s1 = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, seamed)
+    if stride == 1:
+        expected = softmax(fn(index_volume().ravel())).T.reshape(3, *SHAPE)
+        np.testing.assert_allclose(p1, expected, atol=1e-5)
+    assert (p1.argmax(0) == p0.argmax(0)).mean() >= 0.999
+    assert s1.points_decoded > s0.points_decoded  # the seams are decoded twice
+
+
+def test_seams_blend_window_dependent_predictions_smoothly():
+    """A model whose output depends on where the window lies (as real ones do at its edges): without
+    seams the probability jumps at every face between owner boxes; with seams of width s it ramps
+    over 2s voxels, so no step between neighbouring voxels exceeds the largest jump / (2 s)."""
+
+    class WindowBias(FakeBackend):
+        def decode(self, features, points):
+            origin = int(features[0, 0, 0])  # the window's first voxel, from the index volume
+            bias = np.float32(np.sin(origin * 0.7) * 3.0)
+            logits = np.zeros((len(points), 2), np.float32)
+            logits[:, 1] = bias
+            return logits
+
+    def max_step(p):
+        return max(float(np.abs(np.diff(p[1], axis=a)).max()) for a in range(3))
+
+    vol = index_volume((50, 61, 57))
+    steps = {}
+    for seam in (0, 2):  # boxes of 12 voxels in windows of 16: room for seams of 2
+        s = InferenceSettings(mode="adaptive", smoothing=1, seam=seam)
+        probs, _ = predict_probabilities(vol, WindowBias(None), PATCH, s)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        steps[seam] = max_step(probs)
+    assert steps[0] > 0.2  # the boxes really disagree
+    assert steps[2] <= steps[0] / 4 + 1e-5
+
+
+def test_seam_must_not_be_negative():
+    with pytest.raises(ValueError, match="seam must be >= 0, got -1"):
+        InferenceSettings(seam=-1)

@@ -46,6 +46,11 @@ CONFIGS = {
     "implicit-adaptive-overlap0.15": ("implicit", {"overlap": 0.15}),
     "implicit-adaptive-overlap0": ("implicit", {"overlap": 0.0}),
     "unet-overlap0": ("unet", {"overlap": 0.0}),  # the U-Net's side of the same trade: no blending
+    # decode the voxels either side of each face between owner boxes in both boxes and blend them
+    "implicit-adaptive-seam0": ("implicit", {"seam": 0}),
+    "implicit-adaptive-seam1": ("implicit", {"seam": 1}),
+    "implicit-adaptive-seam2": ("implicit", {"seam": 2}),
+    "implicit-adaptive-seam3": ("implicit", {"seam": 3}),
 }
 OPTIONAL = (  # run only when named in --configs
     "implicit-decode-once",
@@ -54,6 +59,10 @@ OPTIONAL = (  # run only when named in --configs
     "implicit-adaptive-overlap0.15",
     "implicit-adaptive-overlap0",
     "unet-overlap0",
+    "implicit-adaptive-seam0",
+    "implicit-adaptive-seam1",
+    "implicit-adaptive-seam2",
+    "implicit-adaptive-seam3",
 )
 
 
