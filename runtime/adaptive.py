@@ -34,6 +34,7 @@ from .mesh import dilate, grid_points
 from .windows import window_starts
 
 REFINE_RULES = ("cells", "elements")
+SEAM_RULES = ("both", "decoded")
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend
@@ -229,9 +230,11 @@ def refine_box(
     confidence: float = 0.0,
     min_stride: int = 1,
     refine: str = "elements",
+    decoded: np.ndarray | None = None,
 ) -> np.ndarray:
     """Probabilities ``(C, *region size)`` of one owner box and its seams (``box.region``) by
-    coarse-to-fine decoding.
+    coarse-to-fine decoding. ``decoded``, a ``bool`` array of the region's shape, is set where a
+    voxel was decoded (not interpolated).
 
     ``decode(points)`` takes ``(N, 3)`` window-local voxel indices and returns ``(N, C)``
     probabilities. ``limits`` is the last voxel index per axis inside both the volume and the window
@@ -251,6 +254,8 @@ def refine_box(
     if stride == 1:  # no lattice: each voxel of the region is decoded exactly once
         axes = [np.clip(r_start[i] + np.arange(r_size[i]), w[i], limits[i]) - w[i] for i in range(3)]
         probs = decode(grid_points(axes))
+        if decoded is not None:
+            decoded[...] = True
         return np.ascontiguousarray(np.moveaxis(probs.reshape(*r_size, probs.shape[1]), -1, 0))
     # lattice origin: the last stride-aligned plane at or before the region (the box's start is aligned)
     origin = np.asarray([a - -(-lo // stride) * stride for a, lo in zip(box.start, box.seam_lo)])
@@ -275,6 +280,7 @@ def refine_box(
     axes = local(stride, tuple(k + 1 for k in cells))
     probs = decode(grid_points(axes))
     prob = probs.reshape(*(len(x) for x in axes), probs.shape[1])  # (Kz+1, Ky+1, Kx+1, C)
+    done = np.ones(prob.shape[:3], dtype=bool) if decoded is not None else None
     s = stride
     while s > 1:
         lab = prob.argmax(-1)
@@ -285,6 +291,10 @@ def refine_box(
         if halo and chosen.any():
             chosen = dilate(chosen, halo)
         prob = upsample_linear(prob)  # exact on the coarse lattice, interpolated between
+        if done is not None:
+            grown = np.zeros(prob.shape[:3], dtype=bool)
+            grown[::2, ::2, ::2] = done
+            done = grown
         if refine == "elements" and s == 2:
             need = _element_points(lab) | _closure_points(chosen & ~differ)
         else:
@@ -301,8 +311,25 @@ def refine_box(
         if len(pts):
             fine = local(s, prob.shape[:3])
             prob[need] = decode(np.stack([fine[i][pts[:, i]] for i in range(3)], axis=1))
-    out = prob[tuple(slice(off, off + n) for off, n in zip(offset, r_size))]
+            if done is not None:
+                done |= need
+    region = tuple(slice(off, off + n) for off, n in zip(offset, r_size))
+    if decoded is not None and done is not None:
+        decoded[...] = done[region]
+    out = prob[region]
     return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+
+
+def _upper_neighbours(boxes: list[OwnerBox]) -> list[list[int | None]]:
+    """Per box, the index of the next box along z, y and x (``None`` at the volume's far faces);
+    ``boxes`` in :func:`owner_boxes` order."""
+    counts = [len({b.start[k] for b in boxes}) for k in range(3)]
+    step = (counts[1] * counts[2], counts[2], 1)
+    out = []
+    for i in range(len(boxes)):
+        pos = (i // step[0], i // step[1] % counts[1], i % counts[2])
+        out.append([i + step[k] if pos[k] + 1 < counts[k] else None for k in range(3)])
+    return out
 
 
 def accumulate_adaptive(
@@ -314,26 +341,41 @@ def accumulate_adaptive(
     decode_probs: Callable[[object, np.ndarray], np.ndarray],
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume, one owner box at a time."""
+    """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume, one owner box at a time.
+
+    Seams (``settings.seam`` > 0) follow ``settings.seam_rule``: ``"both"`` extends both boxes at a
+    face by ``seam`` voxels and blends the overlap (:func:`seam_weights`); ``"decoded"`` takes the band
+    of ``seam`` voxels on the lower box's side of the face and has the upper box decode again only the
+    points the lower box decoded there (its boundary points), blended with a linear ramp that reaches
+    the upper box's own prediction at the face. Boxes run in z, y, x order, so a box's lower
+    neighbours are done when it runs."""
     boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride, settings.seam)
+    banded = settings.seam > 0 and settings.seam_rule == "decoded"
+    bands = [b.seam_lo for b in boxes]  # band width before each box's low faces
+    if banded:
+        boxes = [OwnerBox(b.start, b.size, b.window) for b in boxes]
+    upper = _upper_neighbours(boxes) if banded else []
+    pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # box -> (axis, (N, 3) volume indices) to re-decode
     limits = tuple(s - 1 for s in padded.shape)
     probs: np.ndarray | None = None
-    reuse: dict[tuple, np.ndarray] = {}
+    reuse: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
     for i, box in enumerate(boxes):
         win = tuple(slice(o, o + p) for o, p in zip(box.window, patch_size))
         patch = padded[win]
         key = None
+        features = None
         if patch.min() == patch.max():
             rel = tuple(np.subtract(box.start, box.window).tolist())
             lim = tuple(np.minimum(np.subtract(limits, box.window), np.subtract(patch_size, 1)).tolist())
             key = (float(patch.flat[0]), rel, box.size, box.seam_lo, box.seam_hi, lim)
         if key is not None and key in reuse:
-            out = reuse[key]
+            out, mask = reuse[key]
             stats.windows_reused += 1
         else:
             t = time.perf_counter()
             features = backend.encode(np.ascontiguousarray(patch))
             stats.encode_s += time.perf_counter() - t
+            mask = np.zeros(box.size, dtype=bool) if banded else None
             out = refine_box(
                 lambda pts, f=features: decode_probs(f, pts),
                 box,
@@ -343,9 +385,10 @@ def accumulate_adaptive(
                 settings.confidence,
                 settings.min_stride,
                 settings.refine,
+                decoded=mask,
             )
             if key is not None and len(reuse) < 8:
-                reuse[key] = out
+                reuse[key] = (out, mask)
         if probs is None:
             probs = np.zeros((out.shape[0], *padded.shape), dtype=np.float32)
         (z, y, x), (dz, dy, dx) = box.region
@@ -354,8 +397,42 @@ def accumulate_adaptive(
             probs[:, z : z + dz, y : y + dy, x : x + dx] = out
         else:  # seams: the neighbour adds its share there; the weights of a face sum to 1
             probs[:, z : z + dz, y : y + dy, x : x + dx] += out * weights
+        if banded:
+            _blend_bands(probs, box, bands[i], pending.pop(i, []), features, decode_probs)
+            assert mask is not None
+            for axis, j in enumerate(upper[i]):
+                width = bands[j][axis] if j is not None else 0
+                if width:
+                    cut = [slice(None)] * 3
+                    cut[axis] = slice(box.size[axis] - width, None)
+                    pts = np.argwhere(mask[tuple(cut)])
+                    pts[:, axis] += box.size[axis] - width
+                    pending.setdefault(j, []).append((axis, pts + np.asarray(box.start)))  # type: ignore[arg-type]
         stats.windows += 1
         if progress is not None:
             progress(i + 1, len(boxes))
     assert probs is not None  # at least one box always exists
     return probs
+
+
+def _blend_bands(
+    probs: np.ndarray,
+    box: OwnerBox,
+    band: tuple[int, int, int],
+    requests: list[tuple[int, np.ndarray]],
+    features: object | None,
+    decode_probs: Callable[[object, np.ndarray], np.ndarray],
+) -> None:
+    """Decode, with this box's window, the points its lower neighbours decoded in the bands before its
+    low faces, and blend them in place: weight ``1 - d / (band + 1)`` at ``d`` voxels before the face.
+    A reused constant window (``features`` None) keeps its neighbours' values."""
+    if features is None:
+        return
+    for axis, pts in requests:
+        if not len(pts):
+            continue
+        new = decode_probs(features, pts - np.asarray(box.window))  # (N, C)
+        d = (box.start[axis] - pts[:, axis]).astype(np.float32)
+        w = 1.0 - d / (band[axis] + 1)
+        idx = (slice(None), pts[:, 0], pts[:, 1], pts[:, 2])
+        probs[idx] = probs[idx] * (1.0 - w) + new.T * w

@@ -28,6 +28,7 @@ INFERENCE_KEYS = (
     "min_stride",
     "refine",
     "seam",
+    "seam_rule",
 )
 
 FORMAT = "imunet-bundle"

@@ -180,11 +180,12 @@ def test_owner_boxes_get_seams_where_their_windows_overlap():
     assert all(b.seam_lo == (0, 0, 0) for b in boxes if b.start == (0, 0, 0))
 
 
+@pytest.mark.parametrize("rule", ["both", "decoded"])
 @pytest.mark.parametrize("stride", [1, 4])
-def test_seams_keep_a_window_independent_function_exact(stride):
+def test_seams_keep_a_window_independent_function_exact(stride, rule):
     fn = sphere_logits()
     base = InferenceSettings(mode="adaptive", stride=stride, smoothing=1)
-    seamed = InferenceSettings(mode="adaptive", stride=stride, smoothing=1, seam=3)
+    seamed = InferenceSettings(mode="adaptive", stride=stride, smoothing=1, seam=2, seam_rule=rule)
     p0, s0 = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, base)
     p1, s1 = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, seamed)
     if stride == 1:
@@ -192,6 +193,37 @@ def test_seams_keep_a_window_independent_function_exact(stride):
         np.testing.assert_allclose(p1, expected, atol=1e-5)
     assert (p1.argmax(0) == p0.argmax(0)).mean() >= 0.999
     assert s1.points_decoded > s0.points_decoded  # the seams are decoded twice
+    if rule == "decoded" and stride > 1:  # only the boundary points of a band of 2 before each face
+        assert s1.points_decoded < 1.3 * s0.points_decoded
+
+
+def test_decoded_seams_blend_only_where_the_lower_box_decoded():
+    """With a model that adds a per-window bias, the "decoded" rule changes exactly the voxels in the
+    bands before box faces that the lower box decoded, towards the upper window's value."""
+    from test_inference import SHAPE as shape
+
+    class WindowBias(FakeBackend):
+        def decode(self, features, points):
+            logits = super().decode(features, points)
+            logits[:, 0] += np.float32(np.sin(int(features[0, 0, 0]) * 0.7))  # depends on the window
+            return logits
+
+    fn = sphere_logits()
+    plain = InferenceSettings(mode="adaptive", smoothing=1, overlap=0.5)
+    banded = InferenceSettings(mode="adaptive", smoothing=1, overlap=0.5, seam=2, seam_rule="decoded")
+    p0, _ = predict_probabilities(index_volume(), WindowBias(fn), PATCH, plain)
+    p1, _ = predict_probabilities(index_volume(), WindowBias(fn), PATCH, banded)
+    changed = np.abs(p1 - p0).max(0) > 1e-6
+    assert changed.any()
+    faces = [sorted({b.start[k] for b in owner_boxes(shape, PATCH, 0.5, 4)} - {0}) for k in range(3)]
+    near = np.zeros(shape, bool)
+    for k in range(3):
+        for f in faces[k]:
+            cut = [slice(None)] * 3
+            cut[k] = slice(f - 2, f)
+            near[tuple(cut)] = True
+    assert not (changed & ~near).any()  # nothing changes outside the bands
+    np.testing.assert_allclose(p1.sum(0), 1.0, atol=1e-5)
 
 
 def test_seams_blend_window_dependent_predictions_smoothly():

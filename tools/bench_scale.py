@@ -51,6 +51,9 @@ CONFIGS = {
     "implicit-adaptive-seam1": ("implicit", {"seam": 1}),
     "implicit-adaptive-seam2": ("implicit", {"seam": 2}),
     "implicit-adaptive-seam3": ("implicit", {"seam": 3}),
+    # a band before each face; the upper box decodes again only the points the lower box decoded there
+    "implicit-adaptive-band2": ("implicit", {"seam": 2, "seam_rule": "decoded"}),
+    "implicit-adaptive-band4": ("implicit", {"seam": 4, "seam_rule": "decoded"}),
 }
 OPTIONAL = (  # run only when named in --configs
     "implicit-decode-once",
@@ -63,6 +66,8 @@ OPTIONAL = (  # run only when named in --configs
     "implicit-adaptive-seam1",
     "implicit-adaptive-seam2",
     "implicit-adaptive-seam3",
+    "implicit-adaptive-band2",
+    "implicit-adaptive-band4",
 )
 
 
