@@ -157,7 +157,8 @@ def main() -> None:
             entry["mean_dice_vs_implicit_dense"] = round(float(np.mean(vs_dense)), 4)
         report[name] = entry
     med = {k: v["median_wall_s"] for k, v in report.items()}
-    report["ratios"] = {f"{k}_over_unet": round(v / med["unet"], 3) for k, v in med.items() if k != "unet"}
+    if "unet" in med:  # a run of implicit configurations only (e.g. dense alone) has no ratio
+        report["ratios"] = {f"{k}_over_unet": round(v / med["unet"], 3) for k, v in med.items() if k != "unet"}
     report["setup"] = {
         "size_zyx": list(size),
         "voxels": int(np.prod(size)),
