@@ -1,6 +1,6 @@
 """Plot whole-scan time and peak memory against volume size from ``tools/bench_scale.py`` results.
 
-    python tools/plot_scale.py docs/results/scale_*.json --out docs/results/scale_time.png
+python tools/plot_scale.py docs/results/scale_*.json --out docs/results/scale_time.png
 """
 
 from __future__ import annotations
