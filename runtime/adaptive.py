@@ -35,6 +35,7 @@ from .windows import window_starts
 
 REFINE_RULES = ("cells", "elements")
 SEAM_RULES = ("both", "decoded")
+BOX_LAYOUTS = ("even", "balanced")
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend
@@ -62,13 +63,14 @@ class OwnerBox:
         return start, size  # type: ignore[return-value]
 
 
-def _axis_layout(length: int, patch: int, step: int) -> list[tuple[int, int, int]]:
-    """``(box start, box size, window start)`` along one axis; boxes sharing a window are merged."""
+def _axis_layout(length: int, patch: int, faces: list[int]) -> list[tuple[int, int, int]]:
+    """``(box start, box size, window start)`` along one axis for boxes starting at ``0`` and at each
+    of ``faces``; each window is centred on its box (shifted to stay inside the volume); boxes
+    sharing a window are merged."""
     out: list[tuple[int, int, int]] = []
-    margin = (patch - step) // 2
-    for a in range(0, length, step):
-        size = min(step, length - a)
-        w = int(np.clip(a - margin, 0, length - patch))
+    for a, b in zip([0, *faces], [*faces, length]):
+        size = b - a
+        w = int(np.clip(a - (patch - size) // 2, 0, length - patch))
         if out and out[-1][2] == w:
             a0, s0, _ = out[-1]
             out[-1] = (a0, s0 + size, w)
@@ -78,9 +80,10 @@ def _axis_layout(length: int, patch: int, step: int) -> list[tuple[int, int, int
 
 
 def box_step(length: int, patch: int, overlap: float, stride: int) -> int:
-    """Edge of the owner boxes along one axis: as many boxes as the blended modes have windows
-    (``window_starts``), each a multiple of ``stride`` (aligned to the global lattice) and at most
-    ``patch - 2``, so the lattice face after a box still lies inside the box's window."""
+    """Edge of the ``even`` owner boxes along one axis: about as many boxes as the blended modes have
+    windows (``window_starts``), each a multiple of ``stride`` (aligned to the global lattice) and at
+    most ``patch - 2``, so the lattice face after a box still lies inside the box's window. Rounding
+    up to the stride can leave fewer boxes than windows (larger boxes, less context at their faces)."""
     limit = (patch - 2) // stride * stride
     if limit < stride:
         raise ValueError(f"patch {patch} is too small for adaptive decoding at stride {stride}")
@@ -90,6 +93,31 @@ def box_step(length: int, patch: int, overlap: float, stride: int) -> int:
         step = -(-per_box // stride) * stride  # rounded up to the stride
         if step <= limit:
             return step
+        n += 1
+
+
+def box_faces(length: int, patch: int, overlap: float, stride: int, layout: str = "even") -> list[int]:
+    """Starts of the owner boxes after the first along one axis (multiples of ``stride``).
+
+    ``even``: boxes of :func:`box_step` voxels, the last one shorter. ``balanced``: exactly as many
+    boxes as the blended modes have windows, each face on the stride multiple nearest to an even
+    split, so sizes differ by at most one stride and every face has at least the context the
+    blended windows give their midpoints (more encoder windows than ``even`` where it rounds up)."""
+    if layout not in BOX_LAYOUTS:
+        raise ValueError(f"box layout must be one of {BOX_LAYOUTS}, got {layout!r}")
+    if layout == "even":
+        step = box_step(length, patch, overlap, stride)
+        return list(range(step, length, step))
+    limit = (patch - 2) // stride * stride
+    if limit < stride:
+        raise ValueError(f"patch {patch} is too small for adaptive decoding at stride {stride}")
+    n = len(window_starts(length, patch, overlap))
+    while True:
+        faces = sorted({int(round(k * length / n / stride)) * stride for k in range(1, n)} - {0})
+        faces = [f for f in faces if f < length]
+        sizes = np.diff([0, *faces, length])
+        if sizes.max() <= limit:
+            return faces
         n += 1
 
 
@@ -105,11 +133,17 @@ def _axis_seams(layout: list[tuple[int, int, int]], patch: int, seam: int) -> li
 
 
 def owner_boxes(
-    shape: tuple[int, int, int], patch: tuple[int, int, int], overlap: float, stride: int, seam: int = 0
+    shape: tuple[int, int, int],
+    patch: tuple[int, int, int],
+    overlap: float,
+    stride: int,
+    seam: int = 0,
+    layout: str = "even",
 ) -> list[OwnerBox]:
-    """Partition of a volume of ``shape`` (padded to >= ``patch``) into owner boxes, each decoded
-    by the window centred on it (shifted to stay inside the volume), with up to ``seam`` voxels
-    either side of each face between two boxes decoded by both and blended (:func:`seam_weights`)."""
+    """Partition of a volume of ``shape`` (padded to >= ``patch``) into owner boxes (``layout``:
+    :func:`box_faces`), each decoded by the window centred on it (shifted to stay inside the volume),
+    with up to ``seam`` voxels either side of each face between two boxes decoded by both and blended
+    (:func:`seam_weights`)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if seam < 0:
@@ -118,8 +152,8 @@ def owner_boxes(
     for length, p in zip(shape, patch):
         if length < p:
             raise ValueError(f"volume axis {length} is shorter than the patch {p}; pad first")
-        layout = _axis_layout(length, p, box_step(length, p, overlap, stride))
-        axes.append([(*entry, *sides) for entry, sides in zip(layout, _axis_seams(layout, p, seam))])
+        boxes = _axis_layout(length, p, box_faces(length, p, overlap, stride, layout))
+        axes.append([(*entry, *sides) for entry, sides in zip(boxes, _axis_seams(boxes, p, seam))])
     return [
         OwnerBox(*(tuple(int(a[k]) for a in (z, y, x)) for k in range(5)))  # type: ignore[arg-type]
         for z in axes[0]
@@ -349,7 +383,7 @@ def accumulate_adaptive(
     points the lower box decoded there (its boundary points), blended with a linear ramp that reaches
     the upper box's own prediction at the face. Boxes run in z, y, x order, so a box's lower
     neighbours are done when it runs."""
-    boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride, settings.seam)
+    boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride, settings.seam, settings.boxes)
     banded = settings.seam > 0 and settings.seam_rule == "decoded"
     bands = [b.seam_lo for b in boxes]  # band width before each box's low faces
     if banded:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .adaptive import REFINE_RULES, SEAM_RULES, accumulate_adaptive
+from .adaptive import BOX_LAYOUTS, REFINE_RULES, SEAM_RULES, accumulate_adaptive
 from .labels import smoothed_argmax
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from .windows import gaussian_importance, pad_to_patch, window_slices
@@ -41,6 +41,7 @@ class InferenceSettings:
     refine: str = "elements"  # adaptive: "cells" refines whole cells at every level; see .adaptive.refine_box
     seam: int = 0  # adaptive: width of the blended seams between owner boxes, voxels (0: none)
     seam_rule: str = "both"  # adaptive: "both" sides of a face decoded by both boxes; "decoded": see .adaptive
+    boxes: str = "even"  # adaptive: owner-box layout, "even" or "balanced" (.adaptive.box_faces)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -61,6 +62,8 @@ class InferenceSettings:
             raise ValueError(f"seam must be >= 0, got {self.seam}")
         if self.seam_rule not in SEAM_RULES:
             raise ValueError(f"seam_rule must be one of {SEAM_RULES}, got {self.seam_rule!r}")
+        if self.boxes not in BOX_LAYOUTS:
+            raise ValueError(f"boxes must be one of {BOX_LAYOUTS}, got {self.boxes!r}")
         if self.halo < 0 or not 0 <= self.confidence < 1:
             raise ValueError(f"need halo >= 0 and confidence in [0, 1), got {self.halo}, {self.confidence}")
 

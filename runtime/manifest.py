@@ -29,6 +29,7 @@ INFERENCE_KEYS = (
     "refine",
     "seam",
     "seam_rule",
+    "boxes",
 )
 
 FORMAT = "imunet-bundle"

@@ -17,14 +17,15 @@ from conftest import FakeBackend
     shape=st.tuples(*[st.integers(16, 70)] * 3),
     overlap=st.sampled_from([0.0, 0.1, 0.3, 0.5]),
     stride=st.sampled_from([1, 2, 4, 8]),
+    layout=st.sampled_from(["even", "balanced"]),
 )
-def test_owner_boxes_partition_the_volume_and_fit_their_windows(shape, overlap, stride):
+def test_owner_boxes_partition_the_volume_and_fit_their_windows(shape, overlap, stride, layout):
     patch = (16, 16, 12)
     shape = tuple(max(s, p) for s, p in zip(shape, patch))
     if stride > 4:
         with pytest.raises(ValueError, match="too small"):
-            owner_boxes(shape, (8, 8, 8), overlap, stride)
-    boxes = owner_boxes(shape, patch, overlap, min(stride, 4))
+            owner_boxes(shape, (8, 8, 8), overlap, stride, layout=layout)
+    boxes = owner_boxes(shape, patch, overlap, min(stride, 4), layout=layout)
     hits = np.zeros(shape, np.int32)
     for b in boxes:
         hits[tuple(slice(a, a + n) for a, n in zip(b.start, b.size))] += 1
@@ -33,6 +34,26 @@ def test_owner_boxes_partition_the_volume_and_fit_their_windows(shape, overlap, 
             assert 0 <= w and w + p <= length  # the window lies in the volume
             assert w <= a and min(a + n, length - 1) <= w + p - 1  # box and its far lattice face in the window
     assert (hits == 1).all()  # every voxel in exactly one box
+
+
+def test_balanced_boxes_match_the_blended_window_count_with_near_equal_sizes():
+    from imunet.runtime.adaptive import box_faces
+    from imunet.runtime.windows import window_starts
+
+    for length, patch in ((200, 40), (512, 56), (512, 40), (256, 40), (97, 40)):
+        faces = box_faces(length, patch, 0.3, 4, "balanced")
+        sizes = np.diff([0, *faces, length])
+        assert len(sizes) == len(window_starts(length, patch, 0.3))
+        assert all(f % 4 == 0 for f in faces)
+        assert sizes[:-1].max() - sizes[:-1].min() <= 4  # the last box takes the remainder
+        even = box_faces(length, patch, 0.3, 4, "even")
+        assert len(faces) >= len(even)  # never fewer windows than the even layout
+    # at 512 voxels and a 40-voxel patch the even layout rounds 29-voxel boxes up to 32: 16 boxes, not 18
+    assert len(box_faces(512, 40, 0.3, 4, "even")) + 1 == 16
+    with pytest.raises(ValueError, match="box layout must be one of"):
+        box_faces(100, 40, 0.3, 4, "tight")
+    with pytest.raises(ValueError, match="boxes must be one of"):
+        InferenceSettings(boxes="tight")
 
 
 def test_owner_boxes_need_fewer_windows_at_lower_overlap():
@@ -47,6 +68,20 @@ def test_adaptive_at_stride_1_decodes_every_voxel_once_and_exactly():
     expected = softmax(fn(index_volume().ravel())).T.reshape(3, *SHAPE)
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     assert stats.points_per_voxel < 1.25  # once per voxel, plus the shared far faces of the boxes
+
+
+def test_balanced_boxes_decode_a_window_independent_function_exactly():
+    fn = sphere_logits()
+    expected = softmax(fn(index_volume().ravel())).T.reshape(3, *SHAPE)
+    once = InferenceSettings(mode="adaptive", stride=1, smoothing=1, boxes="balanced")
+    probs, stats = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, once)
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    even = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive"))[1]
+    coarse = InferenceSettings(mode="adaptive", boxes="balanced")
+    labels, balanced = predict_labels(index_volume(), FakeBackend(fn), PATCH, coarse)
+    dense = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="dense"))[0]
+    assert (labels == dense).mean() >= 0.999
+    assert balanced.windows >= even.windows
 
 
 @pytest.mark.parametrize("stride", [2, 4, 8])

@@ -54,6 +54,12 @@ CONFIGS = {
     # a band before each face; the upper box decodes again only the points the lower box decoded there
     "implicit-adaptive-band2": ("implicit", {"seam": 2, "seam_rule": "decoded"}),
     "implicit-adaptive-band4": ("implicit", {"seam": 4, "seam_rule": "decoded"}),
+    # as many owner boxes as blended windows: more context at their faces, more encoder windows
+    "implicit-adaptive-balanced": ("implicit", {"boxes": "balanced"}),
+    "implicit-adaptive-balanced-seam2": ("implicit", {"boxes": "balanced", "seam": 2}),
+    # fewer, larger owner boxes (fewer encoder windows) with seams at their faces
+    "implicit-adaptive-overlap0.15-seam2": ("implicit", {"overlap": 0.15, "seam": 2}),
+    "implicit-adaptive-overlap0.15-seam4": ("implicit", {"overlap": 0.15, "seam": 4}),
 }
 OPTIONAL = (  # run only when named in --configs
     "implicit-decode-once",
@@ -68,6 +74,10 @@ OPTIONAL = (  # run only when named in --configs
     "implicit-adaptive-seam3",
     "implicit-adaptive-band2",
     "implicit-adaptive-band4",
+    "implicit-adaptive-overlap0.15-seam2",
+    "implicit-adaptive-overlap0.15-seam4",
+    "implicit-adaptive-balanced",
+    "implicit-adaptive-balanced-seam2",
 )
 
 
