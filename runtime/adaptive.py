@@ -5,8 +5,10 @@ in two to three windows, and a band of fixed width is decoded even where the bro
 Here instead:
 
 * **Owner boxes.** The (padded) volume is partitioned into boxes aligned to the global stride-``s``
-  lattice. Each box is decoded only with the features of the window centred on it, so windows still
-  overlap for context but every voxel is decoded in one window; nothing is blended.
+  lattice, by default as many per axis as the blended modes have windows (:func:`box_faces`). Each
+  box is decoded only with the features of the window centred on it, so windows still overlap for
+  context but every voxel is decoded in one window; nothing is blended. The context a face gets
+  (half of patch minus box) is what decides the accuracy next to it.
 * **Coarse to fine.** Per box: decode the stride-``s`` lattice; a cell (its 8 lattice corners)
   whose corners share one label (and, optionally, are all confident) is filled with that label;
   the other cells are refined on the stride ``s/2`` lattice, and so on down to stride 1.
@@ -96,7 +98,7 @@ def box_step(length: int, patch: int, overlap: float, stride: int) -> int:
         n += 1
 
 
-def box_faces(length: int, patch: int, overlap: float, stride: int, layout: str = "even") -> list[int]:
+def box_faces(length: int, patch: int, overlap: float, stride: int, layout: str = "balanced") -> list[int]:
     """Starts of the owner boxes after the first along one axis (multiples of ``stride``).
 
     ``even``: boxes of :func:`box_step` voxels, the last one shorter. ``balanced``: exactly as many
@@ -138,7 +140,7 @@ def owner_boxes(
     overlap: float,
     stride: int,
     seam: int = 0,
-    layout: str = "even",
+    layout: str = "balanced",
 ) -> list[OwnerBox]:
     """Partition of a volume of ``shape`` (padded to >= ``patch``) into owner boxes (``layout``:
     :func:`box_faces`), each decoded by the window centred on it (shifted to stay inside the volume),

@@ -41,7 +41,7 @@ class InferenceSettings:
     refine: str = "elements"  # adaptive: "cells" refines whole cells at every level; see .adaptive.refine_box
     seam: int = 0  # adaptive: width of the blended seams between owner boxes, voxels (0: none)
     seam_rule: str = "both"  # adaptive: "both" sides of a face decoded by both boxes; "decoded": see .adaptive
-    boxes: str = "even"  # adaptive: owner-box layout, "even" or "balanced" (.adaptive.box_faces)
+    boxes: str = "balanced"  # adaptive: owner-box layout, "balanced" or "even" (.adaptive.box_faces)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

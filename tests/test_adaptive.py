@@ -76,8 +76,9 @@ def test_balanced_boxes_decode_a_window_independent_function_exactly():
     once = InferenceSettings(mode="adaptive", stride=1, smoothing=1, boxes="balanced")
     probs, stats = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, once)
     np.testing.assert_allclose(probs, expected, atol=1e-6)
-    even = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="adaptive"))[1]
-    coarse = InferenceSettings(mode="adaptive", boxes="balanced")
+    even_settings = InferenceSettings(mode="adaptive", boxes="even")
+    even = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, even_settings)[1]
+    coarse = InferenceSettings(mode="adaptive")  # balanced: the default
     labels, balanced = predict_labels(index_volume(), FakeBackend(fn), PATCH, coarse)
     dense = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="dense"))[0]
     assert (labels == dense).mean() >= 0.999

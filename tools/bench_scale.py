@@ -54,8 +54,10 @@ CONFIGS = {
     # a band before each face; the upper box decodes again only the points the lower box decoded there
     "implicit-adaptive-band2": ("implicit", {"seam": 2, "seam_rule": "decoded"}),
     "implicit-adaptive-band4": ("implicit", {"seam": 4, "seam_rule": "decoded"}),
-    # as many owner boxes as blended windows: more context at their faces, more encoder windows
+    # owner-box layouts: as many boxes as blended windows (the default since session 5), or the
+    # stride-rounded even boxes before it (fewer encoder windows, less context at their faces)
     "implicit-adaptive-balanced": ("implicit", {"boxes": "balanced"}),
+    "implicit-adaptive-even": ("implicit", {"boxes": "even"}),
     "implicit-adaptive-balanced-seam2": ("implicit", {"boxes": "balanced", "seam": 2}),
     # fewer, larger owner boxes (fewer encoder windows) with seams at their faces
     "implicit-adaptive-overlap0.15-seam2": ("implicit", {"overlap": 0.15, "seam": 2}),
@@ -77,6 +79,7 @@ OPTIONAL = (  # run only when named in --configs
     "implicit-adaptive-overlap0.15-seam2",
     "implicit-adaptive-overlap0.15-seam4",
     "implicit-adaptive-balanced",
+    "implicit-adaptive-even",
     "implicit-adaptive-balanced-seam2",
 )
 
