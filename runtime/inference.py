@@ -229,8 +229,8 @@ def predict_labels(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, InferenceStats]:
     """Label map ``(Z, Y, X)`` uint8: the argmax of :func:`predict_probabilities`, with the smoothing
-    computed only where it can change a label (:func:`.labels.smoothed_argmax`: same labels, a
-    fraction of the time and no smoothed copy of the class maps)."""
+    computed only where it can change a label (:func:`.labels.smoothed_argmax`: same labels, no
+    smoothed copy of the class maps)."""
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
     acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats)
