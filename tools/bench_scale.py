@@ -43,6 +43,7 @@ CONFIGS = {
     # adaptive mode's overlap only sets the owner boxes' size: less overlap, bigger boxes, fewer encoder
     # windows and less context around each box's faces
     "implicit-adaptive-overlap0.3": ("implicit", {"overlap": 0.3}),
+    "implicit-adaptive-overlap0.25": ("implicit", {"overlap": 0.25}),
     "implicit-adaptive-overlap0.15": ("implicit", {"overlap": 0.15}),
     "implicit-adaptive-overlap0": ("implicit", {"overlap": 0.0}),
     "unet-overlap0": ("unet", {"overlap": 0.0}),  # the U-Net's side of the same trade: no blending
@@ -67,6 +68,7 @@ OPTIONAL = (  # run only when named in --configs
     "implicit-decode-once",
     "implicit-adaptive-cells",
     "implicit-adaptive-overlap0.3",
+    "implicit-adaptive-overlap0.25",
     "implicit-adaptive-overlap0.15",
     "implicit-adaptive-overlap0",
     "unet-overlap0",
