@@ -81,14 +81,21 @@ def _axis_layout(length: int, patch: int, faces: list[int]) -> list[tuple[int, i
     return out
 
 
+def _box_limit(patch: int, stride: int) -> int:
+    """Largest box edge for ``patch``: a multiple of ``stride`` of at most ``patch - 2``, so the lattice
+    face after a box still lies inside the box's window."""
+    limit = (patch - 2) // stride * stride
+    if limit < stride:
+        raise ValueError(f"patch {patch} is too small for adaptive decoding at stride {stride}")
+    return limit
+
+
 def box_step(length: int, patch: int, overlap: float, stride: int) -> int:
     """Edge of the ``even`` owner boxes along one axis: about as many boxes as the blended modes have
     windows (``window_starts``), each a multiple of ``stride`` (aligned to the global lattice) and at
     most ``patch - 2``, so the lattice face after a box still lies inside the box's window. Rounding
     up to the stride can leave fewer boxes than windows (larger boxes, less context at their faces)."""
-    limit = (patch - 2) // stride * stride
-    if limit < stride:
-        raise ValueError(f"patch {patch} is too small for adaptive decoding at stride {stride}")
+    limit = _box_limit(patch, stride)
     n = len(window_starts(length, patch, overlap))
     while True:
         per_box = -(-length // n)  # ceil(length / n)
@@ -103,16 +110,14 @@ def box_faces(length: int, patch: int, overlap: float, stride: int, layout: str 
 
     ``even``: boxes of :func:`box_step` voxels, the last one shorter. ``balanced``: exactly as many
     boxes as the blended modes have windows, each face on the stride multiple nearest to an even
-    split, so sizes differ by at most one stride and every face has at least the context the
-    blended windows give their midpoints (more encoder windows than ``even`` where it rounds up)."""
+    split, so sizes differ by at most one stride and most faces get the context the blended windows
+    give their midpoints (more encoder windows than ``even`` where that rounds up)."""
     if layout not in BOX_LAYOUTS:
         raise ValueError(f"box layout must be one of {BOX_LAYOUTS}, got {layout!r}")
     if layout == "even":
         step = box_step(length, patch, overlap, stride)
         return list(range(step, length, step))
-    limit = (patch - 2) // stride * stride
-    if limit < stride:
-        raise ValueError(f"patch {patch} is too small for adaptive decoding at stride {stride}")
+    limit = _box_limit(patch, stride)
     n = len(window_starts(length, patch, overlap))
     while True:
         faces = sorted({int(round(k * length / n / stride)) * stride for k in range(1, n)} - {0})

@@ -26,8 +26,7 @@ def rows(reports: list[dict]) -> list[str]:
         head += ["- dense"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
-        present = [r for r in reports if name in r]
-        if len(present) != len(reports):
+        if not all(name in r for r in reports):
             continue
         first = reports[0][name]
         diffs, ratios = [], []
