@@ -8,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from imunet.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, load_bundl
 
 from .onnx import DEFAULT_OPSET, export_dense, export_implicit, unsupported_by_tensorrt, verify_parity
 from .quantize import int8_parity, quantize_decoder
-from .wrappers import feature_names
+from .wrappers import feature_layouts, feature_names, feature_shape
 
 PARITY_TOLERANCE = 1e-4
 
@@ -77,11 +78,16 @@ def build_manifest(
     max_points: int,
     opset: int,
     run_dir: Path,
+    feature_layout: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The manifest dict (without the ``files`` digests, added last)."""
     m = cfg.model
     inference = InferenceSettings()
-    shapes = [[1, c, *(p // 2**b for p in m.patch_size)] for b, c in enumerate(m.channels)]
+    layouts = feature_layouts(feature_layout, m.levels)
+    shapes = [
+        feature_shape(c, tuple(p // 2**b for p in m.patch_size), lay)
+        for b, (c, lay) in enumerate(zip(m.channels, layouts))
+    ]
     names = feature_names(m.levels)
     if m.kind == "implicit":
         graph_info = {
@@ -125,6 +131,7 @@ def build_manifest(
         "decoder": {
             "pe_frequencies": m.pe_frequencies,
             "gather": m.gather,
+            "feature_layout": list(layouts),
             "points_dtype": "int32",
             "coordinates": "points are voxel indices (z, y, x) in the patch; normalised inside the graph "
             "to 2 * p / (S - 1) - 1 per axis, S the patch size",
@@ -175,10 +182,14 @@ def write_bundle(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     int8: bool = True,
+    feature_layout: str | Sequence[str] | None = None,
 ) -> Path:
     """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place).
 
-    ``int8`` adds an int8 decoder variant for onnxruntime on CPUs (implicit bundles only)."""
+    ``int8`` adds an int8 decoder variant for onnxruntime on CPUs (implicit bundles only).
+    ``feature_layout`` is how ``encoder.onnx`` hands each level's feature map to ``decoder.onnx``
+    (None: the default per level; ``"channels_first"`` writes the layout of bundles before session 6;
+    the runtime reads any)."""
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: exists; pass --overwrite to replace it")
     cfg, stats, model = load_run(run_dir)
@@ -186,11 +197,11 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if cfg.model.kind == "implicit":
-            graphs = export_implicit(model, cfg.model, tmp, opset)
+            graphs = export_implicit(model, cfg.model, tmp, opset, feature_layout)
         else:
             graphs = export_dense(model, cfg.model, tmp, opset)
         log(f"exported {', '.join(p.name for p in graphs.values())} (opset {opset})")
-        parity = verify_parity(model, cfg.model, graphs)
+        parity = verify_parity(model, cfg.model, graphs, feature_layout=feature_layout)
         worst = max(parity["max_abs_diff"].values())
         parity["tolerance"] = PARITY_TOLERANCE
         parity["passed"] = bool(worst < PARITY_TOLERANCE)
@@ -203,7 +214,7 @@ def write_bundle(
         bad = {k: v for k, v in unsupported.items() if v}
         if bad:
             raise BundleError(f"graphs use operators TensorRT cannot parse: {bad}")
-        manifest = build_manifest(cfg, stats, graphs, {"onnx": parity}, max_points, opset, run_dir)
+        manifest = build_manifest(cfg, stats, graphs, {"onnx": parity}, max_points, opset, run_dir, feature_layout)
         manifest["tensorrt_ops_checked"] = True
         if int8 and cfg.model.kind == "implicit":
             q = quantize_decoder(graphs["decoder"], tmp / "decoder_int8.onnx")

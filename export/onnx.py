@@ -1,7 +1,9 @@
 """Export to ONNX and verify: checker, shape inference, TensorRT operator support, parity.
 
 Graph contract (names are fixed; the manifest records shapes):
-- ``encoder.onnx``: ``image`` (1, 1, Z, Y, X) float32 -> ``f0 .. f{L-1}``.
+- ``encoder.onnx``: ``image`` (1, 1, Z, Y, X) float32 -> ``f0 .. f{L-1}``, each (Z_b, Y_b, X_b, C_b)
+  (``channels_last``) or (1, C_b, Z_b, Y_b, X_b) (``channels_first``); the manifest's
+  ``decoder.feature_layout`` lists one per level (absent: all channels-first, bundles before session 6).
 - ``decoder.onnx``: ``f0 .. f{L-1}`` + ``points`` (N, 3) int32 -> ``logits`` (N, C); N dynamic.
 - ``model.onnx`` (U-Net baseline): ``image`` -> ``logits`` (1, C, Z, Y, X).
 """
@@ -9,6 +11,7 @@ Graph contract (names are fixed; the manifest records shapes):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 
 from imunet.config import ModelConfig
 
-from .wrappers import DecoderExport, DenseExport, EncoderExport, feature_names
+from .wrappers import DecoderExport, DenseExport, EncoderExport, feature_layouts, feature_names
 
 DEFAULT_OPSET = 17
 
@@ -77,20 +80,24 @@ def _export(
 
 
 def export_implicit(
-    model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    feature_layout: str | Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``encoder.onnx`` and ``decoder.onnx`` for an Implicit U-Net; returns their paths."""
     model = model.eval().cpu()
     names = feature_names(cfg.levels)
     image = torch.zeros(1, 1, *cfg.patch_size)
     enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
-    enc = EncoderExport(model)
+    enc = EncoderExport(model, feature_layout)
     _export(enc, (image,), enc_path, ["image"], names, {}, opset)
     with torch.no_grad():
         feats = enc(image)
     points = torch.zeros(7, 3, dtype=torch.int32)
     _export(
-        DecoderExport(model),
+        DecoderExport(model, feature_layout),
         (*feats, points),
         dec_path,
         [*names, "points"],
@@ -127,6 +134,7 @@ def verify_parity(
     trials: int = 2,
     points: int = 4096,
     seed: int = 0,
+    feature_layout: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Max |torch - onnxruntime| on random patches and points, per graph (float32, CPU)."""
     model = model.eval().cpu()
@@ -145,6 +153,8 @@ def verify_parity(
             ref_logits = model.decode(feats_t, torch.from_numpy(pts.astype(np.int64))[None])[0].numpy()
         names = feature_names(cfg.levels)
         feats = _session(graphs["encoder"]).run(names, {"image": image})
+        layouts = feature_layouts(feature_layout, cfg.levels)
+        feats_t = [f[0].permute(1, 2, 3, 0) if lay == "channels_last" else f for f, lay in zip(feats_t, layouts)]
         enc_diff = max(float(np.abs(f.numpy() - g).max()) for f, g in zip(feats_t, feats))
         logits = _session(graphs["decoder"]).run(["logits"], {**dict(zip(names, feats)), "points": pts})[0]
         out["encoder"] = max(out.get("encoder", 0.0), enc_diff)

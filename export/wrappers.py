@@ -8,6 +8,7 @@ positional encoding are traced into the decoder graph, so feature maps never lea
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -16,9 +17,39 @@ from torch.nn.utils import parametrize
 from imunet.model.decoder import normalise_coordinates, positional_encoding
 from imunet.model.network import ImplicitUNet
 
+FEATURE_LAYOUTS = ("channels_last", "channels_first")
+
+
+def default_feature_layouts(levels: int) -> tuple[str, ...]:
+    """Level 0 channels-first, deeper levels channels-last (measured in docs/BENCHMARKS.md, session 6).
+
+    Transposing a map costs the encoder time in proportion to its size; a channels-last map saves
+    the decoder ``C_b`` scattered reads per point. Level 0 is the largest map with the fewest
+    channels, so its transpose costs more than it saves."""
+    return ("channels_first",) + ("channels_last",) * (levels - 1)
+
+
+def feature_layouts(layouts: str | Sequence[str] | None, levels: int) -> tuple[str, ...]:
+    """One layout name per level: ``None`` is the default, a single name applies to every level."""
+    if layouts is None:
+        out = default_feature_layouts(levels)
+    elif isinstance(layouts, str):
+        out = (layouts,) * levels
+    else:
+        out = tuple(layouts)
+    bad = [x for x in out if x not in FEATURE_LAYOUTS]
+    if bad or len(out) != levels:
+        raise ValueError(f"feature layouts {out!r}: need {levels} of {', '.join(FEATURE_LAYOUTS)}")
+    return out
+
 
 def feature_names(levels: int) -> list[str]:
     return [f"f{b}" for b in range(levels)]
+
+
+def feature_shape(channels: int, spatial: tuple[int, ...], layout: str) -> list[int]:
+    """The shape of one level's feature map as ``encoder.onnx`` emits it in ``layout``."""
+    return [*spatial, channels] if layout == "channels_last" else [1, channels, *spatial]
 
 
 def fold_weight_norm(module: nn.Module) -> nn.Module:
@@ -44,26 +75,40 @@ def fold_weight_norm(module: nn.Module) -> nn.Module:
 
 
 class EncoderExport(nn.Module):
-    """``image`` ``(1, 1, Z, Y, X)`` -> ``f0 .. f{L-1}`` ``(1, C_b, Z/2^b, Y/2^b, X/2^b)``."""
+    """``image`` ``(1, 1, Z, Y, X)`` -> ``f0 .. f{L-1}``, one layout per level.
 
-    def __init__(self, model: ImplicitUNet) -> None:
+    ``channels_last``: ``(Z/2^b, Y/2^b, X/2^b, C_b)``, so that the decoder's gather copies one
+    contiguous row of ``C_b`` numbers per point; ``channels_first``: the convolution's own
+    ``(1, C_b, Z/2^b, Y/2^b, X/2^b)``, where each point costs ``C_b`` scattered reads.
+    """
+
+    def __init__(self, model: ImplicitUNet, layouts: str | Sequence[str] | None = None) -> None:
         super().__init__()
+        self.layouts = feature_layouts(layouts, model.cfg.levels)
         self.encoder = fold_weight_norm(model.encoder)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.encoder(image))
+        out = []
+        for f, layout in zip(self.encoder(image), self.layouts):
+            if layout == "channels_last":  # a 5-D Transpose, then a free Reshape (no batch-index copy)
+                _, c, zs, ys, xs = f.shape
+                f = f.permute(0, 2, 3, 4, 1).reshape(zs, ys, xs, c)
+            out.append(f)
+        return tuple(out)
 
 
 class DecoderExport(nn.Module):
     """``f0 .. f{L-1}`` + ``points`` ``(N, 3)`` int32 voxel indices ``(z, y, x)`` -> ``logits`` ``(N, C)``.
 
-    The gather uses a flat ``Gather`` on each ``(C_b, Z_b*Y_b*X_b)`` map; cell indices are
+    The gather is a flat ``Gather`` of rows of each ``(Z_b*Y_b*X_b, C_b)`` map (columns of
+    ``(C_b, Z_b*Y_b*X_b)`` for ``channels_first`` bundles); cell indices are
     computed in float32 with ``Floor`` (exact for indices below 2**24) rather than an integer
     floor division, which older TensorRT parsers lower through the unsupported ``Mod``.
     """
 
-    def __init__(self, model: ImplicitUNet) -> None:
+    def __init__(self, model: ImplicitUNet, layouts: str | Sequence[str] | None = None) -> None:
         super().__init__()
+        self.layouts = feature_layouts(layouts, model.cfg.levels)
         self.cfg = model.cfg
         self.mlp = fold_weight_norm(model.decoder)
 
@@ -71,8 +116,11 @@ class DecoderExport(nn.Module):
         *features, points = inputs
         pts = points.to(torch.float32)
         gathered = []
-        for b, f in enumerate(features):
-            _, c, zs, ys, xs = f.shape
+        for b, (f, layout) in enumerate(zip(features, self.layouts)):
+            if layout == "channels_last":
+                zs, ys, xs, c = f.shape
+            else:
+                _, c, zs, ys, xs = f.shape
             scale = float(2**b)
             if self.cfg.gather == "floor":
                 cell = torch.floor(pts / scale)
@@ -82,7 +130,10 @@ class DecoderExport(nn.Module):
             cell = torch.minimum(cell, upper)
             cell = cell.to(torch.int64)
             flat = (cell[:, 0] * ys + cell[:, 1]) * xs + cell[:, 2]
-            gathered.append(torch.index_select(f.reshape(c, zs * ys * xs), 1, flat).transpose(0, 1))
+            if layout == "channels_last":
+                gathered.append(torch.index_select(f.reshape(zs * ys * xs, c), 0, flat))
+            else:
+                gathered.append(torch.index_select(f.reshape(c, zs * ys * xs), 1, flat).transpose(0, 1))
         enc = positional_encoding(normalise_coordinates(points, self.cfg.patch_size), self.cfg.pe_frequencies)
         return self.mlp(torch.cat([*gathered, enc], dim=-1))
 

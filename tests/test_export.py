@@ -63,6 +63,36 @@ def test_decoder_graph_has_dynamic_points_and_the_gather_inside(bundle_dir):
     assert "ReduceL2" not in ops  # weight normalisation was folded
 
 
+def test_feature_layouts_agree_and_the_manifest_records_them(trained_run, bundle_dir, tmp_path):
+    import onnxruntime as ort
+
+    from imunet.export.bundle import write_bundle
+
+    def export(name, layout):
+        return write_bundle(trained_run[0], tmp_path / name, feature_layout=layout, log=lambda _m: None)
+
+    first, last = export("first.imunet", "channels_first"), export("last.imunet", "channels_last")
+    outputs = {}
+    for b, layout in ((first, ["channels_first"] * 4), (last, ["channels_last"] * 4), (bundle_dir, None)):
+        m = json.loads((b / "manifest.json").read_text())
+        if layout is not None:
+            assert m["decoder"]["feature_layout"] == layout
+        enc = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
+        declared = m["graphs"]["encoder"]["outputs"]
+        assert {o.name: list(o.shape) for o in enc.get_outputs()} == declared  # the manifest says the truth
+        dec = ort.InferenceSession(str(b / "decoder.onnx"), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        patch = m["patch_size"]
+        image = rng.normal(size=(1, 1, *patch)).astype(np.float32)
+        feats = dict(zip(declared, enc.run(list(declared), {"image": image})))
+        pts = np.stack([rng.integers(0, s, 2000) for s in patch], axis=1).astype(np.int32)
+        outputs[b.name] = dec.run(["logits"], {**feats, "points": pts})[0]
+    default = json.loads((bundle_dir / "manifest.json").read_text())["decoder"]["feature_layout"]
+    assert default == ["channels_first", "channels_last", "channels_last", "channels_last"]
+    assert np.abs(outputs["first.imunet"] - outputs["last.imunet"]).max() < 1e-5
+    assert np.abs(outputs["first.imunet"] - outputs[bundle_dir.name]).max() < 1e-5
+
+
 def test_changed_byte_in_decoder_is_refused(bundle_dir, tmp_path):
     b = copy_bundle(bundle_dir, tmp_path)
     data = bytearray((b / "decoder.onnx").read_bytes())
