@@ -27,12 +27,14 @@ the caller smooths it and takes the argmax exactly as for the blended modes.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .mesh import dilate, grid_points
+from .parallel import ordered_map
 from .windows import window_starts
 
 REFINE_RULES = ("cells", "elements")
@@ -381,8 +383,10 @@ def accumulate_adaptive(
     stats: InferenceStats,
     decode_probs: Callable[[object, np.ndarray], np.ndarray],
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> np.ndarray:
-    """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume, one owner box at a time.
+    """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume, one owner box at a time
+    (``workers`` boxes computed at once; written in order, so the result does not depend on it).
 
     Seams (``settings.seam`` > 0) follow ``settings.seam_rule``: ``"both"`` extends both boxes at a
     face by ``seam`` voxels and blends the overlap (:func:`seam_weights`); ``"decoded"`` takes the band
@@ -399,37 +403,54 @@ def accumulate_adaptive(
     pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # box -> (axis, (N, 3) volume indices) to re-decode
     limits = tuple(s - 1 for s in padded.shape)
     probs: np.ndarray | None = None
-    reuse: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
-    for i, box in enumerate(boxes):
+    first: dict[tuple, int] = {}  # constant windows: key -> first box with it (its result is reused)
+    reuse: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    if banded:
+        workers = 1  # a box's bands need its lower neighbours' decoded points: strictly in order
+
+    def jobs() -> Iterator[tuple[OwnerBox, int | None]]:
+        for i, box in enumerate(boxes):
+            win = tuple(slice(o, o + p) for o, p in zip(box.window, patch_size))
+            patch = padded[win]
+            if patch.min() == patch.max():
+                rel = tuple(np.subtract(box.start, box.window).tolist())
+                lim = tuple(np.minimum(np.subtract(limits, box.window), np.subtract(patch_size, 1)).tolist())
+                key = (float(patch.flat[0]), rel, box.size, box.seam_lo, box.seam_hi, lim)
+                if key in first:
+                    yield box, first[key]
+                    continue
+                if len(first) < 8:
+                    first[key] = i
+            yield box, None
+
+    def compute(job: tuple[OwnerBox, int | None]) -> tuple[np.ndarray | None, np.ndarray | None, object, int | None]:
+        box, same_as = job
+        if same_as is not None:
+            return None, None, None, same_as
         win = tuple(slice(o, o + p) for o, p in zip(box.window, patch_size))
-        patch = padded[win]
-        key = None
-        features = None
-        if patch.min() == patch.max():
-            rel = tuple(np.subtract(box.start, box.window).tolist())
-            lim = tuple(np.minimum(np.subtract(limits, box.window), np.subtract(patch_size, 1)).tolist())
-            key = (float(patch.flat[0]), rel, box.size, box.seam_lo, box.seam_hi, lim)
-        if key is not None and key in reuse:
-            out, mask = reuse[key]
+        t = time.perf_counter()
+        features = backend.encode(np.ascontiguousarray(padded[win]))
+        stats.add(encode_s=time.perf_counter() - t)
+        mask = np.zeros(box.size, dtype=bool) if banded else None
+        out = refine_box(
+            lambda pts, f=features: decode_probs(f, pts),
+            box,
+            tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size)),  # inside the window
+            settings.stride,
+            settings.halo,
+            settings.confidence,
+            settings.min_stride,
+            settings.refine,
+            decoded=mask,
+        )
+        return out, mask, (features if banded else None), None
+
+    for i, (box, (out, mask, features, same_as)) in enumerate(zip(boxes, ordered_map(compute, jobs(), workers))):
+        if out is None:
+            out, mask = reuse[same_as]  # type: ignore[index]
             stats.windows_reused += 1
-        else:
-            t = time.perf_counter()
-            features = backend.encode(np.ascontiguousarray(patch))
-            stats.encode_s += time.perf_counter() - t
-            mask = np.zeros(box.size, dtype=bool) if banded else None
-            out = refine_box(
-                lambda pts, f=features: decode_probs(f, pts),
-                box,
-                tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size)),  # inside the window
-                settings.stride,
-                settings.halo,
-                settings.confidence,
-                settings.min_stride,
-                settings.refine,
-                decoded=mask,
-            )
-            if key is not None and len(reuse) < 8:
-                reuse[key] = (out, mask)
+        elif i in first.values():
+            reuse[i] = (out, mask)
         if probs is None:
             probs = np.zeros((out.shape[0], *padded.shape), dtype=np.float32)
         (z, y, x), (dz, dy, dx) = box.region

@@ -60,6 +60,9 @@ def run(
     series: Optional[str] = typer.Option(None, help="DICOM series instance UID, when a folder holds several."),
     channel: Optional[int] = typer.Option(None, help="Volume index of a 4D input."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Refuse scans needing more GiB than this."),
+    workers: Optional[int] = typer.Option(
+        None, help="Windows computed at once on the CPU backend (default: 2 with 2+ cores; GPUs run 1)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the summary."),
 ) -> None:
     from .io import read_image, write_image_atomic
@@ -80,6 +83,7 @@ def run(
             stride=stride,
             max_memory_gb=max_memory,
             precision=precision,
+            workers=workers,
         )
     except (ImunetError, ValueError) as exc:
         _fail(str(exc))
@@ -89,7 +93,8 @@ def run(
             f"model {seg.bundle.path.name} ({m.kind}, labels {', '.join(list(m.labels.values())[1:])}); "
             f"backend {seg.backend_name}"
             f"{' (int8 decoder)' if getattr(seg.backend, 'precision', '') == 'int8' else ''}; "
-            f"mode {seg.settings.mode if m.kind == 'implicit' else 'dense-model'}"
+            f"mode {seg.settings.mode if m.kind == 'implicit' else 'dense-model'}; "
+            f"{seg.workers} window{'s' if seg.workers > 1 else ''} at a time"
         )
     report, failed = [], []
     for i, scan in enumerate(scans):

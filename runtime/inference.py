@@ -8,8 +8,10 @@ The geometry lives in :mod:`.windows` and :mod:`.mesh`; this module only orchest
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -17,6 +19,7 @@ import numpy as np
 from .adaptive import BOX_LAYOUTS, REFINE_RULES, SEAM_RULES, accumulate_adaptive
 from .labels import smoothed_argmax
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
+from .parallel import ordered_map
 from .windows import gaussian_importance, pad_to_patch, window_slices
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,7 +73,10 @@ class InferenceSettings:
 
 @dataclass
 class InferenceStats:
-    """What one volume cost: seconds per stage and points decoded."""
+    """What one volume cost: seconds per stage and points decoded.
+
+    With several windows in flight, ``encode_s`` and ``decode_s`` add up the seconds of every
+    thread (so they can exceed the wall time); ``total_s`` is wall time."""
 
     windows: int = 0
     points_decoded: int = 0
@@ -80,6 +86,15 @@ class InferenceStats:
     total_s: float = 0.0
     skipped_refinement: int = 0  # windows whose broad mesh had no boundary
     windows_reused: int = 0  # constant windows whose result was reused rather than recomputed
+    workers: int = 1  # windows in flight at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, encode_s: float = 0.0, decode_s: float = 0.0, points: int = 0) -> None:
+        """Add one call's cost (thread-safe)."""
+        with self._lock:
+            self.encode_s += encode_s
+            self.decode_s += decode_s
+            self.points_decoded += points
 
     @property
     def points_per_voxel(self) -> float:
@@ -96,6 +111,7 @@ class InferenceStats:
             "loop_s": round(self.total_s, 4),
             "windows_without_boundary": self.skipped_refinement,
             "windows_reused": self.windows_reused,
+            "workers": self.workers,
         }
 
 
@@ -119,8 +135,7 @@ class _Decoder:
         step = max(1, int(self.backend.max_points))
         pts = points.astype(np.int32, copy=False)
         out = [self.backend.decode(features, pts[i : i + step]) for i in range(0, len(pts), step)]
-        self.stats.decode_s += time.perf_counter() - t
-        self.stats.points_decoded += len(points)
+        self.stats.add(decode_s=time.perf_counter() - t, points=len(points))
         return softmax(np.concatenate(out, axis=0))  # (N, C)
 
 
@@ -130,7 +145,7 @@ def _implicit_window(
     """Probabilities ``(C, Z, Y, X)`` of one window from an implicit model."""
     t = time.perf_counter()
     features = backend.encode(patch)
-    stats.encode_s += time.perf_counter() - t
+    stats.add(encode_s=time.perf_counter() - t)
     shape = patch.shape
     if settings.mode == "dense":
         pts = grid_points([np.arange(s) for s in shape])
@@ -142,7 +157,8 @@ def _implicit_window(
     band[np.ix_(*axes)] = False  # mesh points are exact already
     pts = np.argwhere(band)
     if len(pts) == 0:
-        stats.skipped_refinement += 1
+        with stats._lock:
+            stats.skipped_refinement += 1
         return probs
     probs[:, pts[:, 0], pts[:, 1], pts[:, 2]] = decode(features, pts).T
     return probs
@@ -156,34 +172,55 @@ def _accumulate(
     dense_model: bool,
     progress: Callable[[int, int], None] | None,
     stats: InferenceStats,
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, ...]]:
     """Gaussian-weighted sums of window probabilities ``(C, Z', Y', X')``, the weight sums and the
     crop from the padded grid back to the volume. Adaptive mode decodes each voxel once, so it
-    returns probabilities and no weights."""
+    returns probabilities and no weights. ``workers`` windows are computed at once
+    (:func:`.parallel.ordered_map`); they are added up in order, so the result does not depend on it."""
+    stats.workers = workers
     padded, crop = pad_to_patch(np.asarray(volume, dtype=np.float32), patch_size)
     if settings.mode == "adaptive" and not dense_model:
-        probs = accumulate_adaptive(padded, backend, patch_size, settings, stats, _Decoder(backend, stats), progress)
+        probs = accumulate_adaptive(
+            padded, backend, patch_size, settings, stats, _Decoder(backend, stats), progress, workers
+        )
         return probs, None, crop
     slices = window_slices(padded.shape, patch_size, settings.overlap)
     weight = gaussian_importance(patch_size, settings.sigma_scale)
     acc: np.ndarray | None = None
     wsum = np.zeros(padded.shape, dtype=np.float32)
     decode = _Decoder(backend, stats)
-    reuse: dict[float, np.ndarray] = {}  # constant windows (padding, masked air): value -> probabilities
-    for i, win in enumerate(slices):
-        patch = np.ascontiguousarray(padded[win])
-        constant = float(patch.flat[0]) if patch.min() == patch.max() else None
-        if constant is not None and constant in reuse:
-            probs = reuse[constant]
-            stats.windows_reused += 1
-        elif dense_model:
+    first: dict[float, int] = {}  # constant windows (padding, masked air): value -> first window with it
+    reuse: dict[int, np.ndarray] = {}
+
+    def jobs() -> Iterator[tuple[int, np.ndarray, int | None]]:
+        for i, win in enumerate(slices):
+            patch = np.ascontiguousarray(padded[win])
+            constant = float(patch.flat[0]) if patch.min() == patch.max() else None
+            if constant is not None and constant in first:
+                yield i, patch, first[constant]
+                continue
+            if constant is not None and len(first) < 4:
+                first[constant] = i
+            yield i, patch, None
+
+    def window(job: tuple[int, np.ndarray, int | None]) -> tuple[np.ndarray | None, int | None]:
+        _, patch, same_as = job
+        if same_as is not None:
+            return None, same_as  # the earlier window's result, taken in order below
+        if dense_model:
             t = time.perf_counter()
             probs = softmax(backend.predict_dense(patch), axis=0)
-            stats.encode_s += time.perf_counter() - t
-        else:
-            probs = _implicit_window(backend, decode, patch, settings, stats)
-        if constant is not None and constant not in reuse and len(reuse) < 4:
-            reuse[constant] = probs
+            stats.add(encode_s=time.perf_counter() - t)
+            return probs, None
+        return _implicit_window(backend, decode, patch, settings, stats), None
+
+    for i, (win, (probs, same_as)) in enumerate(zip(slices, ordered_map(window, jobs(), workers))):
+        if probs is None:
+            probs = reuse[same_as]
+            stats.windows_reused += 1
+        elif i in first.values():
+            reuse[i] = probs
         if acc is None:
             acc = np.zeros((probs.shape[0], *padded.shape), dtype=np.float32)
         acc[(slice(None), *win)] += probs * weight
@@ -202,16 +239,18 @@ def predict_probabilities(
     settings: InferenceSettings,
     dense_model: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> tuple[np.ndarray, InferenceStats]:
     """Smoothed class probabilities ``(C, Z, Y, X)`` of a normalised ``(Z, Y, X)`` volume (blended across
     windows, or decoded once per voxel in adaptive mode).
 
     ``dense_model`` selects the backend's ``predict_dense`` (U-Net bundles); otherwise the implicit
-    loop runs in ``settings.mode``. ``progress(done, total)`` is called after every window.
+    loop runs in ``settings.mode``. ``progress(done, total)`` is called after every window;
+    ``workers`` windows are computed at once (same result for any number).
     """
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
-    acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats)
+    acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats, workers)
     if wsum is not None:
         acc /= wsum
         del wsum
@@ -227,13 +266,14 @@ def predict_labels(
     settings: InferenceSettings,
     dense_model: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> tuple[np.ndarray, InferenceStats]:
     """Label map ``(Z, Y, X)`` uint8: the argmax of :func:`predict_probabilities`, with the smoothing
     computed only where it can change a label (:func:`.labels.smoothed_argmax`: same labels, no
     smoothed copy of the class maps)."""
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
-    acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats)
+    acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats, workers)
     labels = smoothed_argmax(acc, wsum, crop, settings.smoothing)
     stats.total_s = time.perf_counter() - t0
     return labels, stats

@@ -23,6 +23,7 @@ from .errors import BundleError, InputError
 from .inference import InferenceSettings, predict_labels
 from .io import Geometry, as_3d_scalar, from_array
 from .manifest import Bundle, default_bundle_path, load_bundle
+from .parallel import CPU_BACKENDS, default_workers, threads_per_worker
 from .preprocess import normalize, resample_label_like, resample_to_spacing
 
 BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy share, labels
@@ -35,6 +36,8 @@ class Segmenter:
     (``halo=1``) override the bundle's inference defaults. ``precision`` picks the decoder graph on
     onnxruntime: ``auto`` (the int8 decoder on the CPU where the bundle has one), ``fp32`` or ``int8``.
     ``max_memory_gb`` refuses scans whose estimated working memory exceeds it before any work.
+    ``workers``: windows computed at once, each on its own thread (None: two on a CPU backend with
+    two or more cores, one on a GPU; GPU backends always run one). The labels do not depend on it.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class Segmenter:
         max_memory_gb: float | None = None,
         verify: bool = True,
         precision: str = "auto",
+        workers: int | None = None,
         **inference: object,
     ) -> None:
         if bundle is None:
@@ -68,7 +72,11 @@ class Segmenter:
         settings = replace(settings, **inference)  # type: ignore[arg-type]
         self.settings: InferenceSettings = settings
         self.max_memory_gb = max_memory_gb
-        self.backend = open_backend(self.bundle, backend, precision)
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        cpu_workers = workers if workers is not None else default_workers("ort-cpu")
+        self.backend = open_backend(self.bundle, backend, precision, cpu_threads=threads_per_worker(cpu_workers))
+        self.workers = cpu_workers if self.backend.name in CPU_BACKENDS else 1
         self.last_stats: dict = {}
 
     @property
@@ -103,7 +111,9 @@ class Segmenter:
         resampled = resample_to_spacing(image, m.spacing)
         volume = normalize(sitk.GetArrayViewFromImage(resampled), m.normalization)
         t1 = time.perf_counter()
-        labels, stats = predict_labels(volume, self.backend, m.patch_size, self.settings, m.kind == "unet", progress)
+        labels, stats = predict_labels(
+            volume, self.backend, m.patch_size, self.settings, m.kind == "unet", progress, self.workers
+        )
         del volume
         t2 = time.perf_counter()
         out = from_array(labels, Geometry.of(resampled))

@@ -236,3 +236,12 @@ def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path, monke
     io.write_image_atomic(image, tmp_path / "seg.nii.gz", overwrite=True)
     assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetSize() == (6, 5, 4)
     assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
+
+
+def test_workers_option_runs_and_a_bad_count_fails_in_one_line(bundle_dir, phantom_dir, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    code, stdout, err = run(phantom(phantom_dir), "--model", bundle_dir, "--workers", 2, "--out", out)
+    assert code == 0 and "2 windows at a time" in stdout and out.exists()
+    code, stdout, err = run(phantom(phantom_dir), "--model", bundle_dir, "--workers", 0, "--out", tmp_path / "x.nii.gz")
+    assert code != 0 and "workers must be >= 1, got 0" in err and "Traceback" not in err + stdout
+    assert not (tmp_path / "x.nii.gz").exists()

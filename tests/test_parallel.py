@@ -1,0 +1,95 @@
+"""Several windows in flight: results in order, errors raised, and labels independent of the count."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_inference import PATCH, index_volume, sphere_logits
+
+from imunet.runtime.inference import InferenceSettings, predict_probabilities
+from imunet.runtime.parallel import default_workers, ordered_map, threads_per_worker
+
+from conftest import FakeBackend
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_ordered_map_keeps_order_and_bounds_what_is_in_flight(workers):
+    rng = np.random.default_rng(workers)
+    delays = rng.uniform(0, 0.004, size=40)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def job(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(delays[i])
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    assert list(ordered_map(job, range(40), workers, ahead=2)) == [i * i for i in range(40)]
+    assert most[0] <= workers
+    if workers > 1:
+        assert most[0] > 1  # the point of it: calls overlap
+
+
+def test_ordered_map_raises_the_first_error_in_order():
+    def job(i):
+        if i == 5:
+            raise RuntimeError("window 5 failed")
+        return i
+
+    seen = []
+    with pytest.raises(RuntimeError, match="window 5 failed"):
+        for r in ordered_map(job, range(20), 2):
+            seen.append(r)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_default_workers_and_threads():
+    assert default_workers("ort-cpu", cpus=2) == 2 and default_workers("ort-cpu", cpus=1) == 1
+    assert default_workers("ort-cuda", cpus=16) == 1 and default_workers("tensorrt", cpus=16) == 1
+    assert threads_per_worker(2, cpus=2) == 1 and threads_per_worker(2, cpus=16) == 8 and threads_per_worker(3, 2) == 1
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        InferenceSettings(mode="adaptive", smoothing=1),
+        InferenceSettings(mode="adaptive", smoothing=1, seam=2),
+        InferenceSettings(mode="adaptive", smoothing=1, seam=2, seam_rule="decoded"),
+        InferenceSettings(mode="sparse", smoothing=3),
+        InferenceSettings(mode="dense", smoothing=1),
+    ],
+    ids=["adaptive", "seam", "band", "sparse", "dense"],
+)
+def test_probabilities_and_counts_do_not_depend_on_workers(settings):
+    shape = (40, 41, 37)
+    volume = index_volume(shape)
+    volume[:, :, 18:] = 7.0  # constant windows: reused, whichever thread computed the first
+    fn = sphere_logits(shape, (10, 20, 9), (6, 8, 5))
+    one, s1 = predict_probabilities(volume, FakeBackend(fn), PATCH, settings, workers=1)
+    three, s3 = predict_probabilities(volume, FakeBackend(fn), PATCH, settings, workers=3)
+    np.testing.assert_array_equal(one, three)
+    assert (s1.windows, s1.points_decoded, s1.windows_reused) == (s3.windows, s3.points_decoded, s3.windows_reused)
+    assert s1.windows_reused > 0 and s3.workers == 3
+
+
+def test_segmenter_labels_are_the_same_on_one_or_two_workers(bundle_dir, unet_bundle_dir, phantom_dir):
+    from imunet.runtime import Segmenter
+    from imunet.runtime.io import read_image
+
+    image = read_image(phantom_dir / "imagesTr" / "phantom_001_0000.nii.gz")
+    big = sitk.Tile([image, image], [2, 1, 1])  # several windows
+    big.CopyInformation(big)
+    for bundle in (bundle_dir, unet_bundle_dir):
+        a = Segmenter(bundle, backend="ort-cpu", workers=1)
+        b = Segmenter(bundle, backend="ort-cpu", workers=2)
+        la, lb = sitk.GetArrayFromImage(a.predict(big)), sitk.GetArrayFromImage(b.predict(big))
+        np.testing.assert_array_equal(la, lb)
+        assert a.last_stats["workers"] == 1 and b.last_stats["workers"] == 2 and b.last_stats["windows"] > 1
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        Segmenter(bundle_dir, backend="ort-cpu", workers=0)
