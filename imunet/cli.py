@@ -60,6 +60,11 @@ def train(
         help="Fine-tune: start from this run's (or checkpoint's) weights; its model configuration "
         "(patch, channels, decoder) replaces the model options.",
     ),
+    init_encoder: Optional[Path] = typer.Option(
+        None,
+        help="Start only the encoder from this run's weights (its patch and channels replace the options); "
+        "the decoder is built from the options and trained from scratch.",
+    ),
 ) -> None:
     from .config import ModelConfig, RunConfig, TrainConfig
     from .data import read_dataset
@@ -71,7 +76,7 @@ def train(
             from .data import auto_patch_size
 
             patch = auto_patch_size(info)
-            if init is None:
+            if init is None and init_encoder is None:
                 typer.echo(f"patch size {patch[0]} {patch[1]} {patch[2]} (median case shape; set --patch to change)")
         if points is None:
             points = int(min(30000, 0.05 * patch[0] * patch[1] * patch[2]))
@@ -103,7 +108,18 @@ def train(
         from .train import pick_device
         from .train import train as run_training
 
-        metrics = run_training(dataset, out, RunConfig(mcfg, tcfg), pick_device(device), resume, cache, init=init)
+        if init is not None and init_encoder is not None:
+            raise ValueError("pass --init or --init-encoder, not both")
+        metrics = run_training(
+            dataset,
+            out,
+            RunConfig(mcfg, tcfg),
+            pick_device(device),
+            resume,
+            cache,
+            init=init or init_encoder,
+            init_encoder_only=init_encoder is not None,
+        )
     except (ValueError, OSError) as exc:
         typer.echo(f"imunet-train: error: {exc}", err=True)
         raise typer.Exit(2) from None

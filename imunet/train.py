@@ -190,11 +190,18 @@ def _lr(cfg: RunConfig, step: int) -> float:
     return t.lr
 
 
-def init_weights(source: Path, cfg: RunConfig) -> tuple[RunConfig, dict[str, torch.Tensor], str]:
+ENCODER_FIELDS = ("in_channels", "patch_size", "channels", "convs_per_block")
+
+
+def init_weights(
+    source: Path, cfg: RunConfig, encoder_only: bool = False
+) -> tuple[RunConfig, dict[str, torch.Tensor], str]:
     """Model weights to start from (fine-tuning): ``source`` is a run folder or its ``checkpoint.pt``.
 
     Returns ``cfg`` with the source run's model configuration (so the weights fit), the weights and
-    their SHA-256. A source whose class count differs from ``cfg``'s is refused.
+    their SHA-256. A source whose class count differs from ``cfg``'s is refused. ``encoder_only``
+    takes only the encoder's configuration and weights; the decoder (kind, width, depth, dropout,
+    gather) is ``cfg``'s and starts from a fresh initialisation.
     """
     ckpt = source / CHECKPOINT if source.is_dir() else source
     if not ckpt.is_file():
@@ -213,6 +220,11 @@ def init_weights(source: Path, cfg: RunConfig) -> tuple[RunConfig, dict[str, tor
     except (RuntimeError, KeyError, EOFError) as exc:
         raise ValueError(f"--init: {ckpt} is not an imunet checkpoint ({exc})") from None
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    if encoder_only:
+        model_cfg = replace(cfg.model, **{f: getattr(model_cfg, f) for f in ENCODER_FIELDS})
+        state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+        if not state:
+            raise ValueError(f"--init-encoder: {ckpt} holds no encoder weights")
     return replace(cfg, model=model_cfg), state, digest
 
 
@@ -225,11 +237,13 @@ def train(
     cache_dir: Path | None = None,
     log: Callable[[str], None] = print,
     init: Path | None = None,
+    init_encoder_only: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) a run; returns the final metrics (also in ``RUN/metrics.json``).
 
     ``init`` starts a new run from another run's weights (its model configuration replaces
-    ``cfg.model``); the optimiser starts afresh.
+    ``cfg.model``; with ``init_encoder_only`` only the encoder's, and the decoder starts fresh);
+    the optimiser starts afresh.
     """
     ddp = setup_distributed(device)
     say = log if ddp.main else (lambda _msg: None)
@@ -244,8 +258,9 @@ def train(
         cfg = RunConfig(stored.model, replace(stored.train, steps=cfg.train.steps), stored.dataset, stored.extra)
     init_state: dict[str, torch.Tensor] | None = None
     if init is not None and not resume:
-        cfg, init_state, digest = init_weights(Path(init), cfg)
-        cfg = replace(cfg, extra={**cfg.extra, "init": {"checkpoint": str(init), "sha256": digest}})
+        cfg, init_state, digest = init_weights(Path(init), cfg, init_encoder_only)
+        part = "encoder" if init_encoder_only else "model"
+        cfg = replace(cfg, extra={**cfg.extra, "init": {"checkpoint": str(init), "sha256": digest, "part": part}})
 
     # --- data: split, statistics and preprocessing happen once, on rank 0 ---
     info = read_dataset(dataset_dir)
@@ -301,8 +316,11 @@ def train(
     aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + ddp.rank)
     start, history = 0, []
     if init_state is not None:
-        model.load_state_dict(init_state)
-        say(f"starting from the weights of {init}")
+        result = model.load_state_dict(init_state, strict=not init_encoder_only)
+        fresh = [k for k in result.missing_keys if k.startswith("encoder.")]
+        if fresh or result.unexpected_keys:  # only the decoder may start fresh
+            raise ValueError(f"--init-encoder: {init} does not fit: {(fresh + result.unexpected_keys)[:3]}")
+        say(f"starting from the {'encoder ' if init_encoder_only else ''}weights of {init}")
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])

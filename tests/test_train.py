@@ -201,6 +201,35 @@ def test_init_fine_tunes_from_another_run_s_weights(trained_run, phantom_dir, tm
     assert len(stored["extra"]["init"]["sha256"]) == 64
 
 
+def test_init_encoder_keeps_the_encoder_and_builds_a_new_decoder(trained_run, phantom_dir, tmp_path):
+    from dataclasses import replace
+
+    source, _ = trained_run
+    src_cfg = json.loads((source / "config.json").read_text())["model"]
+    cfg = small_cfg(1, augment=False)
+    cfg = replace(
+        cfg, model=replace(cfg.model, decoder_width=24, channels=(4, 8, 8, 8)), train=replace(cfg.train, lr=1e-9)
+    )
+    train(
+        phantom_dir,
+        tmp_path / "enc",
+        cfg,
+        torch.device("cpu"),
+        log=lambda _m: None,
+        init=source,
+        init_encoder_only=True,
+    )
+    stored = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert stored["model"]["decoder_width"] == 24 != src_cfg["decoder_width"]  # the options' decoder
+    assert stored["model"]["channels"] == src_cfg["channels"]  # the source's encoder
+    assert stored["extra"]["init"]["part"] == "encoder"
+    got = torch.load(tmp_path / "enc" / "checkpoint.pt", weights_only=True)["model"]
+    want = torch.load(source / "checkpoint.pt", weights_only=True)["model"]
+    enc = [k for k in want if k.startswith("encoder.")]
+    assert enc and all(torch.allclose(got[k], want[k], atol=1e-6) for k in enc)  # one step at lr 1e-9
+    assert got["decoder.out.weight"].shape[1] == 24
+
+
 def test_init_refuses_what_does_not_fit(trained_run, tmp_path):
     from dataclasses import replace
 
