@@ -47,6 +47,11 @@ CONFIGS = {
     "implicit-adaptive-overlap0.15": ("implicit", {"overlap": 0.15}),
     "implicit-adaptive-overlap0": ("implicit", {"overlap": 0.0}),
     "unet-overlap0": ("unet", {"overlap": 0.0}),  # the U-Net's side of the same trade: no blending
+    # one window at a time on a two-threaded session (the runtime before session 6) instead of the
+    # default two windows in flight on the CPU, each single-threaded
+    "unet-1worker": ("unet", {"workers": 1}),
+    "implicit-adaptive-1worker": ("implicit", {"workers": 1}),
+    "implicit-adaptive-overlap0.25-1worker": ("implicit", {"overlap": 0.25, "workers": 1}),
     # decode the voxels either side of each face between owner boxes in both boxes and blend them
     "implicit-adaptive-seam0": ("implicit", {"seam": 0}),
     "implicit-adaptive-seam1": ("implicit", {"seam": 1}),
@@ -65,6 +70,9 @@ CONFIGS = {
     "implicit-adaptive-overlap0.15-seam4": ("implicit", {"overlap": 0.15, "seam": 4}),
 }
 OPTIONAL = (  # run only when named in --configs
+    "unet-1worker",
+    "implicit-adaptive-1worker",
+    "implicit-adaptive-overlap0.25-1worker",
     "implicit-decode-once",
     "implicit-adaptive-cells",
     "implicit-adaptive-overlap0.3",
@@ -110,6 +118,7 @@ def child(bundle: str, options: str, image: str, out: str) -> None:
                 "windows": s["windows"],
                 "encode_s": s["encode_s"],
                 "decode_s": s["decode_s"],
+                "workers": s.get("workers", 1),
             }
         )
     )
@@ -174,6 +183,10 @@ def main() -> None:
     med = {k: v["median_wall_s"] for k, v in report.items()}
     if "unet" in med:  # a run of implicit configurations only (e.g. dense alone) has no ratio
         report["ratios"] = {f"{k}_over_unet": round(v / med["unet"], 3) for k, v in med.items() if k != "unet"}
+    if "unet-1worker" in med:  # one window at a time on both sides
+        report["ratios_1worker"] = {
+            f"{k}_over_unet-1worker": round(v / med["unet-1worker"], 3) for k, v in med.items() if k.endswith("1worker")
+        }
     report["setup"] = {
         "size_zyx": list(size),
         "voxels": int(np.prod(size)),

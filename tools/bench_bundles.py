@@ -1,0 +1,95 @@
+"""Side-by-side whole-scan time of bundles (or worker counts) on one phantom, in one process.
+
+Each entry is ``BUNDLE[:WORKERS]``; the entries run in turn within each repeat (so drift hits all
+alike), after one warm-up call each. Reported per entry: median wall seconds of
+``Segmenter.predict_array``, the encoder and decoder seconds (summed over threads), points
+decoded, and how many voxels' labels differ from the first entry's. Use it for changes that must
+not change the labels (a graph layout, the number of windows in flight):
+
+    python tools/bench_bundles.py runs/hmosaic_cf.imunet:1 runs/hmosaic.imunet:1 --size 64 256 256 \\
+        --repeats 3 --json docs/results/bench_layout_64x256x256.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_entry(text: str) -> tuple[Path, int | None]:
+    """``path[:workers]`` -> (path, workers or None for the runtime's default)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.isdigit():
+        return Path(head), int(tail)
+    return Path(text), None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("entries", nargs="+", help="BUNDLE[:WORKERS]")
+    ap.add_argument("--size", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--phantom-seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ct_phantom import DATA, SPLIT, build, case_names, load_crops
+
+    from imunet.runtime import Segmenter
+
+    image, _truth = build(tuple(args.size), load_crops(DATA, case_names(f"@{SPLIT}:val")), args.phantom_seed)
+    segs = []
+    for text in args.entries:
+        path, workers = parse_entry(text)
+        seg = Segmenter(path, backend="ort-cpu", workers=workers)
+        warm = np.random.default_rng(0).normal(size=seg.bundle.manifest.patch_size).astype(np.float32)
+        seg.predict_array(warm)
+        segs.append((text, seg))
+    runs: dict[str, list[dict]] = {t: [] for t, _ in segs}
+    labels: dict[str, np.ndarray] = {}
+    for rep in range(args.repeats):
+        for text, seg in segs:
+            t = time.perf_counter()
+            labels[text] = seg.predict_array(image)
+            wall = time.perf_counter() - t
+            runs[text].append({"wall_s": wall, **seg.last_stats})
+            print(f"{text:40s} rep {rep}: {wall:.2f} s", file=sys.stderr, flush=True)
+    first = args.entries[0]
+    report: dict = {}
+    for text, seg in segs:
+        r = runs[text]
+        report[text] = {
+            "median_wall_s": round(statistics.median(x["wall_s"] for x in r), 3),
+            "walls_s": [round(x["wall_s"], 3) for x in r],
+            "encode_s": round(statistics.median(x["encode_s"] for x in r), 3),
+            "decode_s": round(statistics.median(x["decode_s"] for x in r), 3),
+            "points_decoded": r[0]["points_decoded"],
+            "windows": r[0]["windows"],
+            "workers": seg.workers,
+            "feature_layout": seg.bundle.manifest.raw.get("decoder", {}).get("feature_layout"),
+            "labels_differing_from_first": int((labels[text] != labels[first]).sum()),
+        }
+    report["setup"] = {
+        "size_zyx": list(args.size),
+        "phantom_seed": args.phantom_seed,
+        "repeats": args.repeats,
+        "machine": platform.machine(),
+        "command": " ".join(sys.argv),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
