@@ -182,6 +182,18 @@ def test_export_cli_trt_without_tensorrt_fails_in_one_line_and_keeps_the_bundle(
     assert res.returncode == 2 and "exists; pass --overwrite" in res.stderr
 
 
+def test_export_cli_refuses_an_unknown_feature_layout_before_writing(trained_run, tmp_path):
+    out = tmp_path / "x.imunet"
+    res = subprocess.run(
+        [sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out), "--feature-layout", "nhwc"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "--feature-layout must be auto, channels_first or channels_last" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
 def _gpu_and_tensorrt() -> str | None:
     try:
         import tensorrt  # noqa: F401

@@ -91,5 +91,10 @@ def test_segmenter_labels_are_the_same_on_one_or_two_workers(bundle_dir, unet_bu
         la, lb = sitk.GetArrayFromImage(a.predict(big)), sitk.GetArrayFromImage(b.predict(big))
         np.testing.assert_array_equal(la, lb)
         assert a.last_stats["workers"] == 1 and b.last_stats["workers"] == 2 and b.last_stats["windows"] > 1
+    small = sitk.RegionOfInterest(image, [min(8, n) for n in image.GetSize()], [0, 0, 0])  # one window
+    seg = Segmenter(bundle_dir, backend="ort-cpu", workers=2)
+    one = sitk.GetArrayFromImage(seg.predict(small))
+    assert seg.last_stats["windows"] == 1 and seg.last_stats["workers"] == 1  # every core on the one window
+    np.testing.assert_array_equal(one, sitk.GetArrayFromImage(Segmenter(bundle_dir, workers=1).predict(small)))
     with pytest.raises(ValueError, match="workers must be >= 1"):
         Segmenter(bundle_dir, backend="ort-cpu", workers=0)

@@ -3,8 +3,9 @@
 Each entry is ``BUNDLE[:WORKERS]``; the entries run in turn within each repeat (so drift hits all
 alike), after one warm-up call each. Reported per entry: median wall seconds of
 ``Segmenter.predict_array``, the encoder and decoder seconds (summed over threads), points
-decoded, and how many voxels' labels differ from the first entry's. Use it for changes that must
-not change the labels (a graph layout, the number of windows in flight):
+decoded, and how many voxels' labels differ from the first entry's and from the first entry of the
+same bundle. Use it for changes that must not change the labels (a graph layout, the number of
+windows in flight):
 
     python tools/bench_bundles.py runs/hmosaic_cf.imunet:1 runs/hmosaic.imunet:1 --size 64 256 256 \\
         --repeats 3 --json docs/results/bench_layout_64x256x256.json
@@ -63,6 +64,9 @@ def main() -> None:
             runs[text].append({"wall_s": wall, **seg.last_stats})
             print(f"{text:40s} rep {rep}: {wall:.2f} s", file=sys.stderr, flush=True)
     first = args.entries[0]
+    same: dict[str, str] = {}  # bundle path -> its first entry
+    for text, seg in segs:
+        same.setdefault(str(seg.bundle.path), text)
     report: dict = {}
     for text, seg in segs:
         r = runs[text]
@@ -76,6 +80,7 @@ def main() -> None:
             "workers": seg.workers,
             "feature_layout": seg.bundle.manifest.raw.get("decoder", {}).get("feature_layout"),
             "labels_differing_from_first": int((labels[text] != labels[first]).sum()),
+            "labels_differing_from_same_bundle": int((labels[text] != labels[same[str(seg.bundle.path)]]).sum()),
         }
     report["setup"] = {
         "size_zyx": list(args.size),
