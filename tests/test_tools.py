@@ -86,3 +86,16 @@ def test_mosaic_dataset_is_a_trainable_dataset_of_the_named_cases(tmp_path):
         assert (img != 0).mean() > 0.5  # crops packed in, not an empty volume
     with pytest.raises(SystemExit, match="already holds"):
         write_dataset(tmp_path / "m", HIPPO, cases, 1, (24, 60, 60))
+
+
+def test_report_emit_prints_and_writes_the_same_json(tmp_path, capsys):
+    import json
+
+    from report import emit
+
+    out = tmp_path / "a" / "b" / "r.json"
+    emit({"x": [1, 2], "y": {"z": 0.5}}, out)
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == json.loads(out.read_text()) == {"x": [1, 2], "y": {"z": 0.5}}
+    emit({"x": 1}, None)  # no file asked for: prints only
+    assert json.loads(capsys.readouterr().out) == {"x": 1}

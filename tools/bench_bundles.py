@@ -14,7 +14,6 @@ windows in flight):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import emit  # tools/report.py: tools run as scripts, tools/ is on sys.path
 
 
 def parse_entry(text: str) -> tuple[Path, int | None]:
@@ -89,11 +89,7 @@ def main() -> None:
         "machine": platform.machine(),
         "command": " ".join(sys.argv),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ same maps, crop and weights; the labels must be identical. Prints medians over `
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import emit  # tools/report.py: tools run as scripts, tools/ is on sys.path
 
 from imunet.runtime.labels import smoothed_argmax
 from imunet.runtime.mesh import box_smooth
@@ -82,10 +82,7 @@ def main() -> None:
         "machine": platform.machine(),
         "command": " ".join(sys.argv),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from report import emit  # tools/report.py: tools run as scripts, tools/ is on sys.path
 
 
 def volume(args: argparse.Namespace) -> sitk.Image:
@@ -124,10 +125,7 @@ def main() -> None:
         "overlap": 0.3,
         "note": "imunet adds average-pool smoothing (kernel 3) of probabilities; MONAI blends logits",
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Dice of each configuration against the dense-mode labels.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from report import emit  # tools/report.py: tools run as scripts, tools/ is on sys.path
 
 from imunet.runtime import Segmenter
 from imunet.runtime.io import read_image
@@ -114,11 +114,7 @@ def main() -> None:
         "windows": configs["implicit-sparse"].last_stats["windows"],
         "machine": platform.machine(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

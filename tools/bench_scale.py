@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from report import emit  # tools/report.py: tools run as scripts, tools/ is on sys.path
 
 from imunet.runtime.metrics import dice
 
@@ -197,11 +198,7 @@ def main() -> None:
         "machine": platform.machine(),
         "command": " ".join(sys.argv),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
     for p in work.iterdir():
         p.unlink()
     work.rmdir()
