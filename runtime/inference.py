@@ -89,12 +89,13 @@ class InferenceStats:
     workers: int = 1  # windows in flight at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, encode_s: float = 0.0, decode_s: float = 0.0, points: int = 0) -> None:
+    def add(self, encode_s: float = 0.0, decode_s: float = 0.0, points: int = 0, skipped: int = 0) -> None:
         """Add one call's cost (thread-safe)."""
         with self._lock:
             self.encode_s += encode_s
             self.decode_s += decode_s
             self.points_decoded += points
+            self.skipped_refinement += skipped
 
     @property
     def points_per_voxel(self) -> float:
@@ -157,8 +158,7 @@ def _implicit_window(
     band[np.ix_(*axes)] = False  # mesh points are exact already
     pts = np.argwhere(band)
     if len(pts) == 0:
-        with stats._lock:
-            stats.skipped_refinement += 1
+        stats.add(skipped=1)
         return probs
     probs[:, pts[:, 0], pts[:, 1], pts[:, 2]] = decode(features, pts).T
     return probs
@@ -193,19 +193,19 @@ def _accumulate(
     first: dict[float, int] = {}  # constant windows (padding, masked air): value -> first window with it
     reuse: dict[int, np.ndarray] = {}
 
-    def jobs() -> Iterator[tuple[int, np.ndarray, int | None]]:
+    def jobs() -> Iterator[tuple[np.ndarray, int | None]]:
         for i, win in enumerate(slices):
             patch = np.ascontiguousarray(padded[win])
             constant = float(patch.flat[0]) if patch.min() == patch.max() else None
             if constant is not None and constant in first:
-                yield i, patch, first[constant]
+                yield patch, first[constant]
                 continue
             if constant is not None and len(first) < 4:
                 first[constant] = i
-            yield i, patch, None
+            yield patch, None
 
-    def window(job: tuple[int, np.ndarray, int | None]) -> tuple[np.ndarray | None, int | None]:
-        _, patch, same_as = job
+    def window(job: tuple[np.ndarray, int | None]) -> tuple[np.ndarray | None, int | None]:
+        patch, same_as = job
         if same_as is not None:
             return None, same_as  # the earlier window's result, taken in order below
         if dense_model:
