@@ -1,7 +1,9 @@
 """Side-by-side whole-scan time of bundles (or worker counts) on one phantom, in one process.
 
 Each entry is ``BUNDLE[:WORKERS]``; the entries run in turn within each repeat (so drift hits all
-alike), after one warm-up call each. Reported per entry: median wall seconds of
+alike), after one warm-up call each. With ``--scans N`` the input is the first N hippocampus scans
+instead of a phantom, and the seconds are per scan (the other figures are the last scan's).
+Reported per entry: median wall seconds of
 ``Segmenter.predict_array``, the encoder and decoder seconds (summed over threads), points
 decoded, and how many voxels' labels differ from the first entry's and from the first entry of the
 same bundle. Use it for changes that must not change the labels (a graph layout, the number of
@@ -38,6 +40,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--phantom-seed", type=int, default=0)
+    ap.add_argument(
+        "--scans", type=int, default=0, help="instead of a phantom, the first N hippocampus scans (seconds per scan)"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -46,7 +51,22 @@ def main() -> None:
 
     from imunet.runtime import Segmenter
 
-    image, _truth = build(tuple(args.size), load_crops(DATA, case_names(f"@{SPLIT}:val")), args.phantom_seed)
+    if args.scans:
+        import SimpleITK as sitk
+
+        from imunet.runtime.io import read_image
+
+        scans = [read_image(f) for f in sorted((DATA / "imagesTr").glob("*.nii.gz"))[: args.scans]]
+
+        def run(seg) -> np.ndarray:
+            return np.concatenate([sitk.GetArrayFromImage(seg.predict(im)).ravel() for im in scans])  # copies
+    else:
+        image, _truth = build(tuple(args.size), load_crops(DATA, case_names(f"@{SPLIT}:val")), args.phantom_seed)
+
+        def run(seg) -> np.ndarray:
+            return seg.predict_array(image)
+
+    per = max(1, args.scans)  # wall seconds are per scan
     segs = []
     for text in args.entries:
         path, workers = parse_entry(text)
@@ -59,8 +79,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for text, seg in segs:
             t = time.perf_counter()
-            labels[text] = seg.predict_array(image)
-            wall = time.perf_counter() - t
+            labels[text] = run(seg)
+            wall = (time.perf_counter() - t) / per
             runs[text].append({"wall_s": wall, **seg.last_stats})
             print(f"{text:40s} rep {rep}: {wall:.2f} s", file=sys.stderr, flush=True)
     first = args.entries[0]
@@ -83,7 +103,7 @@ def main() -> None:
             "labels_differing_from_same_bundle": int((labels[text] != labels[same[str(seg.bundle.path)]]).sum()),
         }
     report["setup"] = {
-        "size_zyx": list(args.size),
+        "input": f"first {args.scans} hippocampus scans" if args.scans else f"phantom {list(args.size)}",
         "phantom_seed": args.phantom_seed,
         "repeats": args.repeats,
         "machine": platform.machine(),
