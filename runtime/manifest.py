@@ -64,6 +64,13 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def feature_layout(self) -> tuple[str, ...]:
+        """How each level's feature map passes from encoder to decoder; bundles written before the
+        manifest recorded it are channels-first throughout."""
+        recorded = self.raw.get("decoder", {}).get("feature_layout")
+        return tuple(recorded) if recorded else ("channels_first",) * len(self.feature_names)
+
 
 def _get(raw: dict[str, Any], key: str, where: str) -> Any:
     if key not in raw:

@@ -290,3 +290,12 @@ def test_int8_is_refused_where_it_cannot_run(unet_bundle_dir, bundle_dir, tmp_pa
         open_backend(load_bundle(unet_bundle_dir), "ort-cpu", "int8")
     with pytest.raises(BackendError, match="unknown precision"):
         open_backend(load_bundle(bundle_dir), "ort-cpu", "int4")
+
+
+def test_manifest_reads_the_feature_layout_and_defaults_old_bundles_to_channels_first(bundle_dir, tmp_path):
+    assert load_bundle(bundle_dir).manifest.feature_layout == ("channels_first",) + ("channels_last",) * 3
+    old = copy_bundle(bundle_dir, tmp_path)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["decoder"]["feature_layout"]  # as written before session 6
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert load_bundle(old).manifest.feature_layout == ("channels_first",) * 4

@@ -98,7 +98,7 @@ def main() -> None:
             "points_decoded": r[0]["points_decoded"],
             "windows": r[0]["windows"],
             "workers": seg.workers,
-            "feature_layout": seg.bundle.manifest.raw.get("decoder", {}).get("feature_layout"),
+            "feature_layout": seg.bundle.manifest.feature_layout,
             "labels_differing_from_first": int((labels[text] != labels[first]).sum()),
             "labels_differing_from_same_bundle": int((labels[text] != labels[same[str(seg.bundle.path)]]).sum()),
         }

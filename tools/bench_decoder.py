@@ -72,7 +72,7 @@ def main() -> None:
             row[str(n)] = round(statistics.median(times), 3)
         report[str(path)] = {
             "ms_per_call": row,
-            "feature_layout": bundle.manifest.raw.get("decoder", {}).get("feature_layout", ["channels_first"] * 4),
+            "feature_layout": bundle.manifest.feature_layout,
             "decoder_width": bundle.manifest.raw.get("decoder", {}).get("width"),
         }
         print(f"{path}: " + ", ".join(f"{n} points {ms} ms" for n, ms in row.items()), file=sys.stderr)
