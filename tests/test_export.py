@@ -61,6 +61,9 @@ def test_decoder_graph_has_dynamic_points_and_the_gather_inside(bundle_dir):
     ops = graph_ops(bundle_dir / "decoder.onnx")
     assert {"Gather", "Sin", "Cos", "Floor"} <= ops
     assert "ReduceL2" not in ops  # weight normalisation was folded
+    # two concatenations: sin with cos, and the gathered features with the encoding; the re-injection
+    # is a sum (SplitReinjectMLP), not a third one
+    assert sum(n.op_type == "Concat" for n in model.graph.node) == 2
 
 
 def test_feature_layouts_agree_and_the_manifest_records_them(trained_run, bundle_dir, tmp_path):

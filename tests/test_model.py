@@ -88,6 +88,22 @@ def test_default_parameter_counts():
     assert 2.3e6 < count_parameters(imp.decoder) < 2.5e6  # 8 x 512 with the additive re-injection
 
 
+def test_split_reinjection_is_the_same_function_and_drops_the_concat():
+    from imunet.export.wrappers import SplitReinjectMLP, fold_weight_norm
+
+    for reinject_at in (0, 1, 2):  # 0: no re-injection (nothing to split)
+        torch.manual_seed(reinject_at)
+        cfg = ModelConfig(kind="implicit", num_classes=3, **{**TINY_MODEL, "reinject_at": reinject_at})
+        folded = fold_weight_norm(build_model(cfg).decoder)
+        split = SplitReinjectMLP(folded)
+        x = torch.randn(300, cfg.decoder_in)
+        with torch.no_grad():
+            assert float((split(x) - folded(x)).abs().max()) < 1e-5
+        widths = [layer.in_features for layer in split.hidden]
+        assert max(widths) <= max(cfg.decoder_width, cfg.decoder_in)  # no layer takes [h, x] any more
+        assert (split.skip is not None) == (reinject_at > 0)
+
+
 def test_export_wrapper_decoder_equals_model():
     from imunet.export.wrappers import DecoderExport, EncoderExport
 
