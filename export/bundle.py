@@ -79,10 +79,12 @@ def build_manifest(
     opset: int,
     run_dir: Path,
     feature_layout: str | Sequence[str] | None = None,
+    overlap: float | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict (without the ``files`` digests, added last)."""
+    """The manifest dict (without the ``files`` digests, added last). ``overlap``: the bundle's default
+    window overlap (None: :class:`InferenceSettings`' default)."""
     m = cfg.model
-    inference = InferenceSettings()
+    inference = InferenceSettings() if overlap is None else InferenceSettings(overlap=overlap)
     layouts = feature_layouts(feature_layout, m.levels)
     shapes = [
         feature_shape(c, tuple(p // 2**b for p in m.patch_size), lay)
@@ -183,13 +185,17 @@ def write_bundle(
     log: Callable[[str], None] = print,
     int8: bool = True,
     feature_layout: str | Sequence[str] | None = None,
+    overlap: float | None = None,
 ) -> Path:
     """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place).
 
     ``int8`` adds an int8 decoder variant for onnxruntime on CPUs (implicit bundles only).
     ``feature_layout`` is how ``encoder.onnx`` hands each level's feature map to ``decoder.onnx``
     (None: the default per level; ``"channels_first"`` writes the layout of bundles before session 6;
-    the runtime reads any)."""
+    the runtime reads any). ``overlap`` is written as the bundle's default window overlap (the runtime's
+    ``--overlap`` overrides it)."""
+    if overlap is not None and not 0 <= overlap < 1:
+        raise BundleError(f"overlap must be in [0, 1), got {overlap}")
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: exists; pass --overwrite to replace it")
     cfg, stats, model = load_run(run_dir)
@@ -214,7 +220,9 @@ def write_bundle(
         bad = {k: v for k, v in unsupported.items() if v}
         if bad:
             raise BundleError(f"graphs use operators TensorRT cannot parse: {bad}")
-        manifest = build_manifest(cfg, stats, graphs, {"onnx": parity}, max_points, opset, run_dir, feature_layout)
+        manifest = build_manifest(
+            cfg, stats, graphs, {"onnx": parity}, max_points, opset, run_dir, feature_layout, overlap
+        )
         manifest["tensorrt_ops_checked"] = True
         if int8 and cfg.model.kind == "implicit":
             q = quantize_decoder(graphs["decoder"], tmp / "decoder_int8.onnx")

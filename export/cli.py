@@ -25,6 +25,11 @@ def export(
         help="How the encoder hands feature maps to the decoder: auto (level 0 channels-first, deeper "
         "levels channels-last; fastest measured on CPU) | channels_first | channels_last.",
     ),
+    overlap: Optional[float] = typer.Option(
+        None,
+        help="Default window overlap recorded in the manifest (imunet-run --overlap overrides it); "
+        "default 0.3. 0.25 is the measured choice for adaptive mode on large volumes (docs/BENCHMARKS.md).",
+    ),
 ) -> None:
     from imunet.runtime.errors import ImunetError
 
@@ -42,7 +47,9 @@ def export(
         raise typer.Exit(2)
     layout = None if feature_layout == "auto" else feature_layout
     try:
-        bundle = write_bundle(run, out, opset, max_points, overwrite, log=typer.echo, feature_layout=layout)
+        bundle = write_bundle(
+            run, out, opset, max_points, overwrite, log=typer.echo, feature_layout=layout, overlap=overlap
+        )
     except (ImunetError, ValueError, OSError) as exc:
         typer.echo(f"imunet-export: error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -197,6 +197,23 @@ def test_export_cli_refuses_an_unknown_feature_layout_before_writing(trained_run
     assert "Traceback" not in res.stderr and not out.exists()
 
 
+def test_export_overlap_becomes_the_bundles_default_and_a_bad_one_is_refused(trained_run, tmp_path):
+    from imunet.runtime import Segmenter
+
+    out = tmp_path / "o.imunet"
+    cmd = [sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out)]
+    res = subprocess.run([*cmd, "--overlap", "1.5"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "overlap must be in [0, 1), got 1.5" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+    res = subprocess.run([*cmd, "--overlap", "0.25"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert load_bundle(out).manifest.raw["inference"]["overlap"] == 0.25
+    with Segmenter(out) as seg:
+        assert seg.settings.overlap == 0.25
+    with Segmenter(out, overlap=0.3) as seg:  # the runtime's option still wins
+        assert seg.settings.overlap == 0.3
+
+
 def _gpu_and_tensorrt() -> str | None:
     try:
         import tensorrt  # noqa: F401
