@@ -102,7 +102,7 @@ class SplitReinjectMLP(nn.Module):
 
     Hidden layer ``r`` takes ``[h, x]``: ``W [h; x] + b = W_h h + (W_x x + b)``. The input's share
     ``W_x x + b`` is its own ``Linear`` of ``x``, added after ``W_h h``, so the graph has no ``Concat``
-    of the 256-wide hidden state with the input (5% of the int8 decoder's time, profiled) and the
+    of the hidden state with the input (5% of the int8 decoder's time, profiled) and the
     products keep their sizes. Built from a folded decoder (plain ``Linear`` layers, eval mode)."""
 
     def __init__(self, decoder: nn.Module) -> None:
