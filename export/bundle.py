@@ -1,24 +1,26 @@
-"""Write a model bundle from a training run: graphs, verification figures and the manifest."""
+"""Write a model bundle from a training run: graphs, verification figures and the typed manifest."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import platform
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from imunet.config import RunConfig
+from imunet.config import ModelConfig, RunConfig
 from imunet.model import build_model
+from imunet.runtime.atomic import atomic_output, refuse_existing
+from imunet.runtime.bundle import MANIFEST, load_bundle, sha256_file
 from imunet.runtime.errors import BundleError
-from imunet.runtime.inference import InferenceSettings
-from imunet.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, load_bundle, sha256_file
+from imunet.runtime.manifest import DecoderSpec, EncoderSpec, GraphSpec, Manifest, Provenance, Variant
+from imunet.runtime.preprocess import Normalization
+from imunet.runtime.settings import InferenceSettings
 
 from .onnx import DEFAULT_OPSET, export_dense, export_implicit, unsupported_by_tensorrt, verify_parity
 from .quantize import int8_parity, quantize_decoder
@@ -70,6 +72,28 @@ def _versions() -> dict[str, str]:
     }
 
 
+def graph_specs(m: ModelConfig, graphs: dict[str, Path], layouts: Sequence[str]) -> dict[str, GraphSpec]:
+    """The manifest's ``graphs`` section: each graph's file and I/O shapes."""
+    image = {"image": (1, 1, *m.patch_size)}
+    if m.kind != "implicit":
+        return {"model": GraphSpec(graphs["model"].name, image, {"logits": (1, m.num_classes, *m.patch_size)})}
+    names = feature_names(m.levels)
+    shapes = [
+        tuple(feature_shape(c, tuple(p // 2**b for p in m.patch_size), lay))
+        for b, (c, lay) in enumerate(zip(m.channels, layouts))
+    ]
+    features = dict(zip(names, shapes))
+    return {
+        "encoder": GraphSpec(graphs["encoder"].name, image, features),
+        "decoder": GraphSpec(
+            graphs["decoder"].name,
+            {**features, "points": ("N", 3)},
+            {"logits": ("N", m.num_classes)},
+            features=tuple(names),
+        ),
+    }
+
+
 def build_manifest(
     cfg: RunConfig,
     stats: dict[str, Any],
@@ -80,100 +104,90 @@ def build_manifest(
     run_dir: Path,
     feature_layout: str | Sequence[str] | None = None,
     overlap: float | None = None,
-) -> dict[str, Any]:
-    """The manifest dict (without the ``files`` digests, added last). ``overlap``: the bundle's default
+) -> Manifest:
+    """The manifest (without the ``files`` digests, added last). ``overlap``: the bundle's default
     window overlap (None: :class:`InferenceSettings`' default)."""
-    m = cfg.model
-    inference = InferenceSettings() if overlap is None else InferenceSettings(overlap=overlap)
+    m, extra = cfg.model, cfg.extra
     layouts = feature_layouts(feature_layout, m.levels)
-    shapes = [
-        feature_shape(c, tuple(p // 2**b for p in m.patch_size), lay)
-        for b, (c, lay) in enumerate(zip(m.channels, layouts))
-    ]
-    names = feature_names(m.levels)
+    inference = InferenceSettings(mode="adaptive" if m.kind == "implicit" else "dense")
+    if overlap is not None:
+        inference = replace(inference, overlap=overlap)
+    decoder = None
     if m.kind == "implicit":
-        graph_info = {
-            "encoder": {
-                "file": graphs["encoder"].name,
-                "inputs": {"image": [1, 1, *m.patch_size]},
-                "outputs": dict(zip(names, shapes)),
-            },
-            "decoder": {
-                "file": graphs["decoder"].name,
-                "features": names,
-                "inputs": {**dict(zip(names, shapes)), "points": ["N", 3]},
-                "outputs": {"logits": ["N", m.num_classes]},
-            },
-        }
-    else:
-        graph_info = {
-            "model": {
-                "file": graphs["model"].name,
-                "inputs": {"image": [1, 1, *m.patch_size]},
-                "outputs": {"logits": [1, m.num_classes, *m.patch_size]},
-            }
-        }
-    extra = cfg.extra
+        decoder = DecoderSpec(m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, max_points, layouts)
+    return Manifest(
+        model_kind=m.kind,
+        labels={
+            int(k): v for k, v in (extra.get("labels") or {str(i): f"label_{i}" for i in range(m.num_classes)}).items()
+        },
+        modality=extra.get("modality", "unknown"),
+        spacing=tuple(stats["spacing"]),  # type: ignore[arg-type]
+        patch_size=m.patch_size,
+        normalization=Normalization.from_dict(stats["normalization"]),
+        encoder=EncoderSpec(m.channels, (1,) + (2,) * (m.levels - 1), m.convs_per_block),
+        decoder=decoder,
+        graphs=graph_specs(m, graphs, layouts),
+        opset=opset,
+        inference=inference,
+        provenance=Provenance(
+            dataset=extra.get("dataset_name", cfg.dataset),
+            versions=_versions(),
+            date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            run=run_dir.name,
+            commit=_git_commit(),
+            train_steps=cfg.train.steps,
+        ),
+        parity=parity,
+    )
+
+
+def hash_files(bundle_dir: Path) -> dict[str, str]:
+    """sha256 of every file in the bundle but the manifest and its signature, by relative path."""
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_kind": m.kind,
-        "labels": extra.get("labels") or {str(i): f"label_{i}" for i in range(m.num_classes)},
-        "modality": extra.get("modality", "unknown"),
-        "spacing": list(stats["spacing"]),
-        "spacing_order": "x, y, z (SimpleITK), mm",
-        "patch_size": list(m.patch_size),
-        "array_order": "z, y, x",
-        "normalization": stats["normalization"],
-        "encoder": {
-            "channels": list(m.channels),
-            "convs_per_block": list(m.convs_per_block),
-            "strides": [1] + [2] * (m.levels - 1),
-        },
-        "decoder": {
-            "pe_frequencies": m.pe_frequencies,
-            "gather": m.gather,
-            "feature_layout": list(layouts),
-            "points_dtype": "int32",
-            "coordinates": "points are voxel indices (z, y, x) in the patch; normalised inside the graph "
-            "to 2 * p / (S - 1) - 1 per axis, S the patch size",
-            "width": m.decoder_width,
-            "depth": m.decoder_depth,
-            "max_points": max_points,
-        }
-        if m.kind == "implicit"
-        else {},
-        "graphs": graph_info,
-        "opset": opset,
-        "inference": {
-            "mode": inference.mode if m.kind == "implicit" else "dense",
-            "overlap": inference.overlap,
-            "stride": inference.stride,
-            "band": inference.band,
-            "sigma_scale": inference.sigma_scale,
-            "smoothing": inference.smoothing,
-        },
-        "provenance": {
-            "run": run_dir.name,
-            "dataset": extra.get("dataset_name", cfg.dataset),
-            "commit": _git_commit(),
-            "versions": _versions(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "train_steps": cfg.train.steps,
-        },
-        "parity": parity,
-        "engines": [],
-    }
-
-
-def finalize_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
-    """Hash every file of the bundle into ``manifest["files"]`` and write ``manifest.json``."""
-    manifest["files"] = {
-        str(p.relative_to(bundle_dir)): sha256_file(p)
+        p.relative_to(bundle_dir).as_posix(): sha256_file(p)
         for p in sorted(bundle_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, f"{MANIFEST}.sig")
     }
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def finalize_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
+    """Hash every file of the bundle into the manifest and write ``manifest.json`` (atomically)."""
+    manifest = replace(manifest, files=hash_files(bundle_dir))
+    with atomic_output(bundle_dir / MANIFEST, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return manifest
+
+
+def _int8_variant(graphs: dict[str, Path], folder: Path, patch: tuple[int, int, int], log: Callable) -> Variant:
+    q = quantize_decoder(graphs["decoder"], folder / "decoder_int8.onnx")
+    check = int8_parity(graphs["encoder"], graphs["decoder"], q, patch)
+    log(
+        f"int8 decoder: max logit difference {check['max_abs_logit_diff']:.3f}, "
+        f"argmax agreement {check['argmax_agreement']:.4f}"
+    )
+    quantization = "onnxruntime dynamic: int8 weights per output channel, uint8 activations"
+    return Variant(q.name, "decoder", "int8", "ort-cpu", check, quantization)
+
+
+def _export_graphs(
+    model: torch.nn.Module, cfg: RunConfig, folder: Path, opset: int, layout: str | Sequence[str] | None, log: Callable
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write the fp32 graphs and check them: parity against PyTorch, TensorRT's operator list."""
+    if cfg.model.kind == "implicit":
+        graphs = export_implicit(model, cfg.model, folder, opset, layout)
+    else:
+        graphs = export_dense(model, cfg.model, folder, opset)
+    log(f"exported {', '.join(p.name for p in graphs.values())} (opset {opset})")
+    parity = verify_parity(model, cfg.model, graphs, feature_layout=layout)
+    worst = max(parity["max_abs_diff"].values())
+    parity.update(tolerance=PARITY_TOLERANCE, passed=bool(worst < PARITY_TOLERANCE))
+    log("parity torch vs onnxruntime: " + ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs_diff"].items()))
+    if not parity["passed"]:
+        raise BundleError(f"ONNX graphs differ from PyTorch by {worst:.3g} > {PARITY_TOLERANCE}; bundle not written")
+    bad = {name: ops for name, p in graphs.items() if (ops := unsupported_by_tensorrt(p))}
+    if bad:
+        raise BundleError(f"graphs use operators TensorRT cannot parse: {bad}")
+    return graphs, parity
 
 
 def write_bundle(
@@ -191,62 +205,21 @@ def write_bundle(
 
     ``int8`` adds an int8 decoder variant for onnxruntime on CPUs (implicit bundles only).
     ``feature_layout`` is how ``encoder.onnx`` hands each level's feature map to ``decoder.onnx``
-    (None: the default per level; ``"channels_first"`` writes the layout of bundles before session 6;
-    the runtime reads any). ``overlap`` is written as the bundle's default window overlap (the runtime's
-    ``--overlap`` overrides it)."""
+    (None: the default per level; the runtime reads any). ``overlap`` is written as the bundle's
+    default window overlap (the runtime's ``--overlap`` overrides it)."""
     if overlap is not None and not 0 <= overlap < 1:
         raise BundleError(f"overlap must be in [0, 1), got {overlap}")
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out}: exists; pass --overwrite to replace it")
+    refuse_existing(out, overwrite)
     cfg, stats, model = load_run(run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        if cfg.model.kind == "implicit":
-            graphs = export_implicit(model, cfg.model, tmp, opset, feature_layout)
-        else:
-            graphs = export_dense(model, cfg.model, tmp, opset)
-        log(f"exported {', '.join(p.name for p in graphs.values())} (opset {opset})")
-        parity = verify_parity(model, cfg.model, graphs, feature_layout=feature_layout)
-        worst = max(parity["max_abs_diff"].values())
-        parity["tolerance"] = PARITY_TOLERANCE
-        parity["passed"] = bool(worst < PARITY_TOLERANCE)
-        log("parity torch vs onnxruntime: " + ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs_diff"].items()))
-        if not parity["passed"]:
-            raise BundleError(
-                f"ONNX graphs differ from PyTorch by {worst:.3g} > {PARITY_TOLERANCE}; bundle not written"
-            )
-        unsupported = {name: unsupported_by_tensorrt(p) for name, p in graphs.items()}
-        bad = {k: v for k, v in unsupported.items() if v}
-        if bad:
-            raise BundleError(f"graphs use operators TensorRT cannot parse: {bad}")
+    with atomic_output(out, overwrite, directory=True) as tmp:
+        graphs, parity = _export_graphs(model, cfg, tmp, opset, feature_layout, log)
         manifest = build_manifest(
             cfg, stats, graphs, {"onnx": parity}, max_points, opset, run_dir, feature_layout, overlap
         )
-        manifest["tensorrt_ops_checked"] = True
+        manifest = replace(manifest, tensorrt_ops_checked=True)
         if int8 and cfg.model.kind == "implicit":
-            q = quantize_decoder(graphs["decoder"], tmp / "decoder_int8.onnx")
-            check = int8_parity(graphs["encoder"], graphs["decoder"], q, cfg.model.patch_size)
-            log(
-                f"int8 decoder: max logit difference {check['max_abs_logit_diff']:.3f}, "
-                f"argmax agreement {check['argmax_agreement']:.4f}"
-            )
-            manifest["variants"] = {
-                "decoder_int8": {
-                    "file": q.name,
-                    "replaces": "decoder",
-                    "precision": "int8",
-                    "backend": "ort-cpu",
-                    "quantization": "onnxruntime dynamic: int8 weights per output channel, uint8 activations",
-                    "parity": check,
-                }
-            }
+            variant = _int8_variant(graphs, tmp, cfg.model.patch_size, log)
+            manifest = replace(manifest, variants={"decoder_int8": variant})
         finalize_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    load_bundle(out)  # what we wrote must load
+        load_bundle(tmp)  # what we wrote must load
     return out

@@ -1,14 +1,32 @@
-"""``imunet-export``: training run -> verified model bundle (ONNX graphs, manifest, TensorRT engines)."""
+"""``imunet-export``: training run -> verified model bundle (ONNX graphs, manifest, TensorRT engines).
+
+``imunet-export RUN --out NAME.imunet [--trt fp16] [--sign KEY.pem]`` and ``imunet-export keygen KEY.pem``.
+"""
 
 from __future__ import annotations
 
-import json
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from imunet import __version__
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+keys_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"imunet-export: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"imunet-export {__version__}")
+        raise typer.Exit()
 
 
 @app.command(help="Export RUN (an imunet-train directory) to a bundle directory NAME.imunet.")
@@ -16,10 +34,10 @@ def export(
     run: Path = typer.Argument(..., help="Training run directory (checkpoint.pt, config.json)."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to write, e.g. model.imunet."),
     trt: Optional[str] = typer.Option(None, "--trt", help="Also build TensorRT engines: fp16 | fp32."),
-    opset: int = typer.Option(17, help="ONNX opset (TensorRT 10 parses 9..20)."),
+    opset: int = typer.Option(17, help="ONNX opset (TensorRT 10 and 11 parse 9..20)."),
     max_points: int = typer.Option(65536, help="Most points per decoder call (TensorRT profile max)."),
-    opt_points: int = typer.Option(16384, help="Points per call TensorRT optimises for."),
-    overwrite: bool = typer.Option(False, help="Replace an existing bundle at --out."),
+    opt_points: int = typer.Option(16384, help="Points per call TensorRT optimises for (at most --max-points)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
     feature_layout: str = typer.Option(
         "auto",
         help="How the encoder hands feature maps to the decoder: auto (level 0 channels-first, deeper "
@@ -30,69 +48,107 @@ def export(
         help="Default window overlap recorded in the manifest (imunet-run --overlap overrides it); "
         "default 0.3. 0.25 is the measured choice for adaptive mode on large volumes (docs/BENCHMARKS.md).",
     ),
+    sign: Optional[Path] = typer.Option(
+        None, "--sign", help="Sign the bundle with this ed25519 private key (PEM; see imunet-export keygen)."
+    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     from imunet.runtime.errors import ImunetError
 
-    from .bundle import finalize_manifest, write_bundle
+    from .bundle import write_bundle
 
     if trt is not None and trt not in ("fp16", "fp32"):
-        typer.echo(f"imunet-export: error: --trt must be fp16 or fp32, got {trt!r}", err=True)
-        raise typer.Exit(2)
+        _fail(f"--trt must be fp16 or fp32, got {trt!r}")
     if feature_layout not in ("auto", "channels_first", "channels_last"):
+        _fail(f"--feature-layout must be auto, channels_first or channels_last, got {feature_layout!r}")
+    if not 1 <= opt_points <= max_points:
+        _fail(f"--opt-points must be between 1 and --max-points ({max_points}), got {opt_points}")
+    try:
+        key = _signing_key(sign)
+        bundle = write_bundle(
+            run,
+            out,
+            opset,
+            max_points,
+            overwrite,
+            log=typer.echo,
+            feature_layout=None if feature_layout == "auto" else feature_layout,
+            overlap=overlap,
+        )
+    except (ImunetError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {bundle}")
+    code = _engines(bundle, trt, (1, opt_points, max_points)) if trt else 0
+    if key is not None:
+        from .signing import sign_bundle
+
+        typer.echo(f"signed {bundle} with {sign_bundle(bundle, key)}")
+    if code:
+        raise typer.Exit(code)
+
+
+def _signing_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    from .signing import read_private_key
+
+    return read_private_key(path)
+
+
+def _engines(bundle_dir: Path, precision: str, profile: tuple[int, int, int]) -> int:
+    """Build, record and check TensorRT engines; 0, or 3 when they could not be built or checked."""
+    from imunet.runtime.bundle import load_bundle
+    from imunet.runtime.errors import ImunetError
+
+    from .bundle import finalize_manifest
+    from .tensorrt import build_engines, engine_parity
+
+    bundle = load_bundle(bundle_dir)
+    try:
+        record = build_engines(bundle, precision, profile)
+        others = tuple(e for e in bundle.manifest.engines if e.dir != record.dir)  # a rebuild replaces its record
+        manifest = finalize_manifest(bundle_dir, replace(bundle.manifest, engines=(*others, record)))
+        record = replace(record, parity=engine_parity(load_bundle(bundle_dir), precision))
+        finalize_manifest(bundle_dir, replace(manifest, engines=(*others, record)))
+    except (ImunetError, ValueError, OSError) as exc:
         typer.echo(
-            "imunet-export: error: --feature-layout must be auto, channels_first or channels_last, "
-            f"got {feature_layout!r}",
+            f"imunet-export: --trt {precision}: {exc}; the ONNX bundle at {bundle_dir} is complete without engines",
             err=True,
         )
-        raise typer.Exit(2)
-    layout = None if feature_layout == "auto" else feature_layout
-    try:
-        bundle = write_bundle(
-            run, out, opset, max_points, overwrite, log=typer.echo, feature_layout=layout, overlap=overlap
-        )
-    except (ImunetError, ValueError, OSError) as exc:
-        typer.echo(f"imunet-export: error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"wrote {bundle}")
-    if trt is None:
-        return
-    from .tensorrt import build_engines
+        return 3
+    p = record.parity or {}
+    typer.echo(
+        f"TensorRT {precision} vs onnxruntime: max |p| difference {p.get('max_abs_prob_diff', float('nan')):.2e}, "
+        f"argmax agreement {p.get('argmax_agreement', float('nan')):.4%}"
+    )
+    times = ", ".join(f"{name} {facts['build_s']} s" for name, facts in record.build.items())
+    typer.echo(f"built TensorRT {precision} engines in {record.dir} ({times})")
+    return 0
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    graphs = {name: bundle / g["file"] for name, g in manifest["graphs"].items()}
-    try:
-        record = build_engines(
-            bundle,
-            graphs,
-            trt,
-            (1, opt_points, max_points),
-            {name: manifest["files"][g["file"]] for name, g in manifest["graphs"].items()},
-        )
-    except (ImunetError, ValueError, OSError) as exc:
-        typer.echo(
-            f"imunet-export: --trt {trt}: {exc}; the ONNX bundle at {bundle} is complete without engines", err=True
-        )
-        raise typer.Exit(3) from None
-    manifest["engines"].append(record)
-    finalize_manifest(bundle, manifest)
-    try:
-        from .tensorrt import engine_parity
 
-        record["parity"] = engine_parity(bundle, trt)
-        finalize_manifest(bundle, manifest)
-        typer.echo(
-            f"TensorRT {trt} vs onnxruntime: max |p| difference {record['parity']['max_abs_prob_diff']:.2e}, "
-            f"argmax agreement {record['parity']['argmax_agreement']:.4%}"
-        )
+@keys_app.command(help="Write a new ed25519 signing key KEY.pem (mode 0600) and its public key KEY.pub.pem.")
+def keygen(
+    key: Path = typer.Argument(..., help="Private key file to write, e.g. site.pem."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing key files."),
+) -> None:
+    from imunet.runtime.errors import ImunetError
+
+    from .signing import keygen as make_keys
+
+    try:
+        private, public, fp = make_keys(key, overwrite)
     except (ImunetError, OSError) as exc:
-        typer.echo(f"imunet-export: engines built but their parity check failed: {exc}", err=True)
-        raise typer.Exit(3) from None
-    times = ", ".join(f"{name} {facts['build_s']} s" for name, facts in record["build"].items())
-    typer.echo(f"built TensorRT {trt} engines in {record['dir']} ({times})")
+        _fail(str(exc))
+    typer.echo(f"wrote {private} (private: keep it off shared disks) and {public}; key {fp}")
+    typer.echo(f"hand {public.name} to the sites that run your bundles: imunet-run --trusted-keys FOLDER")
 
 
 def main() -> None:
-    app()
+    if len(sys.argv) > 1 and sys.argv[1] == "keygen":
+        sys.argv.pop(1)
+        keys_app(prog_name="imunet-export keygen")
+    else:
+        app(prog_name="imunet-export")
 
 
 if __name__ == "__main__":

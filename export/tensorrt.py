@@ -1,140 +1,136 @@
-"""Build TensorRT engines for a bundle's graphs (needs ``tensorrt`` and an NVIDIA GPU).
+"""Build TensorRT engines for a bundle's graphs (needs ``tensorrt`` 10 or 11 and an NVIDIA GPU).
 
-Engines go to ``engines/<gpu>-trt<version>-<precision>/`` with ``encoder.plan``,
-``decoder.plan`` (or ``model.plan``), the reused ``timing.cache`` and ``engine.json`` recording
-what they were built for; the runtime refuses an engine whose record does not match its GPU,
-its TensorRT or the bundle's graphs. In fp16 engines the gather, coordinate normalisation and
-positional encoding (everything before the decoder's first matrix multiply) are pinned to fp32:
-the encoding's highest frequency reaches arguments of ~1,600, where float16 steps by 1.
+Engines go to ``engines/<gpu>-trt<version>-<precision>/`` with ``encoder.plan``, ``decoder.plan``
+(or ``model.plan``) and the reused ``timing.cache``; the manifest records what they were built
+for and hashes them, and the runtime refuses an engine whose record does not match its GPU, its
+TensorRT or the bundle's graphs.
+
+Precision is a property of the graph: every network is built strongly typed (the only mode in
+TensorRT 11; opted into on 10.x), so an fp32 graph gives an fp32 engine and the bundle's fp16
+variants, which carry their own casts, give fp16 engines with the gather, the coordinate arithmetic
+and the positional encoding in float32. No weak-typing API (``BuilderFlag.FP16``, layer
+precisions, ``OBEY_PRECISION_CONSTRAINTS``) is used.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from imunet.runtime.backends.trt import engine_dir_name, gpu_info, import_tensorrt
+from imunet.runtime.bundle import Bundle
 from imunet.runtime.errors import BackendError
+from imunet.runtime.manifest import EngineRecord
+
+ENGINE_PRECISIONS = ("fp16", "fp32")
 
 
-def _pin_preamble_fp32(network, trt) -> int:
-    """Force fp32 on every layer before the first matrix multiply; returns how many were pinned."""
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in (trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.FULLY_CONNECTED):
-            break
-        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
-            continue
-        if any(layer.get_output(j).dtype in (trt.float32, trt.float16) for j in range(layer.num_outputs)):
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                if layer.get_output(j).dtype in (trt.float32, trt.float16):
-                    layer.set_output_type(j, trt.float32)
-            pinned += 1
-    return pinned
+def check_points_profile(profile: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``(min, opt, max)`` points per decoder call, validated: ``1 <= min <= opt <= max``."""
+    lo, opt, hi = profile
+    if not 1 <= lo <= opt <= hi:
+        raise ValueError(f"points profile needs 1 <= min <= opt <= max, got min {lo}, opt {opt}, max {hi}")
+    return lo, opt, hi
+
+
+def strongly_typed_network(builder: Any, trt: Any) -> Any:
+    """A network definition with strong typing: the ``STRONGLY_TYPED`` flag where the enum still
+    has it (10.x; deprecated and always on in 11)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return builder.create_network(0 if flag is None else 1 << int(flag))
 
 
 def build_engine(
-    onnx_path: Path,
+    onnx: bytes,
     plan_path: Path,
     cache_path: Path,
-    precision: str,
     points_profile: tuple[int, int, int] | None = None,
     workspace_gb: float = 4.0,
-) -> dict:
-    """Parse ``onnx_path`` and write a serialized engine; returns build facts for the record."""
+) -> dict[str, Any]:
+    """Parse an ONNX graph, build a strongly typed engine, write it; returns build facts."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = strongly_typed_network(builder, trt)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    if not parser.parse(onnx):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+        raise BackendError(f"TensorRT cannot parse {plan_path.stem}.onnx: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    pinned = 0
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = _pin_preamble_fp32(network, trt)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 graphs stay fp32 (the reference the fp16 ones are held to)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     if points_profile is not None:
+        lo, opt, hi = check_points_profile(points_profile)
         profile = builder.create_optimization_profile()
-        lo, opt, hi = points_profile
         profile.set_shape("points", (lo, 3), (opt, 3), (hi, 3))
         config.add_optimization_profile(profile)
     t = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BackendError(f"TensorRT failed to build an engine for {onnx_path.name}")
-    build_s = time.perf_counter() - t
+        raise BackendError(f"TensorRT failed to build an engine for {plan_path.stem}")
     plan_path.write_bytes(bytes(serialized))
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"build_s": round(build_s, 2), "fp32_pinned_layers": pinned}
+    return {"build_s": round(time.perf_counter() - t, 2), "layers": int(network.num_layers)}
 
 
-def build_engines(
-    bundle_dir: Path,
-    graphs: dict[str, Path],
-    precision: str,
-    points_profile: tuple[int, int, int],
-    graph_sha256: dict[str, str],
-) -> dict:
-    """Build every graph of a bundle into ``engines/<gpu>-trt<ver>-<precision>/``; returns its record."""
-    if precision not in ("fp16", "fp32"):
-        raise ValueError(f"--trt must be fp16 or fp32, got {precision!r}")
+def build_engines(bundle: Bundle, precision: str, points_profile: tuple[int, int, int]) -> EngineRecord:
+    """Build every graph of ``bundle`` at ``precision`` (the fp16 variants for ``fp16``) into
+    ``engines/<gpu>-trt<version>-<precision>/``; returns the record for the manifest."""
+    if precision not in ENGINE_PRECISIONS:
+        raise ValueError(f"--trt must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
+    profile = check_points_profile(points_profile)
     trt = import_tensorrt()
+    if precision == "fp16" and not bundle.has_precision("fp16"):
+        raise BackendError("the bundle has no fp16 graphs to build fp16 engines from; re-export it")
     gpu = gpu_info()
-    sub = Path("engines") / engine_dir_name(gpu, trt.__version__, precision)
-    out = bundle_dir / sub
+    sub = f"engines/{engine_dir_name(gpu, trt.__version__, precision)}"
+    out = bundle.path / sub
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "timing.cache"
-    facts = {}
-    for name, onnx_path in graphs.items():
-        facts[name] = build_engine(
-            onnx_path, out / f"{name}.plan", cache, precision, points_profile if name == "decoder" else None
+    facts, used = {}, {}
+    for graph in bundle.manifest.graphs:
+        name = bundle.graph_file(graph, precision)
+        used[graph] = bundle.manifest.files[name]
+        facts[graph] = build_engine(
+            bundle.read(name), out / f"{graph}.plan", out / "timing.cache", profile if graph == "decoder" else None
         )
-    record = {
-        "dir": str(sub),
-        "gpu": gpu.name,
-        "compute_capability": gpu.compute_capability,
-        "tensorrt": trt.__version__,
-        "precision": precision,
-        "points_profile": list(points_profile),
-        "graphs_sha256": graph_sha256,
-        "build": facts,
-    }
-    (out / "engine.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    points = profile if bundle.manifest.kind == "implicit" else None
+    return EngineRecord(sub, gpu.name, gpu.compute_capability, trt.__version__, precision, used, points, facts)
 
 
-def engine_parity(bundle_dir: Path, precision: str, points: int = 8192, seed: int = 0) -> dict:
+def corner_points(patch: tuple[int, int, int], count: int, rng: np.random.Generator) -> np.ndarray:
+    """``(count, 3)`` int32 points: the patch's 8 corners (where the encoding's highest frequency
+    peaks), then uniform random ones."""
+    corners = np.array([[z, y, x] for z in (0, patch[0] - 1) for y in (0, patch[1] - 1) for x in (0, patch[2] - 1)])
+    rest = np.stack([rng.integers(0, s, max(count - 8, 0)) for s in patch], 1)
+    return np.concatenate([corners, rest]).astype(np.int32)[:count]
+
+
+def engine_parity(bundle: Bundle, precision: str, points: int = 8192, seed: int = 0) -> dict[str, Any]:
     """Engines against onnxruntime (CPU, fp32) on a random patch: max |probability| difference and
-    the argmax agreement rate of the decoder, or of the dense model's voxels."""
-    import numpy as np
-
+    argmax agreement of the decoder (at points that include the patch corners), or of the dense
+    model's voxels."""
     from imunet.runtime.backends.ort import OrtBackend
     from imunet.runtime.backends.trt import TensorRTBackend
     from imunet.runtime.inference import softmax
-    from imunet.runtime.manifest import load_bundle
 
-    bundle = load_bundle(bundle_dir)
-    trt_b, ort_b = TensorRTBackend(bundle, precision), OrtBackend(bundle, "ort-cpu")
+    m = bundle.manifest
+    trt_b, ort_b = TensorRTBackend(bundle, precision), OrtBackend(bundle, "ort-cpu", precision="fp32")
     rng = np.random.default_rng(seed)
-    patch = rng.normal(size=bundle.manifest.patch_size).astype(np.float32)
+    patch = rng.normal(size=m.patch_size).astype(np.float32)
     try:
-        if bundle.manifest.kind == "implicit":
-            pts = np.stack([rng.integers(0, s, points) for s in bundle.manifest.patch_size], 1).astype(np.int32)
-            pts = pts[: trt_b.max_points]
+        if m.kind == "implicit":
+            pts = corner_points(m.patch_size, min(points, trt_b.max_points), rng)
             a = softmax(trt_b.decode(trt_b.encode(patch), pts))
             b = softmax(ort_b.decode(ort_b.encode(patch), pts))
         else:
-            a = softmax(trt_b.predict_dense(patch), axis=0).reshape(bundle.manifest.num_classes, -1).T
-            b = softmax(ort_b.predict_dense(patch), axis=0).reshape(bundle.manifest.num_classes, -1).T
+            a = softmax(trt_b.predict_dense(patch), axis=0).reshape(m.num_classes, -1).T
+            b = softmax(ort_b.predict_dense(patch), axis=0).reshape(m.num_classes, -1).T
     finally:
         trt_b.close()
         ort_b.close()

@@ -105,7 +105,7 @@ def train(
             lr_schedule=lr_schedule,
             checkpoint_every=checkpoint_every,
         )
-        from .train import pick_device
+        from .distributed import pick_device
         from .train import train as run_training
 
         if init is not None and init_encoder is not None:
@@ -123,8 +123,9 @@ def train(
     except (ValueError, OSError) as exc:
         typer.echo(f"imunet-train: error: {exc}", err=True)
         raise typer.Exit(2) from None
-    if metrics.get("val_dice"):
-        typer.echo(f"validation Dice per label: {metrics['val_dice']} (mean {metrics['val_dice_mean']:.4f})")
+    if metrics.get("val_dice_by_name"):
+        per_label = ", ".join(f"{k} {v:.4f}" for k, v in metrics["val_dice_by_name"].items())
+        typer.echo(f"validation Dice: {per_label} (mean {metrics['val_dice_mean']:.4f})")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import SimpleITK as sitk
 
+from imunet.runtime.atomic import atomic_output
 from imunet.runtime.errors import InputError
 from imunet.runtime.io import read_image, to_array
 from imunet.runtime.preprocess import Normalization, ct_statistics, normalize, resample_to_spacing
@@ -166,9 +167,8 @@ class PreprocessedCache:
         if not (img_p.exists() and lbl_p.exists()):
             img, lbl = preprocess_case(case, self.stats)
             for arr, p in ((img, img_p), (lbl, lbl_p)):
-                tmp = p.with_suffix(".tmp.npy")
-                np.save(tmp, arr)
-                tmp.replace(p)
+                with atomic_output(p, overwrite=True) as tmp:
+                    np.save(tmp, arr)
         return np.load(img_p, mmap_mode="r"), np.load(lbl_p, mmap_mode="r")
 
     def load_all(self, cases: list[Case], progress: Callable[[int, int], None] | None = None):

@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: data, model, steps, validation, checkpoints.
+"""The training loop, top to bottom: configuration, data, a train state, steps, validation, checkpoints.
 
 Runs on one CPU or GPU, or on several through ``torchrun`` (DistributedDataParallel; gloo on
 CPU, NCCL on CUDA). Every rank samples its own patches; rank 0 logs, validates and saves.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -19,85 +18,24 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from imunet.runtime.inference import InferenceSettings, predict_labels
+from imunet.runtime.inference import predict_labels
 from imunet.runtime.metrics import dice_per_label
+from imunet.runtime.settings import InferenceSettings
 
 from .augment import augment_batch
 from .config import RunConfig
 from .data import DatasetStats, PreprocessedCache, compute_stats, read_dataset, split_cases
+from .distributed import Dist, pick_device, setup_distributed
 from .losses import deep_supervision_loss, point_loss
 from .model import build_model, count_parameters
 from .progress import StepProgress
 from .sampling import point_labels, sample_patch, sample_points
+from .state import CHECKPOINT, TrainState
 from .torch_backend import TorchBackend
 
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def setup_distributed(device: torch.device) -> Dist:
-    """Join the process group ``torchrun`` describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; errors clearly when CUDA is asked for and absent."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
-
-
-def _rng_state(np_rng: np.random.Generator, aug_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-    state = {
-        "numpy": json.dumps(np_rng.bit_generator.state),
-        "augment": aug_gen.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(
-    state: dict[str, Any], np_rng: np.random.Generator, aug_gen: torch.Generator, device: torch.device
-) -> None:
-    np_rng.bit_generator.state = json.loads(state["numpy"])
-    aug_gen.set_state(state["augment"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+__all__ = ["train", "pick_device", "validate", "init_weights", "CHECKPOINT"]
+LOG_HEADER = "step,loss,lr,step_s,data_s,augment_s,val_dice_mean\n"
 
 
 def sample_batch(
@@ -159,11 +97,13 @@ def validate(
     model: torch.nn.Module,
     cases: dict[str, tuple[np.ndarray, np.ndarray]],
     cfg: RunConfig,
-    labels: list[int],
     device: torch.device,
     settings: InferenceSettings | None = None,
 ) -> dict[str, Any]:
-    """Per-label Dice on whole held-out volumes through the runtime's sliding-window loop."""
+    """Per-label Dice on whole held-out volumes through the runtime's sliding-window loop, by label
+    index (``val_dice``) and by name (``val_dice_by_name``)."""
+    labels = list(range(1, cfg.model.num_classes))
+    names = cfg.extra.get("labels", {})
     was_training = model.training
     model.eval()
     backend = TorchBackend(model, device)
@@ -176,6 +116,7 @@ def validate(
     mean = {str(lab): float(np.mean([d[lab] for d in per_case.values()])) for lab in labels}
     return {
         "val_dice": mean,
+        "val_dice_by_name": {names.get(k, k): v for k, v in mean.items()},
         "val_dice_mean": float(np.mean(list(mean.values()))) if mean else float("nan"),
         "per_case": {n: {str(k): v for k, v in d.items()} for n, d in per_case.items()},
     }
@@ -228,6 +169,119 @@ def init_weights(
     return replace(cfg, model=model_cfg), state, digest
 
 
+@dataclass
+class RunData:
+    """A run's data after the split, statistics and preprocessing (all done once, on rank 0)."""
+
+    stats: DatasetStats
+    train: list[tuple[np.ndarray, np.ndarray]]
+    val: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def resolve_config(
+    run_dir: Path, cfg: RunConfig, resume: bool, init: Path | None, init_encoder_only: bool
+) -> tuple[RunConfig, dict[str, torch.Tensor] | None]:
+    """The run's configuration (a resumed run keeps its stored one; ``init`` brings the source run's
+    model configuration) and the weights to start from, if any."""
+    ckpt_path = run_dir / CHECKPOINT
+    if resume and not ckpt_path.exists():
+        raise ValueError(f"--resume: no {ckpt_path} to resume from")
+    if not resume and ckpt_path.exists():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if resume:  # the stored configuration wins: a resumed run is the same run
+        stored = RunConfig.load(run_dir / "config.json")
+        return RunConfig(stored.model, replace(stored.train, steps=cfg.train.steps), stored.dataset, stored.extra), None
+    if init is None:
+        return cfg, None
+    cfg, state, digest = init_weights(Path(init), cfg, init_encoder_only)
+    part = "encoder" if init_encoder_only else "model"
+    return replace(cfg, extra={**cfg.extra, "init": {"checkpoint": str(init), "sha256": digest, "part": part}}), state
+
+
+def prepare_data(
+    dataset_dir: Path, run_dir: Path, cfg: RunConfig, ddp: Dist, cache_dir: Path | None, say: Callable[[str], None]
+) -> tuple[RunConfig, RunData]:
+    """Split, dataset statistics and preprocessed arrays; the configuration gains the dataset's
+    name, modality and labels and is saved as ``RUN/config.json``."""
+    info = read_dataset(dataset_dir)
+    if info.labels and len(info.labels) != cfg.model.num_classes:
+        raise ValueError(f"model has {cfg.model.num_classes} classes, dataset {len(info.labels)}: {info.labels}")
+    split_path, stats_path = run_dir / "split.json", run_dir / "dataset_stats.json"
+    by_name = {c.name: c for c in info.cases}
+    if ddp.main and not split_path.exists():
+        train_names, val_names = split_cases(info.cases, cfg.train.val_fraction, cfg.train.seed)
+        split_path.write_text(json.dumps({"seed": cfg.train.seed, "train": train_names, "val": val_names}, indent=1))
+    ddp.barrier()
+    split = json.loads(split_path.read_text())
+    if ddp.main and not stats_path.exists():
+        say(f"computing dataset statistics over {len(split['train'])} training cases ...")
+        stats_path.write_text(json.dumps(compute_stats(info, [by_name[n] for n in split["train"]]).to_dict(), indent=2))
+    ddp.barrier()
+    stats = DatasetStats.from_dict(json.loads(stats_path.read_text()))
+    cache = PreprocessedCache(cache_dir or run_dir / "preprocessed", stats)
+    if ddp.main:
+        t = time.perf_counter()
+        cache.load_all([by_name[n] for n in split["train"] + split["val"]])
+        say(
+            f"preprocessed {len(split['train']) + len(split['val'])} cases in {time.perf_counter() - t:.1f} s "
+            f"(spacing {stats.spacing}, normalisation {stats.normalization.scheme})"
+        )
+    ddp.barrier()
+    val = {n: cache.get(by_name[n]) for n in split["val"]}
+    if cfg.train.val_max_cases:
+        val = dict(list(val.items())[: cfg.train.val_max_cases])
+    labels = {str(k): v for k, v in info.labels.items()}
+    extra = {**cfg.extra, "dataset_name": info.name, "modality": info.modality, "labels": labels}
+    cfg = RunConfig(cfg.model, cfg.train, str(info.root), extra)
+    if ddp.main:
+        cfg.save(run_dir / "config.json")
+    return cfg, RunData(stats, [cache.get(by_name[n]) for n in split["train"]], val)
+
+
+def start_state(
+    cfg: RunConfig,
+    device: torch.device,
+    ddp: Dist,
+    init_state: dict[str, torch.Tensor] | None,
+    init: Path | None,
+    encoder_only: bool,
+    resume_from: Path | None,
+    say: Callable[[str], None],
+) -> TrainState:
+    """The model and its train state: fresh, from ``init`` weights, or resumed from a checkpoint."""
+    torch.manual_seed(cfg.train.seed)
+    state = TrainState.create(cfg, build_model(cfg.model).to(device), device, ddp.rank)
+    if init_state is not None:
+        result = state.model.load_state_dict(init_state, strict=not encoder_only)
+        fresh = [k for k in result.missing_keys if k.startswith("encoder.")]
+        if fresh or result.unexpected_keys:  # only the decoder may start fresh
+            raise ValueError(f"--init-encoder: {init} does not fit: {(fresh + result.unexpected_keys)[:3]}")
+        say(f"starting from the {'encoder ' if encoder_only else ''}weights of {init}")
+    if resume_from is not None:
+        state.load(resume_from, ddp.rank)
+        say(f"resuming {resume_from.parent} at step {state.step} of {cfg.train.steps}")
+    return state
+
+
+def train_step(net: torch.nn.Module, state: TrainState, cfg: RunConfig, data: RunData) -> tuple[float, float, float]:
+    """One optimisation step on a fresh batch; returns the loss and the data and augmentation seconds."""
+    t0 = time.perf_counter()
+    for group in state.opt.param_groups:
+        group["lr"] = _lr(cfg, state.step)
+    img_np, lbl_np = sample_batch(data.train, cfg, state.np_rng)
+    img = torch.from_numpy(img_np)[:, None].to(state.device)
+    lbl = torch.from_numpy(lbl_np).to(device=state.device, dtype=torch.long)
+    t1 = time.perf_counter()
+    if cfg.train.augment:
+        img, lbl = augment_batch(img, lbl, state.aug_gen)
+    t2 = time.perf_counter()
+    use_amp = state.scaler.is_enabled()
+    loss = float(optimisation_step(net, cfg, img, lbl, state.np_rng, state.opt, state.scaler, use_amp))
+    if not np.isfinite(loss):
+        raise RuntimeError(f"loss became {loss} at step {state.step + 1}; lower the learning rate")
+    return loss, t1 - t0, t2 - t1
+
+
 def train(
     dataset_dir: Path,
     run_dir: Path,
@@ -248,188 +302,76 @@ def train(
     ddp = setup_distributed(device)
     say = log if ddp.main else (lambda _msg: None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / CHECKPOINT
-    if resume and not ckpt_path.exists():
-        raise ValueError(f"--resume: no {ckpt_path} to resume from")
-    if not resume and ckpt_path.exists():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if resume:  # the stored configuration wins: a resumed run is the same run
-        stored = RunConfig.load(run_dir / "config.json")
-        cfg = RunConfig(stored.model, replace(stored.train, steps=cfg.train.steps), stored.dataset, stored.extra)
-    init_state: dict[str, torch.Tensor] | None = None
-    if init is not None and not resume:
-        cfg, init_state, digest = init_weights(Path(init), cfg, init_encoder_only)
-        part = "encoder" if init_encoder_only else "model"
-        cfg = replace(cfg, extra={**cfg.extra, "init": {"checkpoint": str(init), "sha256": digest, "part": part}})
-
-    # --- data: split, statistics and preprocessing happen once, on rank 0 ---
-    info = read_dataset(dataset_dir)
-    if info.labels and len(info.labels) != cfg.model.num_classes:
-        raise ValueError(f"model has {cfg.model.num_classes} classes, dataset {len(info.labels)}: {info.labels}")
-    split_path, stats_path = run_dir / "split.json", run_dir / "dataset_stats.json"
-    by_name = {c.name: c for c in info.cases}
-    if ddp.main and not split_path.exists():
-        train_names, val_names = split_cases(info.cases, cfg.train.val_fraction, cfg.train.seed)
-        split_path.write_text(json.dumps({"seed": cfg.train.seed, "train": train_names, "val": val_names}, indent=1))
-    ddp.barrier()
-    split = json.loads(split_path.read_text())
-    if ddp.main and not stats_path.exists():
-        say(f"computing dataset statistics over {len(split['train'])} training cases ...")
-        stats = compute_stats(info, [by_name[n] for n in split["train"]], cfg.train.seed)
-        stats_path.write_text(json.dumps(stats.to_dict(), indent=2))
-    ddp.barrier()
-    stats = DatasetStats.from_dict(json.loads(stats_path.read_text()))
-    cache = PreprocessedCache(cache_dir or run_dir / "preprocessed", stats)
-    if ddp.main:
-        t = time.perf_counter()
-        cache.load_all([by_name[n] for n in split["train"] + split["val"]])
-        say(
-            f"preprocessed {len(split['train']) + len(split['val'])} cases in {time.perf_counter() - t:.1f} s "
-            f"(spacing {stats.spacing}, normalisation {stats.normalization.scheme})"
-        )
-    ddp.barrier()
-    train_arrays = [cache.get(by_name[n]) for n in split["train"]]
-    val_cases = {n: cache.get(by_name[n]) for n in split["val"]}
-    if cfg.train.val_max_cases:
-        val_cases = dict(list(val_cases.items())[: cfg.train.val_max_cases])
-    cfg = RunConfig(
-        cfg.model,
-        cfg.train,
-        str(info.root),
-        {
-            **cfg.extra,
-            "dataset_name": info.name,
-            "modality": info.modality,
-            "labels": {str(k): v for k, v in info.labels.items()},
-        },
-    )
-    if ddp.main:
-        cfg.save(run_dir / "config.json")
-
-    # --- model and optimiser ---
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    np_rng = np.random.default_rng([cfg.train.seed, ddp.rank])
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + ddp.rank)
-    start, history = 0, []
-    if init_state is not None:
-        result = model.load_state_dict(init_state, strict=not init_encoder_only)
-        fresh = [k for k in result.missing_keys if k.startswith("encoder.")]
-        if fresh or result.unexpected_keys:  # only the decoder may start fresh
-            raise ValueError(f"--init-encoder: {init} does not fit: {(fresh + result.unexpected_keys)[:3]}")
-        say(f"starting from the {'encoder ' if init_encoder_only else ''}weights of {init}")
-    if resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = int(ckpt["step"])
-        history = json.loads(ckpt.get("history", "[]"))
-        rng_all = ckpt["rng"]
-        _set_rng_state(rng_all[ddp.rank] if ddp.rank < len(rng_all) else rng_all[0], np_rng, aug_gen, device)
-        say(f"resuming {run_dir} at step {start} of {cfg.train.steps}")
-    net = model
+    cfg, init_state = resolve_config(run_dir, cfg, resume, init, init_encoder_only)
+    cfg, data = prepare_data(dataset_dir, run_dir, cfg, ddp, cache_dir, say)
+    resume_from = run_dir / CHECKPOINT if resume else None
+    state = start_state(cfg, device, ddp, init_state, init, init_encoder_only, resume_from, say)
+    net = state.model
     if ddp.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if ddp.main:
-        say(
-            f"{cfg.model.kind} model: {count_parameters(model):,} parameters; device {device}; "
-            f"{len(train_arrays)} train / {len(val_cases)} val cases; world size {ddp.world}"
-        )
-
-    labels = [k for k in range(1, cfg.model.num_classes)]
+    say(
+        f"{cfg.model.kind} model: {count_parameters(state.model):,} parameters; device {device}; "
+        f"{len(data.train)} train / {len(data.val)} val cases; world size {ddp.world}"
+    )
     log_path = run_dir / "log.csv"
     if ddp.main and not log_path.exists():
-        log_path.write_text("step,loss,lr,step_s,data_s,augment_s,val_dice_mean\n")
-
-    def checkpoint(step: int) -> None:
-        rng = _rng_state(np_rng, aug_gen, device)
-        rngs = [rng]
-        if ddp.world > 1:
-            rngs = [None] * ddp.world  # type: ignore[list-item]
-            dist.all_gather_object(rngs, rng)
-        if ddp.main:
-            _save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "config": json.dumps(cfg.to_dict()),
-                    "stats": json.dumps(stats.to_dict()),
-                    "rng": rngs,
-                    "history": json.dumps(history),
-                },
-                ckpt_path,
-            )
-
-    # --- the loop ---
-    model.train()
+        log_path.write_text(LOG_HEADER)
     metrics: dict[str, Any] = {}
     t_start = time.perf_counter()
-    progress = StepProgress(cfg.train.steps, start, say) if ddp.main else None
-    for step in range(start, cfg.train.steps):
+    progress = StepProgress(cfg.train.steps, state.step, say) if ddp.main else None
+    state.model.train()
+    while state.step < cfg.train.steps:
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
-        img_np, lbl_np = sample_batch(train_arrays, cfg, np_rng)
-        img = torch.from_numpy(img_np)[:, None].to(device)
-        lbl = torch.from_numpy(lbl_np).to(device=device, dtype=torch.long)
-        t1 = time.perf_counter()
-        if cfg.train.augment:
-            img, lbl = augment_batch(img, lbl, aug_gen)
-        t2 = time.perf_counter()
-        loss_v = float(optimisation_step(net, cfg, img, lbl, np_rng, opt, scaler, use_amp))
-        if not np.isfinite(loss_v):
-            raise RuntimeError(f"loss became {loss_v} at step {step + 1}; lower the learning rate")
-        step_s = time.perf_counter() - t0
-        done = step + 1
-        val_mean = ""
-        is_last = done == cfg.train.steps
-        if ddp.main and ((cfg.train.val_every and done % cfg.train.val_every == 0) or is_last) and val_cases:
-            metrics = validate(model, val_cases, cfg, labels, device)
+        loss, data_s, augment_s = train_step(net, state, cfg, data)
+        state.step += 1
+        step_s, val_mean = time.perf_counter() - t0, ""
+        last = state.step == cfg.train.steps
+        if ddp.main and data.val and (last or (cfg.train.val_every and state.step % cfg.train.val_every == 0)):
+            metrics = validate(state.model, data.val, cfg, device)
             val_mean = f"{metrics['val_dice_mean']:.4f}"
-            say(f"step {done}: validation Dice {metrics['val_dice']} (mean {val_mean})")
+            per_label = ", ".join(f"{k} {v:.4f}" for k, v in metrics["val_dice_by_name"].items())
+            say(f"step {state.step}: validation Dice {per_label} (mean {val_mean})")
         if ddp.main:
-            history.append({"step": done, "loss": loss_v, "val": val_mean})
+            state.history.append({"step": state.step, "loss": loss, "val": val_mean})
+            row = [state.step, f"{loss:.5f}", f"{_lr(cfg, state.step - 1):.3g}", f"{step_s:.4f}", f"{data_s:.4f}"]
             with log_path.open("a") as fh:
-                csv.writer(fh).writerow(
-                    [
-                        done,
-                        f"{loss_v:.5f}",
-                        f"{_lr(cfg, step):.3g}",
-                        f"{step_s:.4f}",
-                        f"{t1 - t0:.4f}",
-                        f"{t2 - t1:.4f}",
-                        val_mean,
-                    ]
-                )
-            progress.update(done, loss_v)
-        if done % cfg.train.checkpoint_every == 0 or is_last:
-            checkpoint(done)
-
+                csv.writer(fh).writerow([*row, f"{augment_s:.4f}", val_mean])
+            progress.update(state.step, loss)  # type: ignore[union-attr]
+        if state.step % cfg.train.checkpoint_every == 0 or last:
+            state.save(run_dir / CHECKPOINT, cfg, data.stats, ddp)
     if progress is not None:
         progress.close()
     if ddp.main:
-        metrics = {
-            **metrics,
-            "steps": cfg.train.steps,
-            "train_seconds": round(time.perf_counter() - t_start, 1),
-            "parameters": count_parameters(model),
-            "device": str(device),
-            "world_size": ddp.world,
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "machine": platform.machine(),
-        }
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        plot_curves(log_path, run_dir / "curves.png")
+        metrics = finish(run_dir, cfg, state, metrics, time.perf_counter() - t_start, device, ddp)
     ddp.barrier()
+    return metrics
+
+
+def finish(
+    run_dir: Path,
+    cfg: RunConfig,
+    state: TrainState,
+    metrics: dict[str, Any],
+    seconds: float,
+    device: torch.device,
+    ddp: Dist,
+) -> dict[str, Any]:
+    """Write ``metrics.json`` (validation Dice, time, sizes, versions) and ``curves.png``."""
+    metrics = {
+        **metrics,
+        "steps": cfg.train.steps,
+        "train_seconds": round(seconds, 1),
+        "parameters": count_parameters(state.model),
+        "device": str(device),
+        "world_size": ddp.world,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_curves(run_dir / "log.csv", run_dir / "curves.png")
     return metrics
 
 

@@ -16,7 +16,7 @@ from .errors import BackendError, BundleError, ImunetError, InputError
 __all__ = ["Segmenter", "Bundle", "load_bundle", "ImunetError", "InputError", "BundleError", "BackendError"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .manifest import Bundle, load_bundle
+    from .bundle import Bundle, load_bundle
     from .pipeline import Segmenter
 
 
@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
 
         return Segmenter
     if name in ("Bundle", "load_bundle"):
-        from . import manifest
+        from . import bundle
 
-        return getattr(manifest, name)
+        return getattr(bundle, name)
     raise AttributeError(name)

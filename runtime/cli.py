@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from .errors import ImunetError, InputError
-from .io import IMAGE_SUFFIXES, image_suffix
+from .io import WRITABLE_SUFFIXES, image_suffix
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -68,7 +68,7 @@ def run(
     from .io import read_image, write_image_atomic
     from .pipeline import Segmenter
 
-    if fmt not in IMAGE_SUFFIXES or fmt in (".mhd", ".nhdr"):
+    if fmt not in WRITABLE_SUFFIXES:
         _fail(f"--format must be one of .nii.gz, .nii, .nrrd, .mha; got {fmt!r}")
     scans = collect_inputs(inputs)
     many = len(scans) > 1

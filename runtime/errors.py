@@ -11,6 +11,10 @@ class InputError(ImunetError, ValueError):
     """A scan that cannot be read or used (missing, corrupt, wrong dimensionality, ...)."""
 
 
+class OutputError(ImunetError, ValueError):
+    """An output that cannot be written as asked (it exists, or its format is not writable)."""
+
+
 class BundleError(ImunetError, ValueError):
     """A model bundle that is missing, corrupt, or incompatible with this runtime."""
 

@@ -1,9 +1,12 @@
-"""The sliding-window inference loop on a preprocessed volume, for implicit and dense models.
+"""The inference loop over windows, for implicit and dense models. It only orchestrates.
 
-Per window: encode; decode a broad mesh (every ``stride``-th voxel); fill the rest by nearest
-neighbour; decode the voxels of the band around the broad prediction's boundary; blend the
-window's probabilities with a Gaussian importance map. Then average-pool (kernel 3) and argmax.
-The geometry lives in :mod:`.windows` and :mod:`.mesh`; this module only orchestrates.
+Blended modes (``sparse``, ``dense``, and dense models): per window, class probabilities are
+computed and accumulated with a Gaussian importance map. ``sparse`` decodes a broad mesh (every
+``stride``-th voxel), fills the rest by nearest neighbour and decodes a band around the broad
+boundary. Adaptive mode: each owner box (:mod:`.boxes`) is decoded once, coarse to fine
+(:mod:`.lattice`), with the features of its window. Then the probabilities are smoothed (box
+average) and the argmax taken. The geometry lives in :mod:`.windows`, :mod:`.boxes`, :mod:`.mesh`
+and :mod:`.lattice`.
 """
 
 from __future__ import annotations
@@ -12,63 +15,22 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Hashable
 
 import numpy as np
 
-from .adaptive import BOX_LAYOUTS, REFINE_RULES, SEAM_RULES, accumulate_adaptive
+from .boxes import OwnerBox, owner_boxes
 from .labels import smoothed_argmax
+from .lattice import refine_box
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from .parallel import ordered_map
+from .settings import InferenceSettings
 from .windows import gaussian_importance, pad_to_patch, window_slices
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend
 
-MODES = ("sparse", "dense", "adaptive")
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """Knobs of the loop; defaults come from the bundle manifest."""
-
-    mode: str = "adaptive"  # see .adaptive; "sparse": the paper's mesh + band, blended; "dense": every voxel
-    overlap: float = 0.3  # blended modes: window overlap; adaptive: sets the owner boxes (see .adaptive)
-    stride: int = 4  # broad-mesh spacing, voxels
-    band: int = 2  # half-width (voxels) of the refined band around the broad boundary
-    sigma_scale: float = 0.125  # Gaussian importance sigma, fraction of the patch
-    smoothing: int = 3  # average-pool kernel on the blended probabilities; 1 = none
-    halo: int = 0  # adaptive: also refine cells within this many cells of a refined one
-    confidence: float = 0.0  # adaptive: also refine cells with a corner whose top probability is below this
-    min_stride: int = 1  # adaptive: finest decoded lattice; finer points are interpolated
-    refine: str = "elements"  # adaptive: "cells" refines whole cells at every level; see .adaptive.refine_box
-    seam: int = 0  # adaptive: width of the blended seams between owner boxes, voxels (0: none)
-    seam_rule: str = "both"  # adaptive: "both" sides of a face decoded by both boxes; "decoded": see .adaptive
-    boxes: str = "balanced"  # adaptive: owner-box layout, "balanced" or "even" (.adaptive.box_faces)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not 0 <= self.overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.stride < 1:
-            raise ValueError(f"stride must be >= 1, got {self.stride}")
-        if self.band < 0:
-            raise ValueError(f"band must be >= 0, got {self.band}")
-        if self.mode == "adaptive" and self.stride & (self.stride - 1):
-            raise ValueError(f"adaptive mode needs a power-of-two stride, got {self.stride}")
-        if self.min_stride < 1 or self.min_stride & (self.min_stride - 1):
-            raise ValueError(f"min_stride must be a power of two, got {self.min_stride}")
-        if self.refine not in REFINE_RULES:
-            raise ValueError(f"refine must be one of {REFINE_RULES}, got {self.refine!r}")
-        if self.seam < 0:
-            raise ValueError(f"seam must be >= 0, got {self.seam}")
-        if self.seam_rule not in SEAM_RULES:
-            raise ValueError(f"seam_rule must be one of {SEAM_RULES}, got {self.seam_rule!r}")
-        if self.boxes not in BOX_LAYOUTS:
-            raise ValueError(f"boxes must be one of {BOX_LAYOUTS}, got {self.boxes!r}")
-        if self.halo < 0 or not 0 <= self.confidence < 1:
-            raise ValueError(f"need halo >= 0 and confidence in [0, 1), got {self.halo}, {self.confidence}")
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -84,7 +46,7 @@ class InferenceStats:
     encode_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
-    skipped_refinement: int = 0  # windows whose broad mesh had no boundary
+    skipped_refinement: int = 0  # sparse mode: windows whose broad mesh had no boundary
     windows_reused: int = 0  # constant windows whose result was reused rather than recomputed
     workers: int = 1  # windows in flight at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -125,32 +87,66 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return z
 
 
-class _Decoder:
-    """Decodes points in chunks of the backend's size and keeps count and time."""
+class PointDecoder:
+    """Decodes points in chunks of the backend's size into probabilities; keeps count and time."""
 
     def __init__(self, backend: Backend, stats: InferenceStats) -> None:
         self.backend, self.stats = backend, stats
 
     def __call__(self, features: object, points: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, C)`` of ``(N, 3)`` window-local voxel indices."""
         t = time.perf_counter()
         step = max(1, int(self.backend.max_points))
         pts = points.astype(np.int32, copy=False)
         out = [self.backend.decode(features, pts[i : i + step]) for i in range(0, len(pts), step)]
         self.stats.add(decode_s=time.perf_counter() - t, points=len(points))
-        return softmax(np.concatenate(out, axis=0))  # (N, C)
+        return softmax(np.concatenate(out, axis=0))
+
+    def encode(self, patch: np.ndarray) -> object:
+        t = time.perf_counter()
+        features = self.backend.encode(np.ascontiguousarray(patch))
+        self.stats.add(encode_s=time.perf_counter() - t)
+        return features
 
 
-def _implicit_window(
-    backend: Backend, decode: _Decoder, patch: np.ndarray, settings: InferenceSettings, stats: InferenceStats
+class ConstantWindows:
+    """Windows whose input is one value everywhere (padding, masked air) are computed once per key:
+    the first such window is computed, later ones with the same key reuse its exact result."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.first: dict[Hashable, int] = {}
+        self.limit = limit
+        self.results: dict[int, object] = {}
+
+    def lookup(self, index: int, patch: np.ndarray, key: Callable[[float], Hashable]) -> int | None:
+        """The index of an earlier window whose result ``index`` reuses, else None (compute it)."""
+        if patch.min() != patch.max():
+            return None
+        k = key(float(patch.flat[0]))
+        if k in self.first:
+            return self.first[k]
+        if len(self.first) < self.limit:
+            self.first[k] = index
+        return None
+
+    def resolve(self, index: int, result: object | None, same_as: int | None, stats: InferenceStats) -> object:
+        """The result of window ``index``: its own, or the reused one; remembers what may be reused."""
+        if result is None:
+            stats.windows_reused += 1
+            return self.results[same_as]  # type: ignore[index]
+        if index in self.first.values():
+            self.results[index] = result
+        return result
+
+
+def window_probabilities(
+    decode: PointDecoder, patch: np.ndarray, settings: InferenceSettings, stats: InferenceStats
 ) -> np.ndarray:
-    """Probabilities ``(C, Z, Y, X)`` of one window from an implicit model."""
-    t = time.perf_counter()
-    features = backend.encode(patch)
-    stats.add(encode_s=time.perf_counter() - t)
+    """Probabilities ``(C, Z, Y, X)`` of one window of an implicit model, sparse or dense."""
+    features = decode.encode(patch)
     shape = patch.shape
     if settings.mode == "dense":
-        pts = grid_points([np.arange(s) for s in shape])
-        return decode(features, pts).T.reshape(-1, *shape)
+        return decode(features, grid_points([np.arange(s) for s in shape])).T.reshape(-1, *shape)
     axes = mesh_axes(shape, settings.stride)
     coarse = decode(features, grid_points(axes))  # (M, C)
     probs = nearest_fill(coarse.T.reshape(-1, *(len(a) for a in axes)), axes, shape)
@@ -164,45 +160,27 @@ def _implicit_window(
     return probs
 
 
-def _accumulate(
-    volume: np.ndarray,
-    backend: Backend,
+def accumulate_blended(
+    padded: np.ndarray,
+    decode: PointDecoder,
     patch_size: tuple[int, int, int],
     settings: InferenceSettings,
     dense_model: bool,
-    progress: Callable[[int, int], None] | None,
-    stats: InferenceStats,
-    workers: int = 1,
-) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, ...]]:
-    """Gaussian-weighted sums of window probabilities ``(C, Z', Y', X')``, the weight sums and the
-    crop from the padded grid back to the volume. Adaptive mode decodes each voxel once, so it
-    returns probabilities and no weights. ``workers`` windows are computed at once
-    (:func:`.parallel.ordered_map`); they are added up in order, so the result does not depend on it."""
-    stats.workers = workers
-    padded, crop = pad_to_patch(np.asarray(volume, dtype=np.float32), patch_size)
-    if settings.mode == "adaptive" and not dense_model:
-        probs = accumulate_adaptive(
-            padded, backend, patch_size, settings, stats, _Decoder(backend, stats), progress, workers
-        )
-        return probs, None, crop
+    progress: Progress | None,
+    workers: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-weighted sums of window probabilities ``(C, *padded.shape)`` and the weight sums."""
+    stats = decode.stats
     slices = window_slices(padded.shape, patch_size, settings.overlap)
     weight = gaussian_importance(patch_size, settings.sigma_scale)
-    acc: np.ndarray | None = None
     wsum = np.zeros(padded.shape, dtype=np.float32)
-    decode = _Decoder(backend, stats)
-    first: dict[float, int] = {}  # constant windows (padding, masked air): value -> first window with it
-    reuse: dict[int, np.ndarray] = {}
+    acc: np.ndarray | None = None
+    cache = ConstantWindows(limit=4)
 
     def jobs() -> Iterator[tuple[np.ndarray, int | None]]:
         for i, win in enumerate(slices):
             patch = np.ascontiguousarray(padded[win])
-            constant = float(patch.flat[0]) if patch.min() == patch.max() else None
-            if constant is not None and constant in first:
-                yield patch, first[constant]
-                continue
-            if constant is not None and len(first) < 4:
-                first[constant] = i
-            yield patch, None
+            yield patch, cache.lookup(i, patch, lambda value: value)
 
     def window(job: tuple[np.ndarray, int | None]) -> tuple[np.ndarray | None, int | None]:
         patch, same_as = job
@@ -210,17 +188,13 @@ def _accumulate(
             return None, same_as  # the earlier window's result, taken in order below
         if dense_model:
             t = time.perf_counter()
-            probs = softmax(backend.predict_dense(patch), axis=0)
+            probs = softmax(decode.backend.predict_dense(patch), axis=0)
             stats.add(encode_s=time.perf_counter() - t)
             return probs, None
-        return _implicit_window(backend, decode, patch, settings, stats), None
+        return window_probabilities(decode, patch, settings, stats), None
 
     for i, (win, (probs, same_as)) in enumerate(zip(slices, ordered_map(window, jobs(), workers))):
-        if probs is None:
-            probs = reuse[same_as]
-            stats.windows_reused += 1
-        elif i in first.values():
-            reuse[i] = probs
+        probs = cache.resolve(i, probs, same_as, stats)
         if acc is None:
             acc = np.zeros((probs.shape[0], *padded.shape), dtype=np.float32)
         acc[(slice(None), *win)] += probs * weight
@@ -228,7 +202,74 @@ def _accumulate(
         stats.windows += 1
         if progress is not None:
             progress(i + 1, len(slices))
-    assert acc is not None  # at least one window always exists
+    assert acc is not None  # a padded volume always has a window
+    return acc, wsum
+
+
+def accumulate_owner_boxes(
+    padded: np.ndarray,
+    decode: PointDecoder,
+    patch_size: tuple[int, int, int],
+    settings: InferenceSettings,
+    progress: Progress | None,
+    workers: int,
+) -> np.ndarray:
+    """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume, one owner box at a
+    time (``workers`` boxes computed at once, written in order: the result does not depend on it)."""
+    stats = decode.stats
+    boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride)
+    limits = tuple(s - 1 for s in padded.shape)
+    cache = ConstantWindows(limit=8)
+    probs: np.ndarray | None = None
+
+    def window_of(box: OwnerBox) -> tuple[slice, ...]:
+        return tuple(slice(o, o + p) for o, p in zip(box.window, patch_size))
+
+    def jobs() -> Iterator[tuple[OwnerBox, int | None]]:
+        for i, box in enumerate(boxes):
+            rel = tuple(np.subtract(box.start, box.window).tolist())
+            lim = tuple(np.minimum(np.subtract(limits, box.window), np.subtract(patch_size, 1)).tolist())
+            yield box, cache.lookup(i, padded[window_of(box)], lambda v, k=(rel, box.size, lim): (v, *k))
+
+    def compute(job: tuple[OwnerBox, int | None]) -> tuple[np.ndarray | None, int | None]:
+        box, same_as = job
+        if same_as is not None:
+            return None, same_as
+        features = decode.encode(padded[window_of(box)])
+        inside = tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size))
+        return refine_box(lambda pts: decode(features, pts), box, inside, settings.stride), None
+
+    for i, (box, (out, same_as)) in enumerate(zip(boxes, ordered_map(compute, jobs(), workers))):
+        out = cache.resolve(i, out, same_as, stats)
+        if probs is None:
+            probs = np.zeros((out.shape[0], *padded.shape), dtype=np.float32)
+        (z, y, x), (dz, dy, dx) = box.start, box.size
+        probs[:, z : z + dz, y : y + dy, x : x + dx] = out
+        stats.windows += 1
+        if progress is not None:
+            progress(i + 1, len(boxes))
+    assert probs is not None  # a padded volume always has a box
+    return probs
+
+
+def _accumulate(
+    volume: np.ndarray,
+    backend: Backend,
+    patch_size: tuple[int, int, int],
+    settings: InferenceSettings,
+    dense_model: bool,
+    progress: Progress | None,
+    stats: InferenceStats,
+    workers: int,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, ...]]:
+    """Class-probability sums over the padded volume, their weights (None in adaptive mode, which
+    decodes each voxel once) and the crop back to ``volume``."""
+    stats.workers = workers
+    padded, crop = pad_to_patch(np.asarray(volume, dtype=np.float32), patch_size)
+    decode = PointDecoder(backend, stats)
+    if settings.mode == "adaptive" and not dense_model:
+        return accumulate_owner_boxes(padded, decode, patch_size, settings, progress, workers), None, crop
+    acc, wsum = accumulate_blended(padded, decode, patch_size, settings, dense_model, progress, workers)
     return acc, wsum, crop
 
 
@@ -238,11 +279,10 @@ def predict_probabilities(
     patch_size: tuple[int, int, int],
     settings: InferenceSettings,
     dense_model: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     workers: int = 1,
 ) -> tuple[np.ndarray, InferenceStats]:
-    """Smoothed class probabilities ``(C, Z, Y, X)`` of a normalised ``(Z, Y, X)`` volume (blended across
-    windows, or decoded once per voxel in adaptive mode).
+    """Smoothed class probabilities ``(C, Z, Y, X)`` of a normalised ``(Z, Y, X)`` volume.
 
     ``dense_model`` selects the backend's ``predict_dense`` (U-Net bundles); otherwise the implicit
     loop runs in ``settings.mode``. ``progress(done, total)`` is called after every window;
@@ -265,7 +305,7 @@ def predict_labels(
     patch_size: tuple[int, int, int],
     settings: InferenceSettings,
     dense_model: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     workers: int = 1,
 ) -> tuple[np.ndarray, InferenceStats]:
     """Label map ``(Z, Y, X)`` uint8: the argmax of :func:`predict_probabilities`, with the smoothing

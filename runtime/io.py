@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .atomic import atomic_output
+from .errors import InputError, OutputError
 
 #: File endings the runtime reads and writes as single files.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Those written as one file (a detached header and its data cannot be renamed into place together).
+WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def image_suffix(path: Path) -> str:
@@ -192,25 +194,14 @@ def from_array(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 
 def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``image`` to ``path`` via a temporary file in the same directory and a rename.
-
-    A reader never sees a half-written file; an existing file is kept unless ``overwrite``.
-    """
+    """Write ``image`` to ``path`` atomically (:func:`.atomic.atomic_output`): a reader never sees a
+    half-written file, and an existing file is kept unless ``overwrite``."""
     path = Path(path)
     suffix = image_suffix(path)
     if not suffix:
-        raise InputError(f"{path}: unknown output format; use one of {', '.join(IMAGE_SUFFIXES)}")
-    if suffix in (".mhd", ".nhdr"):
-        raise InputError(f"{path}: detached-header formats are not written atomically; use .mha or .nrrd")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise OutputError(f"{path}: unknown output format; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(f"{path}: detached-header formats are not written atomically; use .mha or .nrrd")
+    with atomic_output(path, overwrite) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
     return path

@@ -1,179 +1,268 @@
-"""The model bundle: ``NAME.imunet/`` with ``manifest.json`` and the ONNX graphs (and engines).
+"""The bundle manifest, ``manifest.json``: one typed contract that the exporter writes and every
+backend reads. JSON Schema: ``schema/manifest.schema.json`` (a test keeps the two in step).
 
-A bundle is verified on load: format version, the sha256 of every file, labels against the
-decoder's output width. Nothing is unpickled. The JSON Schema is ``schema/manifest.schema.json``.
+Every class converts with ``to_dict`` / ``from_dict``; arrays are ``(Z, Y, X)``, spacing is
+SimpleITK's ``(x, y, z)`` in mm. Nothing here imports an inference loop.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
+import types
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from .errors import BundleError
-from .inference import InferenceSettings
 from .preprocess import Normalization
+from .settings import InferenceSettings
 
-INFERENCE_KEYS = (
-    "mode",
-    "overlap",
-    "stride",
-    "band",
-    "sigma_scale",
-    "smoothing",
-    "halo",
-    "confidence",
-    "min_stride",
-    "refine",
-    "seam",
-    "seam_rule",
-    "boxes",
-)
-
+SCHEMA_PATH = Path(__file__).parent / "schema" / "manifest.schema.json"
 FORMAT = "imunet-bundle"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SCHEMA_PATH = Path(__file__).parent / "schema" / "manifest.schema.json"
+MODEL_KINDS = ("implicit", "unet")
+GRAPHS_OF_KIND = {"implicit": ("encoder", "decoder"), "unet": ("model",)}
+FEATURE_LAYOUTS = ("channels_first", "channels_last")
+COORDINATES = (
+    "points are voxel indices (z, y, x) in the patch; normalised inside the graph to 2 * p / (S - 1) - 1 "
+    "per axis, S the patch size"
+)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the bundle: its file (relative to the bundle) and its I/O shapes."""
+
+    file: str
+    inputs: dict[str, tuple[Any, ...]]
+    outputs: dict[str, tuple[Any, ...]]
+    features: tuple[str, ...] = ()  # decoder: the feature-map inputs, in level order
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    convs_per_block: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The implicit decoder's input contract and size."""
+
+    pe_frequencies: int
+    gather: str
+    width: int
+    depth: int
+    max_points: int = 65536
+    feature_layout: tuple[str, ...] = ()  # one per level; empty: channels-first throughout (older bundles)
+    points_dtype: str = "int32"
+    coordinates: str = COORDINATES
+
+
+@dataclass(frozen=True)
+class Provenance:
+    dataset: str
+    versions: dict[str, str]
+    date: str
+    run: str = ""
+    commit: str | None = None
+    train_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Another graph that can replace ``replaces`` (e.g. an int8 or fp16 decoder), with its parity."""
+
+    file: str
+    replaces: str
+    precision: str
+    backend: str
+    parity: dict[str, Any]
+    quantization: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A set of TensorRT engines under ``dir`` and what they were built for."""
+
+    dir: str
+    gpu: str
+    compute_capability: str
+    tensorrt: str
+    precision: str
+    graphs_sha256: dict[str, str]
+    points_profile: tuple[int, int, int] | None = None
+    build: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The parsed ``manifest.json``; ``raw`` keeps every field, typed ones are read out."""
+    """A bundle's ``manifest.json``, typed. ``notes`` (not serialised) lists what a reader ignored."""
 
-    raw: dict[str, Any]
-    kind: str  # "implicit" | "unet"
+    model_kind: str
     labels: dict[int, str]
-    spacing: tuple[float, float, float]  # SimpleITK (x, y, z), mm
-    patch_size: tuple[int, int, int]  # (Z, Y, X)
+    modality: str
+    spacing: tuple[float, float, float]
+    patch_size: tuple[int, int, int]
     normalization: Normalization
+    encoder: EncoderSpec
+    graphs: dict[str, GraphSpec]
     inference: InferenceSettings
-    feature_names: tuple[str, ...]
-    max_points: int
+    provenance: Provenance
+    parity: dict[str, Any]
+    decoder: DecoderSpec | None = None
+    opset: int = 17
+    variants: dict[str, Variant] = field(default_factory=dict)
+    engines: tuple[EngineRecord, ...] = ()
+    tensorrt_ops_checked: bool = False
+    files: dict[str, str] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    spacing_order: str = "x, y, z (SimpleITK), mm"
+    array_order: str = "z, y, x"
+    notes: tuple[str, ...] = field(default=(), compare=False, metadata={"serialise": False})
+
+    def __post_init__(self) -> None:
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"unknown model_kind {self.model_kind!r}")
+        if sorted(self.labels) != list(range(len(self.labels))) or len(self.labels) < 2:
+            raise ValueError(f"labels must be 0..C-1 with C >= 2, got {self.labels}")
+        missing = [g for g in GRAPHS_OF_KIND[self.model_kind] if g not in self.graphs]
+        if missing:
+            raise ValueError(f"a {self.model_kind} bundle needs the graphs {', '.join(missing)}")
+        if self.model_kind == "implicit" and self.decoder is None:
+            raise ValueError("an implicit bundle's manifest needs its 'decoder' section")
+        for name, v in self.variants.items():
+            if v.replaces not in self.graphs:
+                raise ValueError(f"variant {name} replaces {v.replaces!r}, which is not a graph of the bundle")
+        bad = [x for x in self.feature_layout if x not in FEATURE_LAYOUTS]
+        if bad or len(self.feature_layout) != len(self.feature_names):
+            raise ValueError(f"decoder.feature_layout {self.feature_layout} does not fit {self.feature_names}")
+
+    @property
+    def kind(self) -> str:
+        return self.model_kind
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
 
     @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.graphs["decoder"].features if "decoder" in self.graphs else ()
+
+    @property
     def feature_layout(self) -> tuple[str, ...]:
-        """How each level's feature map passes from encoder to decoder; bundles written before the
-        manifest recorded it are channels-first throughout."""
-        recorded = self.raw.get("decoder", {}).get("feature_layout")
-        return tuple(recorded) if recorded else ("channels_first",) * len(self.feature_names)
+        """How each level's feature map passes from encoder to decoder (older bundles: channels-first)."""
+        recorded = self.decoder.feature_layout if self.decoder else ()
+        return recorded or ("channels_first",) * len(self.feature_names)
 
+    @property
+    def max_points(self) -> int:
+        return self.decoder.max_points if self.decoder else 0
 
-def _get(raw: dict[str, Any], key: str, where: str) -> Any:
-    if key not in raw:
-        raise BundleError(f"{where}: manifest lacks '{key}'")
-    return raw[key]
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``None`` fields are left out)."""
+        return _to_json(self)
 
-
-def parse_manifest(raw: dict[str, Any], where: str = "bundle") -> Manifest:
-    """Typed view of a manifest dict; :class:`BundleError` on anything missing or inconsistent."""
-    if raw.get("format") != FORMAT:
-        raise BundleError(f"{where}: not an imunet bundle manifest (format {raw.get('format')!r})")
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"{where}: bundle format version {version} is not supported by this runtime "
-            f"(supports {FORMAT_VERSION}); re-export it with a matching imunet-export"
-        )
-    try:
-        labels = {int(k): str(v) for k, v in _get(raw, "labels", where).items()}
-        if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
-            raise BundleError(f"{where}: labels must be 0..C-1 with C >= 2, got {labels}")
-        inf = dict(_get(raw, "inference", where))
-        settings = InferenceSettings(**{k: inf[k] for k in INFERENCE_KEYS if k in inf})
-        graphs = _get(raw, "graphs", where)
-        kind = _get(raw, "model_kind", where)
-        if kind not in ("implicit", "unet"):
-            raise BundleError(f"{where}: unknown model_kind {kind!r}")
-        decoder = raw.get("decoder", {})
-        return Manifest(
-            raw=raw,
-            kind=kind,
-            labels=labels,
-            spacing=tuple(float(s) for s in _get(raw, "spacing", where)),  # type: ignore[arg-type]
-            patch_size=tuple(int(p) for p in _get(raw, "patch_size", where)),  # type: ignore[arg-type]
-            normalization=Normalization.from_dict(_get(raw, "normalization", where)),
-            inference=settings,
-            feature_names=tuple(graphs.get("decoder", {}).get("features", [])),
-            max_points=int(decoder.get("max_points", 65536)),
-        )
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        if isinstance(exc, BundleError):
-            raise
-        raise BundleError(f"{where}: malformed manifest ({exc})") from None
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """A verified bundle on disk."""
-
-    path: Path
-    manifest: Manifest
-
-    def graph(self, name: str) -> Path:
-        """Path of graph ``name`` ("encoder", "decoder" or "model")."""
-        graphs = self.manifest.raw["graphs"]
-        if name not in graphs:
-            raise BundleError(f"{self.path}: bundle has no '{name}' graph (it has {', '.join(graphs)})")
-        return self.path / graphs[name]["file"]
-
-    def variant(self, name: str) -> Path | None:
-        """Path of the optional graph variant ``name`` (e.g. "decoder_int8"), or None."""
-        entry = self.manifest.raw.get("variants", {}).get(name)
-        return None if entry is None else self.path / entry["file"]
-
-
-def verify_files(path: Path, files: dict[str, str]) -> None:
-    """Check that every listed file exists and has the recorded sha256."""
-    for name, digest in files.items():
-        f = path / name
-        if not f.is_file():
-            raise BundleError(f"{path}: bundle file {name} is missing")
-        if sha256_file(f) != digest:
-            raise BundleError(
-                f"{path}: {name} does not match its sha256 in the manifest; the bundle is corrupt or was modified"
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Parse a manifest dict; ``ValueError`` (with the field) for anything missing or malformed."""
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not an imunet bundle manifest (format {data.get('format')!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"bundle format version {data.get('format_version')} is not supported by this runtime "
+                f"(supports {FORMAT_VERSION}); re-export it with a matching imunet-export"
             )
+        data = dict(data)
+        inference, notes = InferenceSettings.from_dict(dict(_need(data, "inference", "manifest")))
+        data["inference"] = inference
+        if data.get("decoder") == {}:  # U-Net bundles from older exporters wrote an empty section
+            data.pop("decoder")
+        return _from_mapping(cls, data, "manifest", notes)
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read and verify a bundle directory (``verify=False`` skips the sha256 pass)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BundleError(f"{path}: no such bundle directory")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
-    try:
-        raw = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
-    manifest = parse_manifest(raw, str(path))
-    files = raw.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{path}: manifest lists no files with their sha256")
-    for g in [*raw["graphs"].values(), *raw.get("variants", {}).values()]:
-        if g.get("file") not in files:
-            raise BundleError(f"{path}: graph file {g.get('file')} is not covered by the manifest's sha256 list")
-    if verify:
-        verify_files(path, files)
-    return Bundle(path, manifest)
+def _to_json(value: Any) -> Any:
+    if isinstance(value, InferenceSettings | Normalization):
+        return value.to_dict()
+    if is_dataclass(value):
+        out = {}
+        for f in fields(value):
+            v = getattr(value, f.name)
+            if f.metadata.get("serialise", True) and v is not None:
+                out[f.name] = _to_json(v)
+        return out
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    return value
 
 
-def default_bundle_path() -> Path | None:
-    """The bundle shipped inside the package, if this installation has one."""
-    root = Path(__file__).parent / "default"
-    found = sorted(root.glob("*.imunet")) if root.is_dir() else []
-    return found[0] if found else None
+def _need(data: dict[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise ValueError(f"{where} lacks '{key}'")
+    return data[key]
+
+
+def _from_mapping(cls: type, data: Any, where: str, notes: list[str] | None = None) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.metadata.get("serialise", True)}
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in known:
+            continue
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ValueError(f"{where} lacks '{f.name}'")
+    if notes is not None:
+        notes.extend(f"{where} key '{k}' is not known to this runtime and was ignored" for k in data if k not in known)
+        kwargs["notes"] = tuple(notes)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or isinstance(value, tp if isinstance(tp, type) and is_dataclass(tp) else ()):
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where)
+    if tp is Normalization:
+        return Normalization.from_dict(value)
+    if is_dataclass(tp):
+        return _from_mapping(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping")
+        key = (lambda k: int(k) if isinstance(k, str) and k.isdigit() else k) if args[0] is int else (lambda k: k)
+        return {_convert(args[0], key(k), where): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, where) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"{where} must have {len(args)} entries, got {len(value)}")
+        return tuple(_convert(a, v, where) for a, v in zip(args, value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        converted = tp(value)
+        if tp is int and converted != float(value):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return converted
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: no conversion for {tp}")  # a programming error in the dataclasses above

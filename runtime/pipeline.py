@@ -19,26 +19,39 @@ import numpy as np
 import SimpleITK as sitk
 
 from .backends import Backend, open_backend
+from .bundle import Bundle, default_bundle_path, load_bundle
 from .errors import BundleError, InputError
-from .inference import InferenceSettings, predict_labels
+from .inference import predict_labels
 from .io import Geometry, as_3d_scalar, from_array
-from .manifest import Bundle, default_bundle_path, load_bundle
 from .parallel import CPU_BACKENDS, default_workers, threads_per_worker
 from .preprocess import normalize, resample_label_like, resample_to_spacing
+from .settings import InferenceSettings
 from .windows import window_slices
 
 BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy share, labels
 
 
+def resolve_settings(defaults: InferenceSettings, kind: str, **overrides: object) -> InferenceSettings:
+    """The bundle's ``defaults`` with the options given (``None`` keeps the bundle's); ``mode`` only
+    applies to implicit bundles. Unknown names raise ``ValueError``."""
+    known = {f.name for f in fields(InferenceSettings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown inference settings: {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in overrides.items() if v is not None and not (k == "mode" and kind != "implicit")}
+    return replace(defaults, **given)  # type: ignore[arg-type]
+
+
 class Segmenter:
     """Segments scans with one bundle on one backend; reuse it for many scans.
 
-    ``mode``, ``overlap``, ``stride`` and any other :class:`InferenceSettings` field given by keyword
-    (``halo=1``) override the bundle's inference defaults. ``precision`` picks the decoder graph on
-    onnxruntime: ``auto`` (the int8 decoder on the CPU where the bundle has one), ``fp32`` or ``int8``.
-    ``max_memory_gb`` refuses scans whose estimated working memory exceeds it before any work.
-    ``workers``: windows computed at once, each on its own thread (None: two on a CPU backend with
-    two or more cores, one on a GPU; GPU backends always run one). The labels do not depend on it.
+    ``bundle``: a bundle folder (None: the model shipped with the package). ``mode``, ``overlap``,
+    ``stride`` and the other :class:`InferenceSettings` fields given by keyword override the
+    bundle's inference defaults. ``precision``: ``auto``, ``fp32``, ``fp16`` or ``int8``
+    (:func:`.backends.precision.graph_precisions`). ``max_memory_gb`` refuses scans whose
+    estimated working memory exceeds it before any work. ``workers``: windows computed at once,
+    each on its own thread (None: two on a CPU backend with two or more cores; GPUs run one); the
+    labels do not depend on it.
     """
 
     def __init__(
@@ -60,18 +73,7 @@ class Segmenter:
                 raise BundleError("no --model given and this installation ships no default bundle")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         m = self.bundle.manifest
-        settings = m.inference
-        if m.kind == "implicit" and mode is not None:
-            settings = replace(settings, mode=mode)
-        if overlap is not None:
-            settings = replace(settings, overlap=overlap)
-        if stride is not None:
-            settings = replace(settings, stride=stride)
-        unknown = set(inference) - {f.name for f in fields(InferenceSettings)}
-        if unknown:
-            raise ValueError(f"unknown inference settings: {', '.join(sorted(unknown))}")
-        settings = replace(settings, **inference)  # type: ignore[arg-type]
-        self.settings: InferenceSettings = settings
+        self.settings = resolve_settings(m.inference, m.kind, mode=mode, overlap=overlap, stride=stride, **inference)
         self.max_memory_gb = max_memory_gb
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -102,14 +104,8 @@ class Segmenter:
     def estimate_memory_gb(self, image: sitk.Image) -> float:
         """Working memory of one scan: resampled volume and per-class accumulators, in GiB."""
         m = self.bundle.manifest
-        voxels = float(
-            np.prod(
-                [
-                    max(n * s / t, p)
-                    for n, s, t, p in zip(image.GetSize(), image.GetSpacing(), m.spacing, m.patch_size[::-1])
-                ]
-            )
-        )
+        sizes = zip(image.GetSize(), image.GetSpacing(), m.spacing, m.patch_size[::-1])
+        voxels = float(np.prod([max(n * s / t, p) for n, s, t, p in sizes]))
         per_voxel = BYTES_PER_VOXEL_BASE + 3 * 4 * m.num_classes  # accumulators, normalised and smoothed maps
         return (voxels * per_voxel + float(np.prod(image.GetSize())) * 8) / 2**30
 
@@ -146,13 +142,13 @@ class Segmenter:
             "preprocess_s": round(t1 - t0, 4),
             "resample_back_s": round(t3 - t2, 4),
             "backend": self.backend.name,
-            "decoder_precision": getattr(self.backend, "precision", "fp32") if m.kind == "implicit" else None,
+            "precision": getattr(self.backend, "precision", "fp32"),
             "mode": self.settings.mode if m.kind == "implicit" else "dense-model",
             "volumes_ml": {m.labels[k]: round(float(counts[k]) * voxel_ml, 3) for k in range(1, m.num_classes)},
         }
         return out
 
-    def predict_array(self, array: np.ndarray, spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    def predict_array(self, array: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
         """Label map ``(Z, Y, X)`` uint8 of a ``(Z, Y, X)`` intensity array with ``spacing_zyx`` in mm."""
         arr = np.asarray(array)
         if arr.ndim != 3:
@@ -166,7 +162,7 @@ class Segmenter:
         if self._one_window_backend is not None:
             self._one_window_backend.close()
 
-    def __enter__(self) -> "Segmenter":
+    def __enter__(self) -> Segmenter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .atomic import atomic_output
 
 PALETTE = np.array(
     [
@@ -38,7 +39,7 @@ def _slice_rgb(img: np.ndarray, lab: np.ndarray, aspect: float) -> np.ndarray:
     return rgb[idx]
 
 
-def write_preview(image: sitk.Image, label: sitk.Image, path: str | os.PathLike) -> Path:
+def write_preview(image: sitk.Image, label: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Axial, coronal and sagittal slices through the centroid of the largest label, side by side."""
     img = sitk.GetArrayFromImage(image).astype(np.float32)
     lab = sitk.GetArrayFromImage(label).astype(np.int64)
@@ -59,14 +60,6 @@ def write_preview(image: sitk.Image, label: sitk.Image, path: str | os.PathLike)
     canvas = np.concatenate(padded, axis=1).astype(np.uint8)
     zoom = max(1, 256 // canvas.shape[0])  # small scans: enlarge so a person can see them
     canvas = np.repeat(np.repeat(canvas, zoom, axis=0), zoom, axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_output(path, overwrite) as tmp:
+        sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(tmp))
+    return Path(path)

@@ -174,7 +174,9 @@ def test_unknown_backend_and_missing_bundle_are_one_line_errors(bundle_dir, phan
     code, _, err = run(phantom(phantom_dir), "--model", tmp_path / "none.imunet")
     assert code == 2 and err.strip() == f"imunet-run: error: {tmp_path / 'none.imunet'}: no such bundle directory"
     code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--precision", "int4")
-    assert code == 2 and err.strip() == "imunet-run: error: unknown precision 'int4'; choose from auto, fp32, int8"
+    assert (
+        code == 2 and err.strip() == "imunet-run: error: unknown precision 'int4'; choose from auto, fp32, fp16, int8"
+    )
     code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--mode", "adaptive", "--stride", "3")
     assert code == 2 and "adaptive mode needs a power-of-two stride, got 3" in err and "Traceback" not in err
 

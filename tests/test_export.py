@@ -12,8 +12,9 @@ pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from imunet.export.onnx import TENSORRT_OPS, graph_ops, unsupported_by_tensorrt  # noqa: E402
+from imunet.runtime.bundle import load_bundle  # noqa: E402
 from imunet.runtime.errors import BackendError, BundleError  # noqa: E402
-from imunet.runtime.manifest import SCHEMA_PATH, load_bundle  # noqa: E402
+from imunet.runtime.manifest import SCHEMA_PATH  # noqa: E402
 
 
 def copy_bundle(src, tmp_path):
@@ -207,7 +208,7 @@ def test_export_overlap_becomes_the_bundles_default_and_a_bad_one_is_refused(tra
     assert "Traceback" not in res.stderr and not out.exists()
     res = subprocess.run([*cmd, "--overlap", "0.25"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert load_bundle(out).manifest.raw["inference"]["overlap"] == 0.25
+    assert load_bundle(out).manifest.inference.overlap == 0.25
     with Segmenter(out) as seg:
         assert seg.settings.overlap == 0.25
     with Segmenter(out, overlap=0.3) as seg:  # the runtime's option still wins
@@ -230,60 +231,42 @@ def _gpu_and_tensorrt() -> str | None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_and_tensorrt() is not None, reason=f"needs a GPU and TensorRT: {_gpu_and_tensorrt()}")
-def test_tensorrt_fp16_engines_build_and_match_onnxruntime(trained_run, tmp_path):
-    from imunet.export.bundle import finalize_manifest, write_bundle
-    from imunet.export.tensorrt import build_engines
-    from imunet.runtime.backends.ort import OrtBackend
-    from imunet.runtime.backends.trt import TensorRTBackend
-
-    out = write_bundle(trained_run[0], tmp_path / "g.imunet", log=lambda _m: None)
-    m = json.loads((out / "manifest.json").read_text())
-    graphs = {n: out / g["file"] for n, g in m["graphs"].items()}
-    rec = build_engines(
-        out, graphs, "fp16", (1, 4096, 65536), {n: m["files"][g["file"]] for n, g in m["graphs"].items()}
-    )
-    m["engines"].append(rec)
-    finalize_manifest(out, m)
-    bundle = load_bundle(out)
-    trt_b, ort_b = TensorRTBackend(bundle), OrtBackend(bundle, "ort-cpu")
-    rng = np.random.default_rng(0)
-    patch = rng.normal(size=bundle.manifest.patch_size).astype(np.float32)
-    pts = np.stack([rng.integers(0, s, 5000) for s in bundle.manifest.patch_size], 1).astype(np.int32)
-    a = trt_b.decode(trt_b.encode(patch), pts)
-    b = ort_b.decode(ort_b.encode(patch), pts)
-    from imunet.runtime.inference import softmax
-
-    assert np.abs(softmax(a) - softmax(b)).max() < 2e-2
-    assert (a.argmax(1) == b.argmax(1)).mean() > 0.99
+def test_tensorrt_engines_build_and_match_onnxruntime_fp32(trained_run, tmp_path):
+    out = tmp_path / "g.imunet"
+    cmd = [sys.executable, "-m", "imunet.export.cli", str(trained_run[0]), "--out", str(out)]
+    for precision in ("fp32", "fp16"):
+        res = subprocess.run([*cmd, "--overwrite", "--trt", precision], capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr
+        bundle = load_bundle(out)
+        (rec,) = [e for e in bundle.manifest.engines if e.precision == precision]
+        assert rec.parity["reference"] == "onnxruntime-cpu fp32"
+        assert rec.parity["argmax_agreement"] > 0.99 and rec.parity["max_abs_prob_diff"] < 2e-2
 
 
 def test_engines_for_another_gpu_tensorrt_or_graph_are_refused(bundle_dir):
-    from imunet.runtime.backends.trt import GpuInfo, select_engine
+    from dataclasses import replace
 
-    m = json.loads((bundle_dir / "manifest.json").read_text())
-    graphs = {n: m["files"][g["file"]] for n, g in m["graphs"].items()}
+    from imunet.runtime.backends.trt import GpuInfo, select_engine
+    from imunet.runtime.manifest import EngineRecord
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    graphs = {n: m.files[g.file] for n, g in m.graphs.items()}
     h100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
-    rec = {
-        "dir": "engines/NVIDIA-H100-80GB-HBM3-trt10.3.0-fp16",
-        "gpu": h100.name,
-        "compute_capability": "9.0",
-        "tensorrt": "10.3.0",
-        "precision": "fp16",
-        "graphs_sha256": graphs,
-    }
+    rec = EngineRecord("engines/NVIDIA-H100-80GB-HBM3-trt10.3.0-fp32", h100.name, "9.0", "10.3.0", "fp32", graphs)
     with pytest.raises(BackendError, match="bundle has no TensorRT engines"):
-        select_engine(m, h100, "10.3.0")
-    m["engines"] = [rec]
-    assert select_engine(m, h100, "10.3.0") is rec
+        select_engine(bundle, h100, "10.3.0")
+    with_engine = replace(bundle, manifest=replace(m, engines=(rec,)))
+    assert select_engine(with_engine, h100, "10.3.0") is rec
     with pytest.raises(BackendError, match=r"was built for NVIDIA H100 80GB HBM3 \(sm 9.0\)"):
-        select_engine(m, GpuInfo("NVIDIA A100-SXM4-40GB", "8.0"), "10.3.0")
-    with pytest.raises(BackendError, match="was built with TensorRT 10.3.0, this is 10.7.0"):
-        select_engine(m, h100, "10.7.0")
-    with pytest.raises(BackendError, match="is fp16, not fp32"):
-        select_engine(m, h100, "10.3.0", "fp32")
-    m["files"]["decoder.onnx"] = "0" * 64  # the graph changed since the engine was built
+        select_engine(with_engine, GpuInfo("NVIDIA A100-SXM4-40GB", "8.0"), "10.3.0")
+    with pytest.raises(BackendError, match="was built with TensorRT 10.3.0, this is 11.1.0"):
+        select_engine(with_engine, h100, "11.1.0")
+    with pytest.raises(BackendError, match="is fp32, not fp16"):
+        select_engine(with_engine, h100, "10.3.0", "fp16")
+    changed = replace(with_engine, manifest=replace(with_engine.manifest, files={**m.files, "decoder.onnx": "0" * 64}))
     with pytest.raises(BackendError, match="built from other graphs than the bundle's"):
-        select_engine(m, h100, "10.3.0")
+        select_engine(changed, h100, "10.3.0")
 
 
 def test_int8_decoder_is_used_on_the_cpu_and_agrees_with_fp32(bundle_dir, phantom_dir):
@@ -295,18 +278,17 @@ def test_int8_decoder_is_used_on_the_cpu_and_agrees_with_fp32(bundle_dir, phanto
     image = read_image(phantom_dir / "imagesTr" / "phantom_002_0000.nii.gz")
     fp32 = Segmenter(bundle_dir, backend="ort-cpu", precision="fp32", mode="dense")
     int8 = Segmenter(bundle_dir, backend="ort-cpu", mode="dense")  # auto: int8 on the CPU
-    assert fp32.backend.precision == "fp32" and int8.backend.precision == "int8"
+    assert fp32.backend.precision == "fp32" and int8.backend.precision == "decoder int8"
     a = sitk.GetArrayFromImage(fp32.predict(image))
     b = sitk.GetArrayFromImage(int8.predict(image))
     assert (a == b).mean() >= 0.995
-    assert int8.last_stats["decoder_precision"] == "int8"
+    assert int8.last_stats["precision"] == "decoder int8"
 
 
 def test_int8_is_refused_where_it_cannot_run(unet_bundle_dir, bundle_dir, tmp_path):
     from imunet.runtime.backends import open_backend
-    from imunet.runtime.manifest import load_bundle
 
-    with pytest.raises(BackendError, match="no int8 decoder"):
+    with pytest.raises(BackendError, match="bundle has no int8 graphs"):
         open_backend(load_bundle(unet_bundle_dir), "ort-cpu", "int8")
     with pytest.raises(BackendError, match="unknown precision"):
         open_backend(load_bundle(bundle_dir), "ort-cpu", "int4")

@@ -8,8 +8,9 @@ import pytest
 import SimpleITK as sitk
 from test_inference import PATCH, index_volume, sphere_logits
 
-from imunet.runtime.inference import InferenceSettings, predict_probabilities
+from imunet.runtime.inference import predict_probabilities
 from imunet.runtime.parallel import default_workers, ordered_map, threads_per_worker
+from imunet.runtime.settings import InferenceSettings
 
 from conftest import FakeBackend
 
@@ -59,12 +60,10 @@ def test_default_workers_and_threads():
     "settings",
     [
         InferenceSettings(mode="adaptive", smoothing=1),
-        InferenceSettings(mode="adaptive", smoothing=1, seam=2),
-        InferenceSettings(mode="adaptive", smoothing=1, seam=2, seam_rule="decoded"),
         InferenceSettings(mode="sparse", smoothing=3),
         InferenceSettings(mode="dense", smoothing=1),
     ],
-    ids=["adaptive", "seam", "band", "sparse", "dense"],
+    ids=["adaptive", "sparse", "dense"],
 )
 def test_probabilities_and_counts_do_not_depend_on_workers(settings):
     shape = (40, 41, 37)
@@ -84,7 +83,6 @@ def test_segmenter_labels_are_the_same_on_one_or_two_workers(bundle_dir, unet_bu
 
     image = read_image(phantom_dir / "imagesTr" / "phantom_001_0000.nii.gz")
     big = sitk.Tile([image, image], [2, 1, 1])  # several windows
-    big.CopyInformation(big)
     for bundle in (bundle_dir, unet_bundle_dir):
         a = Segmenter(bundle, backend="ort-cpu", workers=1)
         b = Segmenter(bundle, backend="ort-cpu", workers=2)

@@ -5,10 +5,11 @@ import pytest
 import SimpleITK as sitk
 
 from imunet.runtime import Segmenter
-from imunet.runtime.inference import InferenceSettings, predict_labels
+from imunet.runtime.inference import predict_labels
 from imunet.runtime.io import read_image
 from imunet.runtime.metrics import dice
 from imunet.runtime.preprocess import normalize, resample_to_spacing
+from imunet.runtime.settings import InferenceSettings
 
 from conftest import HIPPO
 
@@ -18,7 +19,7 @@ def phantom_scan(phantom_dir, i=4):
 
 
 def test_dense_runtime_matches_pytorch_voxel_for_voxel(trained_run, bundle_dir, phantom_dir):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from imunet.export.bundle import load_run
     from imunet.torch_backend import TorchBackend
 
@@ -33,7 +34,6 @@ def test_dense_runtime_matches_pytorch_voxel_for_voxel(trained_run, bundle_dir, 
     assert (ref == got).mean() >= 0.999
     full = sitk.GetArrayFromImage(seg.predict(image))
     assert (full == ref).mean() >= 0.999  # same grid (spacing already matches): whole pipeline agrees too
-    assert torch is not None
 
 
 @pytest.mark.parametrize("mode", ["sparse", "adaptive"])
@@ -117,7 +117,7 @@ def test_numpy_api(bundle_dir, phantom_dir):
 
 
 def test_shipped_default_model_segments_the_shipped_sample():
-    from imunet.runtime.manifest import default_bundle_path
+    from imunet.runtime.bundle import default_bundle_path
 
     bundle = default_bundle_path()
     assert bundle is not None and bundle.name == "hippocampus.imunet"

@@ -8,42 +8,51 @@ from ..errors import BackendError, ImunetError
 from .base import Backend
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..manifest import Bundle
+    from ..bundle import Bundle
 
 KINDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 
 __all__ = ["Backend", "KINDS", "open_backend"]
 
 
-def open_backend(bundle: Bundle, kind: str = "auto", precision: str = "auto", cpu_threads: int = 0) -> Backend:
-    """The backend ``kind`` for ``bundle``; ``auto`` tries TensorRT, then CUDA, then the CPU.
-
-    ``precision`` (onnxruntime only): ``auto`` runs the bundle's int8 decoder on the CPU where it has
-    one; ``fp32`` never does; ``int8`` insists (CPU only). ``cpu_threads``: onnxruntime intra-op
-    threads of a CPU backend (0: onnxruntime's default, one per core)."""
-    if kind not in KINDS:
-        raise BackendError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
+def _open(bundle: Bundle, kind: str, precision: str, cpu_threads: int) -> Backend:
     if kind == "tensorrt":
         from .trt import TensorRTBackend
 
-        return TensorRTBackend(bundle)
+        return TensorRTBackend(bundle, precision)
+    from .ort import OrtBackend
+
+    return OrtBackend(bundle, kind, threads=cpu_threads if kind == "ort-cpu" else 0, precision=precision)
+
+
+def open_backend(bundle: Bundle, kind: str = "auto", precision: str = "auto", cpu_threads: int = 0) -> Backend:
+    """The backend ``kind`` for ``bundle``.
+
+    ``auto`` tries native TensorRT (when the bundle has engines), then onnxruntime's CUDA provider
+    (when installed), then the CPU; the reason each GPU backend was passed over is kept in the
+    returned backend's ``skipped`` list, so callers can say why they run on the CPU. A named backend
+    that cannot be opened is an error. ``precision``: see :mod:`.precision`. ``cpu_threads``:
+    onnxruntime intra-op threads of a CPU backend (0: one per core)."""
+    if kind not in KINDS:
+        raise BackendError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
     if kind != "auto":
-        from .ort import OrtBackend
+        return _open(bundle, kind, precision, cpu_threads)
+    from .ort import available_providers
 
-        return OrtBackend(bundle, kind, threads=cpu_threads if kind == "ort-cpu" else 0, precision=precision)
-    from .ort import OrtBackend, available_providers
-
-    providers = available_providers()
-    if bundle.manifest.raw.get("engines"):
+    skipped: list[str] = []
+    candidates = []
+    if bundle.manifest.engines:
+        candidates.append("tensorrt")
+    if "CUDAExecutionProvider" in available_providers():
+        candidates.append("ort-cuda")
+    for name in candidates:
         try:
-            from .trt import TensorRTBackend
-
-            return TensorRTBackend(bundle)
-        except ImunetError:
-            pass  # no usable engine here: fall through to onnxruntime
-    if "CUDAExecutionProvider" in providers:
-        try:
-            return OrtBackend(bundle, "ort-cuda", precision="fp32" if precision == "auto" else precision)
-        except ImunetError:
-            pass
-    return OrtBackend(bundle, "ort-cpu", threads=cpu_threads, precision=precision)
+            backend = _open(bundle, name, precision, cpu_threads)
+        except ImunetError as exc:
+            skipped.append(f"{name}: {exc}")
+            continue
+        backend.skipped = skipped  # type: ignore[attr-defined]
+        return backend
+    backend = _open(bundle, "ort-cpu", precision, cpu_threads)
+    backend.skipped = skipped  # type: ignore[attr-defined]
+    return backend

@@ -1,26 +1,31 @@
 """onnxruntime backends: CPU (the embedded default), CUDA and TensorRT execution providers.
 
-On the GPU providers the encoder's outputs are bound to device memory with I/O binding and
-handed to the decoder as ``OrtValue`` objects, so feature maps never cross to the host; only
-point indices go in and logits come out.
+Graphs are loaded from the bytes the bundle hashed (:meth:`Bundle.read`), so what runs is what was
+verified, and a graph whose weights live in an external file cannot be loaded. On the GPU providers
+the encoder's outputs are bound to device memory with I/O binding and handed to the decoder as
+``OrtValue`` objects, so feature maps never cross to the host. A session that did not get the
+provider it asked for is an error, never a silent fallback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..bundle import Bundle
 from ..errors import BackendError
-from ..manifest import Bundle
+from .precision import PRECISIONS, graph_precisions
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
     "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+OPT_POINTS = 16384  # the decoder call size TensorRT optimises for (adaptive mode's calls are smaller)
 
 
 def available_providers() -> list[str]:
@@ -31,87 +36,114 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-PRECISIONS = ("auto", "fp32", "int8")
+def check_provider(got: list[str], wanted: str, graph: str) -> None:
+    """:class:`BackendError` unless a session's first provider is ``wanted`` (onnxruntime-gpu falls back
+    to the CPU silently when the CUDA or TensorRT libraries cannot be loaded)."""
+    if not got or got[0] != wanted:
+        raise BackendError(
+            f"onnxruntime gave the {graph} graph {', '.join(got) or 'no provider'} instead of {wanted}; "
+            "the CUDA, cuDNN or TensorRT libraries it needs were not found (see its log with ORT_LOG=1)"
+        )
+
+
+def trt_cache_dir(bundle: Bundle, ort_version: str, trt_version: str) -> Path:
+    """Engine-cache folder for ``ort-trt``, outside the bundle (it may be read-only): keyed by the
+    graphs' sha256, onnxruntime's and TensorRT's versions, so a changed graph or library never reuses
+    an engine."""
+    graphs = "".join(bundle.manifest.files.get(g.file, "") for g in bundle.manifest.graphs.values())
+    key = f"{ort_version}-trt{trt_version}-{graphs}"
+    import hashlib
+
+    root = Path(os.environ.get("IMUNET_CACHE", Path.home() / ".cache" / "imunet"))
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"ort{ort_version}-trt{trt_version}")
+    return root / "ort-trt" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def trt_provider_options(graph: str, cache: Path, max_points: int) -> dict[str, Any]:
+    """TensorRT execution-provider options for one graph. Precision is the graph's own (fp16 graphs
+    carry their casts), so no ``trt_fp16_enable``; the decoder's point count gets a profile."""
+    opts: dict[str, Any] = {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+    }
+    if graph == "decoder":
+        opt = min(OPT_POINTS, max_points)
+        opts["trt_profile_min_shapes"] = "points:1x3"
+        opts["trt_profile_opt_shapes"] = f"points:{opt}x3"
+        opts["trt_profile_max_shapes"] = f"points:{max_points}x3"
+    return opts
+
+
+def tensorrt_version() -> str:
+    """The installed TensorRT's version (the Python package), or ``unknown``."""
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except ImportError:
+        return "unknown"
 
 
 class OrtBackend:
-    """Runs a bundle's graphs with onnxruntime on the execution provider ``kind`` names."""
+    """Runs a bundle's graphs with onnxruntime on the execution provider ``kind`` names.
 
-    def __init__(
-        self, bundle: Bundle, kind: str = "ort-cpu", threads: int = 0, precision: str = "auto", spin: bool | None = None
-    ) -> None:
+    ``precision``: see :func:`.precision.graph_precisions`. ``threads``: intra-op threads per
+    session (0: onnxruntime's default, one per core)."""
+
+    def __init__(self, bundle: Bundle, kind: str = "ort-cpu", threads: int = 0, precision: str = "auto") -> None:
         import onnxruntime as ort
 
         if kind not in PROVIDERS:
             raise BackendError(f"unknown onnxruntime backend {kind!r}; choose from {', '.join(PROVIDERS)}")
+        if precision not in PRECISIONS:
+            raise BackendError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         wanted = PROVIDERS[kind][0]
         if wanted not in ort.get_available_providers():
             raise BackendError(
                 f"--backend {kind}: onnxruntime here has no {wanted} "
                 f"(available: {', '.join(ort.get_available_providers())})"
             )
-        self.name = kind
-        self.bundle = bundle
-        self.manifest = bundle.manifest
+        self.name, self.bundle, self.manifest = kind, bundle, bundle.manifest
         self.max_points = self.manifest.max_points
         self.on_device = kind != "ort-cpu"
+        self.precisions = graph_precisions(bundle, kind, precision)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        if spin is None:
-            # Encoder and decoder sessions alternate many times per window; each session's idle threads
-            # would spin-wait and take the cores from the other (tools/bench_spinning.py, BENCHMARKS.md).
-            spin = self.manifest.kind != "implicit"
+        # Encoder and decoder alternate many times per window; idle threads of one session spin-waiting
+        # would take the cores from the other (docs/DESIGN-NOTES.md, "onnxruntime thread spinning").
+        spin = self.manifest.kind != "implicit"
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        providers: list[Any] = list(PROVIDERS[kind])
-        if kind == "ort-trt":
-            # outside the bundle: it may be read-only, and its manifest covers its own files only
-            digest = bundle.manifest.raw["files"].get(
-                bundle.manifest.raw["graphs"]["decoder" if "decoder" in bundle.manifest.raw["graphs"] else "model"][
-                    "file"
-                ],
-                "x",
-            )
-            cache = str(
-                Path(os.environ.get("IMUNET_CACHE", Path.home() / ".cache" / "imunet")) / "ort-trt" / digest[:16]
-            )
-            Path(cache).mkdir(parents=True, exist_ok=True)
-            providers[0] = (
-                "TensorrtExecutionProvider",
-                {
-                    "trt_fp16_enable": True,
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": cache,
-                    "trt_timing_cache_enable": True,
-                },
-            )
-        self.precision = self._decoder_precision(precision)
+        cache = trt_cache_dir(bundle, ort.__version__, tensorrt_version()) if kind == "ort-trt" else None
         self.sessions = {}
-        for graph in bundle.manifest.raw["graphs"]:
-            path = bundle.graph(graph)
-            if graph == "decoder" and self.precision == "int8":
-                path = bundle.variant("decoder_int8")  # type: ignore[assignment]
+        for graph, prec in self.precisions.items():
+            name = bundle.graph_file(graph, prec)
+            providers: list[Any] = list(PROVIDERS[kind])
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                providers[0] = (providers[0], trt_provider_options(graph, cache, self.max_points))
             try:
-                self.sessions[graph] = ort.InferenceSession(str(path), opts, providers=providers)
+                sess = ort.InferenceSession(bundle.read(name), opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types
-                raise BackendError(f"{bundle.path}: onnxruntime cannot load {graph} graph: {exc}") from None
+                hint = " (graphs with external data files are not accepted)" if "external" in str(exc).lower() else ""
+                raise BackendError(f"{bundle.path}: onnxruntime cannot load {name}{hint}: {exc}") from None
+            check_provider(sess.get_providers(), wanted, graph)
+            self.sessions[graph] = sess
         self._check_classes()
-        self._ort = ort
 
-    def _decoder_precision(self, precision: str) -> str:
-        """``auto``: the int8 decoder on the CPU where the bundle has one, fp32 otherwise."""
-        if precision not in PRECISIONS:
-            raise BackendError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-        has_int8 = self.bundle.variant("decoder_int8") is not None
-        if precision == "auto":
-            return "int8" if has_int8 and self.name == "ort-cpu" else "fp32"
-        if precision == "int8" and not has_int8:
-            raise BackendError(f"{self.bundle.path}: bundle has no int8 decoder (re-export it with imunet-export)")
-        if precision == "int8" and self.name != "ort-cpu":
-            raise BackendError("the int8 decoder is for --backend ort-cpu; GPUs run fp32 or TensorRT fp16")
-        return precision
+    @property
+    def precision(self) -> str:
+        """What runs at which precision, e.g. ``fp32`` or ``decoder int8``."""
+        lowered = {g: p for g, p in self.precisions.items() if p != "fp32"}
+        if not lowered:
+            return "fp32"
+        if len(set(lowered.values())) == 1 and len(lowered) == len(self.precisions):
+            return next(iter(lowered.values()))
+        return ", ".join(f"{g} {p}" for g, p in lowered.items())
 
     def _check_classes(self) -> None:
         graph = "decoder" if "decoder" in self.sessions else "model"

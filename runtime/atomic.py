@@ -1,0 +1,76 @@
+"""Atomic outputs: write to a temporary name beside the target, then rename it into place.
+
+A reader never sees a half-written file or bundle, an existing target is never replaced without
+``overwrite``, and the result gets the permissions any ordinary write would get under the process
+umask (temporary files are created private).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OutputError
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """:class:`OutputError` if ``path`` exists and may not be replaced."""
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path (a file, or a folder with ``directory``) in ``path``'s folder; when the
+    block ends without an error it is renamed to ``path``, else removed. Parent folders are made."""
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    else:
+        suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~current_umask())
+        _replace(tmp, path, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if directory else tmp.unlink(missing_ok=True)
+        raise
+
+
+def _replace(tmp: Path, path: Path, directory: bool) -> None:
+    if not (directory and path.is_dir()):
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    os.replace(path, old / path.name)  # a folder cannot be renamed over a non-empty one
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path, overwrite) as tmp:
+        tmp.write_text(text)
+    return Path(path)

@@ -1,0 +1,148 @@
+"""A model bundle on disk: ``NAME.imunet/`` with ``manifest.json``, the graphs and optional engines.
+
+A bundle is checked on load: format version, a typed manifest, every file it names inside the
+bundle folder (no absolute paths, no ``..``, no symbolic link that leaves it) and listed with its
+sha256, and the sha256 of every file. Backends read graphs and engines through :meth:`Bundle.read`,
+which hashes the very bytes it returns. Nothing is unpickled. A signature, if present, is checked
+against trusted keys when the caller gives them (:mod:`.signature`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import BundleError
+from .manifest import Manifest, Variant
+from .signature import SIGNATURE, SignatureInfo, read_signature, verify_signature
+
+MANIFEST = "manifest.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inside(root: Path, name: str, what: str = "file") -> Path:
+    """``root / name`` if it stays inside ``root`` (after symbolic links), else :class:`BundleError`."""
+    pure = PurePosixPath(name)
+    if not name or "\\" in name or pure.is_absolute() or Path(name).is_absolute() or ".." in pure.parts:
+        raise BundleError(f"{root}: the manifest names {what} {name!r}, which is outside the bundle folder")
+    target = root / name
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{root}: {what} {name!r} is a link that leaves the bundle folder")
+    return target
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A checked bundle: its folder, typed manifest and signature (None when unsigned)."""
+
+    path: Path
+    manifest: Manifest
+    signature: SignatureInfo | None = None
+
+    def read(self, name: str) -> bytes:
+        """The bytes of bundle file ``name`` after checking them against the manifest's sha256."""
+        digest = self.manifest.files.get(name)
+        if digest is None:
+            raise BundleError(f"{self.path}: {name} is not covered by the manifest's sha256 list")
+        path = inside(self.path, name)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{self.path}: cannot read {name} ({exc.strerror})") from None
+        if sha256_bytes(data) != digest:
+            raise BundleError(f"{self.path}: {name} does not match its sha256 in the manifest; the bundle is corrupt")
+        return data
+
+    def graph_file(self, graph: str, precision: str | None = None) -> str:
+        """The file of ``graph`` ("encoder", "decoder", "model"), or of its variant of ``precision``."""
+        if graph not in self.manifest.graphs:
+            have = ", ".join(self.manifest.graphs)
+            raise BundleError(f"{self.path}: bundle has no '{graph}' graph (it has {have})")
+        variant = self.variant_for(graph, precision) if precision not in (None, "fp32") else None
+        return variant.file if variant else self.manifest.graphs[graph].file
+
+    def variant_for(self, graph: str, precision: str | None) -> Variant | None:
+        """The variant of ``graph`` at ``precision``, if the bundle has one."""
+        return next(
+            (v for v in self.manifest.variants.values() if v.replaces == graph and v.precision == precision), None
+        )
+
+    def has_precision(self, precision: str) -> bool:
+        return any(v.precision == precision for v in self.manifest.variants.values())
+
+
+def check_contained(path: Path, m: Manifest) -> None:
+    """Every file the manifest names lies inside the bundle, and every graph and engine is hashed."""
+    if not m.files:
+        raise BundleError(f"{path}: manifest lists no files with their sha256")
+    graphs = [(g.file, f"the {k} graph") for k, g in m.graphs.items()]
+    graphs += [(v.file, f"variant {k}") for k, v in m.variants.items()]
+    engines = [(e.dir, "engine folder") for e in m.engines]
+    for name, what in [*graphs, *engines, *((f, "file") for f in m.files)]:
+        inside(path, name, what)
+    for name, what in graphs:
+        if name not in m.files:
+            raise BundleError(f"{path}: {what} {name} is not covered by the manifest's sha256 list")
+    for folder, _ in engines:
+        if not any(PurePosixPath(f).parent == PurePosixPath(folder) for f in m.files):
+            raise BundleError(f"{path}: engine folder {folder} has no files covered by the manifest's sha256 list")
+
+
+def verify_files(path: Path, files: dict[str, str]) -> None:
+    """Check that every listed file exists and has the recorded sha256."""
+    for name, digest in files.items():
+        f = inside(path, name)
+        if not f.is_file():
+            raise BundleError(f"{path}: bundle file {name} is missing")
+        if sha256_file(f) != digest:
+            raise BundleError(
+                f"{path}: {name} does not match its sha256 in the manifest; the bundle is corrupt or was modified"
+            )
+
+
+def load_bundle(path: str | Path, verify: bool = True, trusted_keys: str | Path | None = None) -> Bundle:
+    """Read and check a bundle folder. ``verify=False`` skips hashing every file up front (graphs are
+    still hashed as they are read); ``trusted_keys`` (a folder of public keys) requires a valid
+    signature by one of them."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle directory")
+    mpath = inside(path, MANIFEST, "manifest")
+    if not mpath.is_file():
+        raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
+    text = mpath.read_bytes()
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"{path}: malformed manifest ({exc})") from None
+    check_contained(path, manifest)
+    signature = read_signature(path / SIGNATURE) if (path / SIGNATURE).exists() else None
+    if trusted_keys is not None:
+        signature = verify_signature(path, raw, signature, Path(trusted_keys))
+    if verify:
+        verify_files(path, manifest.files)
+    return Bundle(path, manifest, signature)
+
+
+def default_bundle_path() -> Path | None:
+    """The bundle shipped inside the package, if this installation has one."""
+    root = Path(__file__).parent / "default"
+    found = sorted(root.glob("*.imunet")) if root.is_dir() else []
+    return found[0] if found else None

@@ -1,0 +1,71 @@
+"""Inference settings: the options a user or a bundle chooses, and nothing else.
+
+The manifest reader and the exporter use this module without importing any inference loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+MODES = ("adaptive", "sparse", "dense")
+
+#: Keys that bundles written by older exporters may carry; they are read and ignored, with a note.
+#: The options were measured and removed (docs/DESIGN-NOTES.md, "Adaptive mode: rejected options").
+RETIRED_KEYS = ("halo", "confidence", "min_stride", "refine", "seam", "seam_rule", "boxes")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a volume is segmented; a bundle's manifest holds its defaults.
+
+    ``mode``: ``adaptive`` (each voxel decoded once, coarse to fine, in owner boxes), ``sparse`` (the
+    paper's loop: broad mesh, nearest fill, a band decoded around the boundary, windows blended) or
+    ``dense`` (every voxel of every window decoded and blended). ``overlap``: fraction of a window
+    shared with its neighbour in [0, 1); in adaptive mode it sets the number of owner boxes.
+    ``stride``: spacing of the broad mesh in voxels (a power of two in adaptive mode). ``band``:
+    half-width in voxels of the band decoded around the broad boundary (sparse mode). ``sigma_scale``:
+    the Gaussian importance map's sigma as a fraction of the patch. ``smoothing``: odd kernel of the
+    box average applied to the class probabilities before the argmax (1: none). ``tta``: also
+    segment the scan mirrored along each axis and average the class probabilities.
+    """
+
+    mode: str = "adaptive"
+    overlap: float = 0.3
+    stride: int = 4
+    band: int = 2
+    sigma_scale: float = 0.125
+    smoothing: int = 3
+    tta: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.mode == "adaptive" and self.stride & (self.stride - 1):
+            raise ValueError(f"adaptive mode needs a power-of-two stride, got {self.stride}")
+        if self.band < 0:
+            raise ValueError(f"band must be >= 0, got {self.band}")
+        if not self.sigma_scale > 0:
+            raise ValueError(f"sigma_scale must be > 0, got {self.sigma_scale}")
+        if self.smoothing < 1 or self.smoothing % 2 == 0:
+            raise ValueError(f"smoothing must be an odd kernel >= 1, got {self.smoothing}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> tuple[InferenceSettings, list[str]]:
+        """Settings from a manifest's ``inference`` mapping, and a note per retired key it carries.
+
+        Unknown keys other than the retired ones raise ``ValueError``."""
+        names = {f.name for f in fields(cls)}
+        retired = sorted(k for k in data if k in RETIRED_KEYS)
+        unknown = sorted(k for k in data if k not in names and k not in RETIRED_KEYS)
+        if unknown:
+            raise ValueError(f"unknown inference settings: {', '.join(unknown)}")
+        notes = [f"inference setting '{k}' is no longer supported and was ignored" for k in retired]
+        return cls(**{k: v for k, v in data.items() if k in names}), notes

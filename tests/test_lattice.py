@@ -1,0 +1,79 @@
+"""Coarse-to-fine decoding: the lattice helpers, and adaptive mode's labels against dense decoding."""
+
+import numpy as np
+import pytest
+from test_inference import PATCH, SHAPE, index_volume, sphere_logits
+
+from imunet.runtime.inference import predict_labels, predict_probabilities, softmax
+from imunet.runtime.lattice import closure_points, corners_disagree, element_points, upsample_linear
+from imunet.runtime.settings import InferenceSettings
+
+from conftest import FakeBackend
+
+
+def test_linear_upsampling_is_exact_for_a_linear_field():
+    k = np.stack(np.meshgrid(np.arange(3), np.arange(4), np.arange(5), indexing="ij"), -1).astype(np.float32)
+    coarse = np.concatenate([k @ np.array([[1.0], [2.0], [-3.0]], np.float32), k[..., :1] * 0 + 1], -1)
+    fine = upsample_linear(coarse)
+    assert fine.shape == (5, 7, 9, 2)
+    z, y, x = np.meshgrid(np.arange(5), np.arange(7), np.arange(9), indexing="ij")
+    np.testing.assert_allclose(fine[..., 0], (z + 2 * y - 3 * x) / 2.0, atol=1e-6)
+    assert (fine[..., 1] == 1).all()
+
+
+def test_element_points_are_those_between_differing_corners():
+    lab = np.zeros((3, 3, 3), np.int64)
+    lab[1, 1, 1] = 2  # one coarse point differs from all its neighbours
+    need = element_points(lab)
+    assert need.shape == (5, 5, 5)
+    # every refined point whose edge, face or cell touches coarse point (1,1,1), i.e. fine (2,2,2)
+    expected = np.zeros_like(need)
+    expected[1:4, 1:4, 1:4] = True
+    expected[2, 2, 2] = False  # the coarse point itself
+    np.testing.assert_array_equal(need, expected)
+    assert not element_points(np.ones((4, 3, 5), np.int64)).any()
+
+
+def test_cells_with_differing_corners_and_their_closure():
+    lab = np.zeros((3, 3, 3), np.int64)
+    lab[2, 2, 2] = 1  # only the last cell has a differing corner
+    cells = corners_disagree(lab)
+    assert cells.sum() == 1 and cells[1, 1, 1]
+    points = closure_points(cells)
+    assert points.shape == (5, 5, 5) and points.sum() == 27 and points[2:, 2:, 2:].all()
+
+
+def test_adaptive_at_stride_1_decodes_every_voxel_once_and_exactly():
+    fn = sphere_logits()
+    s = InferenceSettings(mode="adaptive", stride=1, smoothing=1)
+    probs, stats = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, s)
+    expected = softmax(fn(index_volume().ravel())).T.reshape(3, *SHAPE)
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    assert stats.points_per_voxel <= 1.0 + 1e-9  # each voxel decoded once
+
+
+@pytest.mark.parametrize("stride", [2, 4, 8])
+def test_coarse_to_fine_labels_match_dense_decoding(stride):
+    fn = sphere_logits()
+    dense, s_dense = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="dense"))
+    patch = (16, 20, 20) if stride == 8 else PATCH
+    adaptive, s_ad = predict_labels(index_volume(), FakeBackend(fn), patch, InferenceSettings(stride=stride))
+    exact = fn(index_volume().ravel()).argmax(1).reshape(SHAPE)
+    assert (adaptive == dense).mean() >= 0.999
+    raw = InferenceSettings(mode="adaptive", stride=stride, smoothing=1)
+    unsmoothed, _ = predict_labels(index_volume(), FakeBackend(fn), patch, raw)
+    assert (unsmoothed == exact).mean() >= 0.9995  # only features thinner than a cell may be missed
+    for label in (1, 2):  # and every structure is found, with its volume
+        assert abs(int((unsmoothed == label).sum()) - int((exact == label).sum())) <= 0.01 * (exact == label).sum()
+    assert s_ad.points_decoded < 0.3 * s_dense.points_decoded
+
+
+def test_constant_windows_are_reused_with_the_exact_result():
+    volume = index_volume((40, 41, 37))
+    volume[:, :, 18:] = 7.0  # a constant slab several windows wide
+    fn = sphere_logits((40, 41, 37), (10, 20, 9), (6, 8, 5))
+    expected = softmax(fn(volume.ravel())).T.reshape(3, *volume.shape)
+    for s in (InferenceSettings(mode="adaptive", stride=1, smoothing=1), InferenceSettings(mode="dense", smoothing=1)):
+        probs, stats = predict_probabilities(volume, FakeBackend(fn), PATCH, s)
+        assert stats.windows_reused > 0
+        np.testing.assert_allclose(probs, expected, atol=1e-6)
