@@ -6,9 +6,9 @@ unsmoothed label: where all neighbours' probabilities peak at class ``c``, so do
 neighbourhoods that hold more than one label are found with a min and a max filter on the labels,
 and only there are the neighbours' probabilities summed. The result equals
 ``box_smooth(probs).argmax(0)`` except where two classes' smoothed values tie to the last bit. It
-takes about as long as smoothing every class map (``tools/bench_labels.py``) but never holds a
-smoothed float copy: the boundary voxels are a few percent of a scan (0.10 against 0.64 GiB added
-to the peak at 200x512x512, docs/DESIGN-NOTES.md).
+takes about as long as smoothing every class map but never holds a smoothed float copy: the
+boundary voxels are a few percent of a scan (0.10 against 0.64 GiB added to the peak at
+200x512x512, docs/DESIGN-NOTES.md).
 """
 
 from __future__ import annotations

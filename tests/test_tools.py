@@ -1,4 +1,6 @@
-"""The evaluation tool: per-label Dice and HD95 through the runtime, on phantoms with known labels."""
+"""The benchmark tools: evaluation, volumes, the harness, on phantoms with known labels."""
+
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -35,8 +37,8 @@ def test_hd95_on_known_shapes():
     assert np.isnan(hd95(a, np.zeros_like(a), 1, (1.0, 1.0, 1.0)))
 
 
-def test_ct_phantom_keeps_labels_on_their_crops_and_fills_the_volume():
-    from ct_phantom import build
+def test_packed_volumes_keep_labels_on_their_crops_and_fill_the_volume():
+    from volumes import pack as build
 
     rng = np.random.default_rng(3)
     crops = []
@@ -91,7 +93,7 @@ def test_mosaic_dataset_is_a_trainable_dataset_of_the_named_cases(tmp_path):
 def test_report_emit_prints_and_writes_the_same_json(tmp_path, capsys):
     import json
 
-    from report import emit
+    from harness import emit
 
     out = tmp_path / "a" / "b" / "r.json"
     emit({"x": [1, 2], "y": {"z": 0.5}}, out)
@@ -99,3 +101,36 @@ def test_report_emit_prints_and_writes_the_same_json(tmp_path, capsys):
     assert json.loads(printed) == json.loads(out.read_text()) == {"x": [1, 2], "y": {"z": 0.5}}
     emit({"x": 1}, None)  # no file asked for: prints only
     assert json.loads(capsys.readouterr().out) == {"x": 1}
+
+
+def test_harness_reads_the_machine_and_runs_a_fresh_process(tmp_path):
+    from harness import fresh_process, machine
+
+    m = machine()
+    assert m["cpu"] and m["cores"] >= 1 and "numpy" in m["versions"]
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, os, sys\nprint('noise')\nprint(json.dumps({'pid': os.getpid(), 'args': sys.argv[1:]}))\n"
+    )
+    a, b = fresh_process(script, ["x"]), fresh_process(script, ["y"])
+    assert a["args"] == ["x"] and b["args"] == ["y"] and a["pid"] != b["pid"]
+    script.write_text("import sys\nsys.exit('broken')\n")
+    import pytest
+
+    with pytest.raises(SystemExit, match="broken"):
+        fresh_process(script, [])
+
+
+def test_bench_segment_config_syntax():
+    from bench_segment import parse_config
+
+    assert parse_config("a=x.imunet") == ("a", Path("x.imunet"), {})
+    assert parse_config("b=x:precision=fp32,workers=1,tta=true") == (
+        "b",
+        Path("x"),
+        {"precision": "fp32", "workers": 1, "tta": True},
+    )
+    import pytest
+
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        parse_config("nothing")

@@ -12,47 +12,45 @@ milliseconds per call over repeated calls:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from report import emit  # tools/report.py: tools run as scripts, tools/ is on sys.path
+from harness import emit, machine
 
 
-def session(path: Path, threads: int):
+def session(graph: bytes, threads: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundles", nargs="+", type=Path)
     ap.add_argument("--points", type=int, nargs="+", default=[100, 900, 2700, 8100])
-    ap.add_argument("--precision", default="int8", choices=["int8", "fp32"])
+    ap.add_argument("--precision", default="int8", choices=["int8", "fp16", "fp32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="timed passes; each pass calls ~3,000 points' worth")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from imunet.runtime.manifest import load_bundle
+    from imunet.runtime.bundle import load_bundle
 
     report: dict = {}
     for path in args.bundles:
         bundle = load_bundle(path)
         patch = bundle.manifest.patch_size
-        enc = session(bundle.graph("encoder"), args.threads)
-        dec_path = bundle.variant("decoder_int8") if args.precision == "int8" else bundle.graph("decoder")
-        if dec_path is None:
+        enc = session(bundle.read(bundle.graph_file("encoder")), args.threads)
+        if args.precision != "fp32" and bundle.variant_for("decoder", args.precision) is None:
             sys.exit(f"{path}: no {args.precision} decoder")
-        dec = session(dec_path, args.threads)
+        dec = session(bundle.read(bundle.graph_file("decoder", args.precision)), args.threads)
         names = [o.name for o in enc.get_outputs()]
         image = np.random.default_rng(1).normal(size=(1, 1, *patch)).astype(np.float32)
         feats = dict(zip(names, enc.run(names, {"image": image})))
@@ -73,13 +71,13 @@ def main() -> None:
         report[str(path)] = {
             "ms_per_call": row,
             "feature_layout": bundle.manifest.feature_layout,
-            "decoder_width": bundle.manifest.raw.get("decoder", {}).get("width"),
+            "decoder_width": bundle.manifest.decoder.width if bundle.manifest.decoder else None,
         }
         print(f"{path}: " + ", ".join(f"{n} points {ms} ms" for n, ms in row.items()), file=sys.stderr)
     report["setup"] = {
         "precision": args.precision,
         "threads": args.threads,
-        "machine": platform.machine(),
+        "machine": machine(),
         "command": " ".join(sys.argv),
     }
     emit(report, args.json)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
+
+from harness import emit, fresh_process, machine, median
 
 
 def one(args: argparse.Namespace) -> dict:
@@ -100,35 +100,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    ap.add_argument("--json", type=str, default=None, help="also write the results here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--one", choices=["implicit", "unet"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args)))
         return
+    base = sys.argv[1:]
+    if "--json" in base:
+        i = base.index("--json")
+        base = base[:i] + base[i + 2 :]
     results: dict[str, list[dict]] = {"implicit": [], "unet": []}
-    base = [a for a in sys.argv[1:] if not a.startswith("--json")]
-    if "--json" in sys.argv:
-        i = sys.argv.index("--json")
-        base = sys.argv[1:i] + sys.argv[i + 2 :]
     for _ in range(args.rounds):
-        for kind in ("implicit", "unet"):
-            out = subprocess.run(
-                [sys.executable, __file__, *base, "--one", kind], capture_output=True, text=True, check=True
-            )
-            results[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for kind in results:
+            results[kind].append(fresh_process(__file__, [*base, "--one", kind]))
     summary = {}
     for kind, runs in results.items():
-        steps = [s for r in runs for s in r["step_s"]]
-        augs = [s for r in runs for s in r["augment_s"]]
         summary[kind] = {
             "parameters": runs[0]["parameters"],
-            "median_step_s": round(statistics.median(steps), 4),
-            "median_augment_s": round(statistics.median(augs), 4),
+            "median_step_s": median(s for r in runs for s in r["step_s"]),
+            "median_augment_s": median(s for r in runs for s in r["augment_s"]),
             "peak_mb": max(r["peak_mb"] for r in runs),
             "memory": runs[0]["memory"],
             "threads": runs[0]["threads"],
-            "n_steps": len(steps),
+            "n_steps": sum(len(r["step_s"]) for r in runs),
         }
     imp, unet = summary["implicit"], summary["unet"]
     summary["ratios_implicit_over_unet"] = {
@@ -144,13 +139,10 @@ def main() -> None:
         "batch": args.batch,
         "device": args.device,
         "amp": args.amp,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine(),
+        "command": " ".join(["python", *sys.argv]),
     }
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    emit(summary, args.json)
 
 
 if __name__ == "__main__":

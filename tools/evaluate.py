@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from harness import case_names, machine
 
 from imunet.runtime import Segmenter
 from imunet.runtime.io import image_suffix, read_image
@@ -89,7 +91,7 @@ def evaluate(
 
 
 def _setting(text: str) -> object:
-    """``--set`` value: JSON (``8``, ``0.3``, ``null``), else the plain string (``refine=cells``)."""
+    """``--set`` value: JSON (``8``, ``0.3``, ``true``), else the plain string (``mode=sparse``)."""
     try:
         return json.loads(text)
     except ValueError:
@@ -104,20 +106,14 @@ def main() -> None:
     ap.add_argument("--cases", type=str, default=None, help="comma-separated case names, or @split.json:val")
     ap.add_argument("--backend", default="ort-cpu")
     ap.add_argument("--mode", default=None)
-    ap.add_argument("--precision", default="auto", help="auto | fp32 | int8 (the implicit decoder on onnxruntime)")
+    ap.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8")
     ap.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="inference settings, e.g. stride=8 halo=1"
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="inference settings, e.g. stride=8 smoothing=1"
     )
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     settings = {k: _setting(v) for k, v in (kv.split("=", 1) for kv in a.set)}
-    only = None
-    if a.cases:
-        if a.cases.startswith("@"):
-            path, _, key = a.cases[1:].partition(":")
-            only = set(json.loads(Path(path).read_text())[key or "val"])
-        else:
-            only = set(a.cases.split(","))
+    only = set(case_names(a.cases)) if a.cases else None
     res = evaluate(a.model, a.images, a.labels, a.backend, a.mode, only, a.precision, settings)
     print(
         f"{res['model']}: {res['cases']} cases, backend {res['backend']}, mode {res['mode']} ({res['precision']}) "
@@ -130,6 +126,7 @@ def main() -> None:
             f"HD95 {s['hd95_mean']:.2f} +- {s['hd95_std']:.2f} mm ({s['hd95_undefined']} undefined)"
         )
     if a.json:
+        res["setup"] = {"machine": machine(), "command": " ".join(["python", *sys.argv])}
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2) + "\n")
 

@@ -1,9 +1,9 @@
-"""A training dataset (nnU-Net v2 layout) of mosaics packed from labelled crops, like ``ct_phantom.py``'s.
+"""A training dataset (nnU-Net v2 layout) of mosaics packed from labelled crops, like ``volumes.py``'s.
 
 A model trained on single small crops only ever sees them whole and centred in its patch; on a large
 volume every window cuts through anatomy at arbitrary places, and its output then depends on where
 the window falls. Training on mosaics of the *training* cases teaches the sliding-window situation,
-so that held-out phantoms (``ct_phantom.py``, built from the held-out cases) measure a model that was
+so that held-out volumes (``volumes.py``, built from the held-out cases) measure a model that was
 trained for large volumes, as a CT model would be.
 
     python tools/mosaic_dataset.py --out /tmp/mosaics --count 40 --size 64 160 160
@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 
 import SimpleITK as sitk
-from ct_phantom import DATA, SPLIT, build, case_names, load_crops
+from harness import DATA, SPLIT, case_names
+from volumes import load_crops, pack
 
 
 def write_dataset(
@@ -34,7 +35,7 @@ def write_dataset(
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     names = []
     for i in range(count):
-        image, label = build(size, crops, seed + i)
+        image, label = pack(size, crops, seed + i)
         name = f"mosaic_{i:03d}"
         sitk.WriteImage(sitk.GetImageFromArray(image), str(out / "imagesTr" / f"{name}_0000.nii.gz"))
         sitk.WriteImage(sitk.GetImageFromArray(label), str(out / "labelsTr" / f"{name}.nii.gz"))
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=3, default=(64, 160, 160), metavar=("Z", "Y", "X"))
     ap.add_argument("--data", type=Path, default=DATA, help="source dataset (MSD / nnU-Net layout)")
     ap.add_argument("--cases", default=f"@{SPLIT}:train", help="a,b,c or @split.json:key")
-    ap.add_argument("--seed", type=int, default=1000, help="first mosaic's seed (ct_phantom.py's test volumes use 0)")
+    ap.add_argument("--seed", type=int, default=1000, help="first mosaic's seed (volumes.py's test volumes use 0)")
     args = ap.parse_args()
     names = write_dataset(args.out, args.data, case_names(args.cases), args.count, tuple(args.size), args.seed)
     print(f"{args.out}: {len(names)} mosaics of {args.size}")

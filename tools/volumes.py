@@ -1,35 +1,23 @@
-"""A CT-sized test volume with ground truth, built from real labelled crops (hippocampus by default).
+"""Test volumes with ground truth, built from real labelled crops (hippocampus by default).
 
 Crops (each z-scored on its own, picked at random) are packed shelf by shelf with 2-voxel gaps of 0
 (their mean, as crops smaller than the patch are zero-padded in training). Their sizes differ, so
-sliding windows do not line up with crops. The runtime z-scores the whole volume again, which scales
-the crops by about 1.2; both bundles and all modes see the same volume. Labels are the crops' labels.
+sliding windows do not line up with crops. Labels are the crops' labels. By default the crops are
+the held-out cases of ``docs/results/hippocampus_split.json``.
 
-    python tools/ct_phantom.py --size 200 512 512 --out /tmp/ct200
+    python tools/volumes.py --size 200 512 512 --out ct200
 
-writes ``/tmp/ct200_0000.nii.gz`` and ``/tmp/ct200_label.nii.gz`` (size given as Z Y X) from the
-held-out cases of ``docs/results/hippocampus_split.json``.
+writes ``ct200_0000.nii.gz`` and ``ct200_label.nii.gz`` (size given as Z Y X).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
-SPLIT = Path(__file__).resolve().parents[1] / "docs" / "results" / "hippocampus_split.json"
-
-
-def case_names(spec: str) -> list[str]:
-    """``a,b,c`` or ``@split.json:key``."""
-    if spec.startswith("@"):
-        path, key = spec[1:].rsplit(":", 1)
-        return list(json.loads(Path(path).read_text())[key])
-    return [c for c in spec.split(",") if c]
+from harness import DATA, SPLIT, case_names
 
 
 def load_crops(data: Path, cases: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -42,7 +30,7 @@ def load_crops(data: Path, cases: list[str]) -> list[tuple[np.ndarray, np.ndarra
     return out
 
 
-def build(
+def pack(
     size: tuple[int, int, int], crops: list[tuple[np.ndarray, np.ndarray]], seed: int = 0, gap: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image (float32) and label (uint8) arrays of ``size`` (Z, Y, X), packed shelf by shelf."""
@@ -66,6 +54,12 @@ def build(
     return image, label
 
 
+def held_out_volume(size: tuple[int, int, int], seed: int = 0, data: Path = DATA) -> tuple[sitk.Image, np.ndarray]:
+    """A packed volume of the held-out cases: the image (1 mm, identity direction) and its labels."""
+    image, label = pack(size, load_crops(data, case_names(f"@{SPLIT}:val")), seed)
+    return sitk.GetImageFromArray(image), label
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, nargs=3, required=True, metavar=("Z", "Y", "X"))
@@ -74,7 +68,7 @@ def main() -> None:
     ap.add_argument("--cases", default=f"@{SPLIT}:val", help="a,b,c or @split.json:key")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    image, label = build(tuple(args.size), load_crops(args.data, case_names(args.cases)), args.seed)
+    image, label = pack(tuple(args.size), load_crops(args.data, case_names(args.cases)), args.seed)
     for arr, suffix in ((image, "_0000.nii.gz"), (label, "_label.nii.gz")):
         sitk.WriteImage(sitk.GetImageFromArray(arr), str(args.out) + suffix)
     print(f"{args.out}: {image.shape}, foreground {float((label > 0).mean()):.4f}")
