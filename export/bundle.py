@@ -22,7 +22,7 @@ from imunet.runtime.manifest import DecoderSpec, EncoderSpec, GraphSpec, Manifes
 from imunet.runtime.preprocess import Normalization
 from imunet.runtime.settings import InferenceSettings
 
-from .onnx import DEFAULT_OPSET, export_dense, export_implicit, unsupported_by_tensorrt, verify_parity
+from .onnx import DEFAULT_OPSET, export_dense, export_implicit, parity_ok, unsupported_by_tensorrt, verify_parity
 from .quantize import int8_parity, quantize_decoder
 from .wrappers import feature_layouts, feature_names, feature_shape
 
@@ -179,11 +179,14 @@ def _export_graphs(
         graphs = export_dense(model, cfg.model, folder, opset)
     log(f"exported {', '.join(p.name for p in graphs.values())} (opset {opset})")
     parity = verify_parity(model, cfg.model, graphs, feature_layout=layout)
-    worst = max(parity["max_abs_diff"].values())
-    parity.update(tolerance=PARITY_TOLERANCE, passed=bool(worst < PARITY_TOLERANCE))
+    parity.update(tolerance=PARITY_TOLERANCE, tolerance_is="relative to max(1, max |output|)")
+    parity["passed"] = parity_ok(parity, PARITY_TOLERANCE)
     log("parity torch vs onnxruntime: " + ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs_diff"].items()))
     if not parity["passed"]:
-        raise BundleError(f"ONNX graphs differ from PyTorch by {worst:.3g} > {PARITY_TOLERANCE}; bundle not written")
+        raise BundleError(
+            f"ONNX graphs differ from PyTorch by {parity['max_abs_diff']} (outputs up to "
+            f"{parity['max_abs_reference']}), more than {PARITY_TOLERANCE} relative; bundle not written"
+        )
     bad = {name: ops for name, p in graphs.items() if (ops := unsupported_by_tensorrt(p))}
     if bad:
         raise BundleError(f"graphs use operators TensorRT cannot parse: {bad}")

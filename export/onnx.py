@@ -136,17 +136,26 @@ def verify_parity(
     seed: int = 0,
     feature_layout: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Max |torch - onnxruntime| on random patches and points, per graph (float32, CPU)."""
+    """Max |torch - onnxruntime| and max |torch| on random patches and points, per graph (float32,
+    CPU). A longer-trained model has larger logits, so the check is relative (see :func:`parity_ok`)."""
     model = model.eval().cpu()
     rng = np.random.default_rng(seed)
-    out: dict[str, float] = {}
+    diff: dict[str, float] = {}
+    scale: dict[str, float] = {}
+
+    def record(name: str, ref: np.ndarray, got: np.ndarray) -> None:
+        diff[name] = max(diff.get(name, 0.0), float(np.abs(ref - got).max()))
+        scale[name] = max(scale.get(name, 0.0), float(np.abs(ref).max()))
+
     for _ in range(trials):
         image = rng.normal(size=(1, 1, *cfg.patch_size)).astype(np.float32)
         with torch.no_grad():
             if cfg.kind == "unet":
-                ref = model(torch.from_numpy(image)).numpy()
-                got = _session(graphs["model"]).run(["logits"], {"image": image})[0]
-                out["model"] = max(out.get("model", 0.0), float(np.abs(ref - got).max()))
+                record(
+                    "model",
+                    model(torch.from_numpy(image)).numpy(),
+                    _session(graphs["model"]).run(["logits"], {"image": image})[0],
+                )
                 continue
             feats_t = model.encode(torch.from_numpy(image))
             pts = np.stack([rng.integers(0, s, size=points) for s in cfg.patch_size], axis=1).astype(np.int32)
@@ -155,8 +164,24 @@ def verify_parity(
         feats = _session(graphs["encoder"]).run(names, {"image": image})
         layouts = feature_layouts(feature_layout, cfg.levels)
         feats_t = [f[0].permute(1, 2, 3, 0) if lay == "channels_last" else f for f, lay in zip(feats_t, layouts)]
-        enc_diff = max(float(np.abs(f.numpy() - g).max()) for f, g in zip(feats_t, feats))
-        logits = _session(graphs["decoder"]).run(["logits"], {**dict(zip(names, feats)), "points": pts})[0]
-        out["encoder"] = max(out.get("encoder", 0.0), enc_diff)
-        out["decoder"] = max(out.get("decoder", 0.0), float(np.abs(ref_logits - logits).max()))
-    return {"max_abs_diff": out, "trials": trials, "points": points, "runtime": "onnxruntime-cpu", "dtype": "float32"}
+        for f, g in zip(feats_t, feats):
+            record("encoder", f.numpy(), g)
+        record(
+            "decoder",
+            ref_logits,
+            _session(graphs["decoder"]).run(["logits"], {**dict(zip(names, feats)), "points": pts})[0],
+        )
+    return {
+        "max_abs_diff": diff,
+        "max_abs_reference": scale,
+        "trials": trials,
+        "points": points,
+        "runtime": "onnxruntime-cpu",
+        "dtype": "float32",
+    }
+
+
+def parity_ok(parity: dict[str, Any], tolerance: float) -> bool:
+    """Every graph within ``tolerance`` relative to its output's magnitude (at least 1)."""
+    scale = parity.get("max_abs_reference", {})
+    return all(d <= tolerance * max(1.0, scale.get(k, 1.0)) for k, d in parity["max_abs_diff"].items())

@@ -33,7 +33,10 @@ def train(
     patch: Optional[tuple[int, int, int]] = typer.Option(
         None, help="Patch size Z Y X (multiples of 8); default: the median case shape, capped at 96 160 160."
     ),
-    steps: int = typer.Option(1000, help="Optimisation steps."),
+    steps: int = typer.Option(1000, help="Optimisation steps (with --minutes: at most this many)."),
+    minutes: float = typer.Option(
+        0.0, help="Time budget: the step count is set from the speed of the first 20 steps (0: off)."
+    ),
     batch: int = typer.Option(2, help="Patches per step (per process)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     resume: bool = typer.Option(False, help="Continue the run in --out exactly where it stopped."),
@@ -104,6 +107,7 @@ def train(
             seed=seed,
             lr_schedule=lr_schedule,
             checkpoint_every=checkpoint_every,
+            minutes=minutes,
         )
         from .distributed import pick_device
         from .train import train as run_training

@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # or "poly" (nnU-Net's (1 - t)**0.9)
+    minutes: float = 0.0  # > 0: a time budget; ``steps`` is then set from the speed of the first steps
 
     def __post_init__(self) -> None:
         if not 0 <= self.boundary_fraction <= 1:
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(
                 f"steps, batch_size and points must be >= 1, got {self.steps}, {self.batch_size}, {self.points}"
             )
+        if self.minutes < 0:
+            raise ValueError(f"minutes must be >= 0, got {self.minutes}")
         if self.lr_schedule not in ("constant", "poly"):
             raise ValueError(f"lr_schedule must be 'constant' or 'poly', got {self.lr_schedule!r}")
 

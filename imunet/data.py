@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,8 +15,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from imunet.runtime.atomic import atomic_output
+from imunet.runtime.domain import Fingerprint, fingerprint, summarise
 from imunet.runtime.errors import InputError
 from imunet.runtime.io import read_image, to_array
+from imunet.runtime.orientation import dominant_orientation, reorient
 from imunet.runtime.preprocess import Normalization, ct_statistics, normalize, resample_to_spacing
 
 
@@ -107,43 +109,72 @@ def split_cases(cases: tuple[Case, ...], val_fraction: float, seed: int) -> tupl
 
 @dataclass(frozen=True)
 class DatasetStats:
-    """Computed once per run; they travel to the checkpoint and the bundle manifest."""
+    """Computed once per run; they travel to the checkpoint and the bundle manifest.
+
+    ``orientation``: the dataset's dominant axis order and directions (every case is reoriented to
+    it); ``fingerprint``: what the model is for (ranges of spacing, extent and intensity)."""
 
     spacing: tuple[float, float, float]  # target spacing, SimpleITK (x, y, z) order, mm
     normalization: Normalization
+    orientation: str | None = None
+    fingerprint: Fingerprint | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spacing": list(self.spacing), "normalization": self.normalization.to_dict()}
+        out: dict[str, Any] = {"spacing": list(self.spacing), "normalization": self.normalization.to_dict()}
+        if self.orientation:
+            out["orientation"] = self.orientation
+        if self.fingerprint:
+            out["fingerprint"] = asdict(self.fingerprint)
+        return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DatasetStats":
-        return cls(tuple(data["spacing"]), Normalization.from_dict(data["normalization"]))
+    def from_dict(cls, data: dict[str, Any]) -> DatasetStats:
+        fp = data.get("fingerprint")
+        return cls(
+            tuple(data["spacing"]),  # type: ignore[arg-type]
+            Normalization.from_dict(data["normalization"]),
+            data.get("orientation"),
+            Fingerprint(**{k: tuple(v) if isinstance(v, list) else v for k, v in fp.items()}) if fp else None,
+        )
+
+
+def _orientation_of(path: Path) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reader.GetDirection())
 
 
 def compute_stats(info: DatasetInfo, cases: list[Case], seed: int = 0, samples_per_case: int = 10000) -> DatasetStats:
-    """Median spacing and the normalisation the modality calls for (CT: dataset-wide; else per image)."""
+    """Dominant orientation, median spacing (after reorientation), the normalisation the modality
+    calls for (CT: dataset-wide; else per image) and the training data's fingerprint."""
     rng = np.random.default_rng(seed)
-    spacings, values = [], []
+    orientation = dominant_orientation(_orientation_of(c.image) for c in cases)
     is_ct = info.modality.strip().upper() == "CT"
+    scheme = Normalization("ct", 0.0, 1.0, 0.0, 1.0) if is_ct else Normalization("zscore")
+    spacings, values, summaries = [], [], []
     for case in cases:
-        image = read_image(case.image)
+        image = reorient(read_image(case.image), orientation)
         spacings.append(image.GetSpacing())
+        summaries.append(summarise(image, scheme))
         if is_ct:
-            arr = to_array(image)
-            fg = arr[to_array(read_image(case.label), np.uint8) > 0]
+            label = reorient(read_image(case.label), orientation)
+            fg = to_array(image)[to_array(label, np.uint8) > 0]
             if fg.size:
                 values.append(rng.choice(fg, size=min(samples_per_case, fg.size), replace=False))
     spacing = tuple(float(s) for s in np.median(np.asarray(spacings), axis=0))
     norm = ct_statistics(np.concatenate(values)) if is_ct and values else Normalization("zscore")
-    return DatasetStats(spacing, norm)  # type: ignore[arg-type]
+    return DatasetStats(spacing, norm, orientation, fingerprint(info.modality, summaries, norm))  # type: ignore[arg-type]
 
 
 def preprocess_case(case: Case, stats: DatasetStats) -> tuple[np.ndarray, np.ndarray]:
-    """Resampled, normalised image (float32) and label map (uint8), both ``(Z, Y, X)``."""
+    """Reoriented, resampled, normalised image (float32) and label map (uint8), both ``(Z, Y, X)``."""
     image = read_image(case.image)
     label = read_image(case.label)
     if image.GetSize() != label.GetSize():
         raise InputError(f"{case.name}: image size {image.GetSize()} != label size {label.GetSize()}")
+    if stats.orientation:
+        image, label = reorient(image, stats.orientation), reorient(label, stats.orientation)
     image = resample_to_spacing(image, stats.spacing)
     label = resample_to_spacing(sitk.Cast(label, sitk.sitkUInt8), stats.spacing, is_label=True)
     return normalize(to_array(image, np.float32), stats.normalization), to_array(label, np.uint8)
@@ -157,7 +188,7 @@ class PreprocessedCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stats = stats
         stamp = self.dir / "stats.json"
-        if stamp.exists() and json.loads(stamp.read_text()) != stats.to_dict():
+        if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(stats.to_dict())):
             for f in self.dir.glob("*.npy"):  # preprocessed with other statistics: stale
                 f.unlink()
         stamp.write_text(json.dumps(stats.to_dict()))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -23,6 +26,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank (a picklable object; e.g. a configuration decided on rank 0)."""
+        if self.world <= 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def setup_distributed(device: torch.device) -> Dist:

@@ -28,6 +28,12 @@ class StepProgress:
             self.bar.start()
             self.task = self.bar.add_task("train", total=total, completed=start, loss="-", rate="-")
 
+    def retarget(self, total: int) -> None:
+        """The run's step count changed (a time budget was calibrated)."""
+        self.total, self.every = total, max(1, total // 20)
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
     def update(self, done: int, loss: float) -> None:
         rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
         if self.bar is not None:

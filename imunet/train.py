@@ -24,6 +24,7 @@ from imunet.runtime.metrics import dice_per_label
 from imunet.runtime.settings import InferenceSettings
 
 from .augment import augment_batch
+from .budget import TimeBudget
 from .config import RunConfig
 from .data import DatasetStats, PreprocessedCache, compute_stats, read_dataset, split_cases
 from .distributed import Dist, pick_device, setup_distributed
@@ -322,10 +323,17 @@ def train(
     t_start = time.perf_counter()
     progress = StepProgress(cfg.train.steps, state.step, say) if ddp.main else None
     state.model.train()
+    budget = TimeBudget(cfg.train.minutes, state.step, ddp.world == 1)
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
         loss, data_s, augment_s = train_step(net, state, cfg, data)
         state.step += 1
+        if (calibrated := budget.after_step(cfg, state.step)) is not None:
+            cfg = ddp.broadcast(calibrated)
+            say(f"time budget {cfg.train.minutes:g} min: {cfg.train.steps} steps")
+            if ddp.main:
+                progress.retarget(cfg.train.steps)  # type: ignore[union-attr]
+                cfg.save(run_dir / "config.json")
         step_s, val_mean = time.perf_counter() - t0, ""
         last = state.step == cfg.train.steps
         if ddp.main and data.val and (last or (cfg.train.val_every and state.step % cfg.train.val_every == 0)):

@@ -241,3 +241,29 @@ def test_init_refuses_what_does_not_fit(trained_run, tmp_path):
         init_weights(tmp_path, cfg)
     with pytest.raises(ValueError, match="has 3 classes"):
         init_weights(source, replace(cfg, model=replace(cfg.model, num_classes=4)))
+
+
+def test_a_time_budget_sets_the_step_count_from_the_measured_speed():
+    from imunet.budget import budget_steps
+    from imunet.config import ModelConfig, RunConfig, TrainConfig
+
+    cfg = RunConfig(ModelConfig(), TrainConfig(steps=100_000, minutes=10))
+    # 40 steps done in 20 s at 2 steps/s: 570 s of the 600 s budget are for training (5% kept aside)
+    assert budget_steps(cfg, 40, 2.0, 20.0).train.steps == 40 + int(2.0 * 550)
+    assert budget_steps(RunConfig(ModelConfig(), TrainConfig(steps=500, minutes=10)), 40, 2.0, 20.0).train.steps == 500
+    assert budget_steps(cfg, 40, 2.0, 9999.0).train.steps == 41  # over budget already: stop at the next step
+    with pytest.raises(ValueError, match="minutes must be >= 0"):
+        TrainConfig(minutes=-1)
+
+
+def test_dataset_statistics_record_orientation_and_fingerprint(phantom_dir):
+    from imunet.data import DatasetStats, compute_stats, read_dataset
+
+    info = read_dataset(phantom_dir)
+    stats = compute_stats(info, list(info.cases))
+    fp = stats.fingerprint
+    assert stats.orientation == "LPS"  # SimpleITK's default direction, as the phantoms are written
+    assert fp.cases == len(info.cases) and fp.modality == "CT" and fp.intensity_space == "raw"  # HU, as CT is
+    assert fp.intensity_min[0] == -1024.0 and fp.spacing_min == fp.spacing_max == (1.5, 1.5, 3.0)
+    assert all(lo <= mid <= hi for lo, mid, hi in zip(fp.extent_min, fp.extent_median, fp.extent_max))
+    assert DatasetStats.from_dict(json.loads(json.dumps(stats.to_dict()))) == stats
