@@ -22,8 +22,16 @@ from imunet.runtime.manifest import DecoderSpec, EncoderSpec, GraphSpec, Manifes
 from imunet.runtime.preprocess import Normalization
 from imunet.runtime.settings import InferenceSettings
 
-from .onnx import DEFAULT_OPSET, export_dense, export_implicit, parity_ok, unsupported_by_tensorrt, verify_parity
-from .quantize import int8_parity, quantize_decoder
+from .onnx import (
+    DEFAULT_OPSET,
+    export_dense,
+    export_implicit,
+    fp16_decoder_problems,
+    parity_ok,
+    unsupported_by_tensorrt,
+    verify_parity,
+)
+from .variants import quantize_decoder, variant_parity
 from .wrappers import feature_layouts, feature_names, feature_shape
 
 PARITY_TOLERANCE = 1e-4
@@ -158,15 +166,38 @@ def finalize_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def _int8_variant(graphs: dict[str, Path], folder: Path, patch: tuple[int, int, int], log: Callable) -> Variant:
+def _int8_variant(graphs: dict[str, Path], folder: Path, patch: tuple[int, int, int], log: Callable) -> dict:
+    """The int8 decoder for the CPU, and its parity against the fp32 graphs."""
     q = quantize_decoder(graphs["decoder"], folder / "decoder_int8.onnx")
-    check = int8_parity(graphs["encoder"], graphs["decoder"], q, patch)
-    log(
-        f"int8 decoder: max logit difference {check['max_abs_logit_diff']:.3f}, "
-        f"argmax agreement {check['argmax_agreement']:.4f}"
-    )
+    check = variant_parity(graphs, {"decoder": q}, patch)
+    log(f"int8 decoder: max logit difference {check['max_abs_logit_diff']:.3f}, argmax {check['argmax_agreement']:.4f}")
     quantization = "onnxruntime dynamic: int8 weights per output channel, uint8 activations"
-    return Variant(q.name, "decoder", "int8", "ort-cpu", check, quantization)
+    return {"decoder_int8": Variant(q.name, "decoder", "int8", "ort-cpu", check, quantization)}
+
+
+def _fp16_variants(
+    model: torch.nn.Module, cfg: RunConfig, graphs: dict[str, Path], folder: Path, opset: int,
+    layout: str | Sequence[str] | None, log: Callable,
+) -> dict[str, Variant]:  # fmt: skip
+    """fp16 twins of every graph (float32 in and out), checked: TensorRT's operators, the decoder's
+    precision boundary, parity against the fp32 graphs."""
+    if cfg.model.kind == "implicit":
+        half = export_implicit(model, cfg.model, folder, opset, layout, precision="fp16")
+        problems = fp16_decoder_problems(half["decoder"])
+        if problems:
+            raise BundleError(f"the fp16 decoder graph is wrong: {'; '.join(problems)}")
+    else:
+        half = export_dense(model, cfg.model, folder, opset, precision="fp16")
+    bad = {name: ops for name, p in half.items() if (ops := unsupported_by_tensorrt(p))}
+    if bad:
+        raise BundleError(f"fp16 graphs use operators TensorRT cannot parse: {bad}")
+    check = variant_parity(graphs, half, cfg.model.patch_size)
+    log(f"fp16 graphs: max logit difference {check['max_abs_logit_diff']:.3f}, argmax {check['argmax_agreement']:.4f}")
+    return {
+        f"{g}_fp16": Variant(p.name, g, "fp16", "gpu, and CPUs with fp16 arithmetic", check, "float16 weights and "
+                             "activations, explicit casts; normalisation, gather and encoding in float32")
+        for g, p in half.items()
+    }  # fmt: skip
 
 
 def _export_graphs(
@@ -203,10 +234,12 @@ def write_bundle(
     int8: bool = True,
     feature_layout: str | Sequence[str] | None = None,
     overlap: float | None = None,
+    fp16: bool = True,
 ) -> Path:
     """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place).
 
-    ``int8`` adds an int8 decoder variant for onnxruntime on CPUs (implicit bundles only).
+    ``int8`` adds an int8 decoder variant for onnxruntime on CPUs (implicit bundles only); ``fp16``
+    adds fp16 twins of every graph (GPUs: TensorRT engines and onnxruntime's GPU providers).
     ``feature_layout`` is how ``encoder.onnx`` hands each level's feature map to ``decoder.onnx``
     (None: the default per level; the runtime reads any). ``overlap`` is written as the bundle's
     default window overlap (the runtime's ``--overlap`` overrides it)."""
@@ -219,10 +252,12 @@ def write_bundle(
         manifest = build_manifest(
             cfg, stats, graphs, {"onnx": parity}, max_points, opset, run_dir, feature_layout, overlap
         )
-        manifest = replace(manifest, tensorrt_ops_checked=True)
+        variants: dict[str, Variant] = {}
         if int8 and cfg.model.kind == "implicit":
-            variant = _int8_variant(graphs, tmp, cfg.model.patch_size, log)
-            manifest = replace(manifest, variants={"decoder_int8": variant})
+            variants.update(_int8_variant(graphs, tmp, cfg.model.patch_size, log))
+        if fp16:
+            variants.update(_fp16_variants(model, cfg, graphs, tmp, opset, feature_layout, log))
+        manifest = replace(manifest, tensorrt_ops_checked=True, variants=variants)
         finalize_manifest(tmp, manifest)
         load_bundle(tmp)  # what we wrote must load
     return out

@@ -101,15 +101,14 @@ def _engines(bundle_dir: Path, precision: str, profile: tuple[int, int, int]) ->
     from imunet.runtime.errors import ImunetError
 
     from .bundle import finalize_manifest
-    from .tensorrt import build_engines, engine_parity
+    from .tensorrt import build_engines, engine_parity, with_engine
 
     bundle = load_bundle(bundle_dir)
     try:
         record = build_engines(bundle, precision, profile)
-        others = tuple(e for e in bundle.manifest.engines if e.dir != record.dir)  # a rebuild replaces its record
-        manifest = finalize_manifest(bundle_dir, replace(bundle.manifest, engines=(*others, record)))
+        manifest = finalize_manifest(bundle_dir, with_engine(bundle.manifest, record))
         record = replace(record, parity=engine_parity(load_bundle(bundle_dir), precision))
-        finalize_manifest(bundle_dir, replace(manifest, engines=(*others, record)))
+        finalize_manifest(bundle_dir, with_engine(manifest, record))
     except (ImunetError, ValueError, OSError) as exc:
         typer.echo(
             f"imunet-export: --trt {precision}: {exc}; the ONNX bundle at {bundle_dir} is complete without engines",

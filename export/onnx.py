@@ -79,25 +79,57 @@ def _export(
     onnx.save(onnx.shape_inference.infer_shapes(model, strict_mode=True), str(path))
 
 
+def fp16_decoder_problems(path: Path) -> list[str]:
+    """What is wrong with an fp16 decoder graph's precision boundary (empty when nothing): every
+    ``Sin`` and ``Cos`` must take float32, and every ``Gather`` must come before the first cast to
+    float16 (graph nodes are in topological order)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    problems = []
+    for node in model.graph.node:
+        if node.op_type in ("Sin", "Cos") and types.get(node.input[0]) != onnx.TensorProto.FLOAT:
+            problems.append(
+                f"{node.op_type} {node.name} takes {onnx.TensorProto.DataType.Name(types.get(node.input[0], 0))}"
+            )
+    order = list(model.graph.node)
+    half = [
+        i
+        for i, n in enumerate(order)
+        if n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)
+    ]
+    gathers = [i for i, n in enumerate(order) if n.op_type == "Gather"]
+    if not half:
+        problems.append("no cast to float16: not an fp16 graph")
+    elif gathers and max(gathers) > min(half):
+        problems.append(f"a Gather (node {max(gathers)}) comes after the first cast to float16 (node {min(half)})")
+    return problems
+
+
+def graph_file(name: str, precision: str) -> str:
+    """``encoder.onnx`` for fp32, ``encoder_fp16.onnx`` for a variant."""
+    return f"{name}.onnx" if precision == "fp32" else f"{name}_{precision}.onnx"
+
+
 def export_implicit(
     model: torch.nn.Module,
     cfg: ModelConfig,
     out_dir: Path,
     opset: int = DEFAULT_OPSET,
     feature_layout: str | Sequence[str] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Path]:
-    """Write ``encoder.onnx`` and ``decoder.onnx`` for an Implicit U-Net; returns their paths."""
+    """Write the encoder and decoder graphs of an Implicit U-Net at ``precision``; returns their paths."""
     model = model.eval().cpu()
     names = feature_names(cfg.levels)
     image = torch.zeros(1, 1, *cfg.patch_size)
-    enc_path, dec_path = out_dir / "encoder.onnx", out_dir / "decoder.onnx"
-    enc = EncoderExport(model, feature_layout)
+    enc_path, dec_path = out_dir / graph_file("encoder", precision), out_dir / graph_file("decoder", precision)
+    enc = EncoderExport(model, feature_layout, precision)
     _export(enc, (image,), enc_path, ["image"], names, {}, opset)
     with torch.no_grad():
         feats = enc(image)
     points = torch.zeros(7, 3, dtype=torch.int32)
     _export(
-        DecoderExport(model, feature_layout),
+        DecoderExport(model, feature_layout, precision),
         (*feats, points),
         dec_path,
         [*names, "points"],
@@ -109,13 +141,12 @@ def export_implicit(
 
 
 def export_dense(
-    model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET
+    model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, opset: int = DEFAULT_OPSET, precision: str = "fp32"
 ) -> dict[str, Path]:
-    """Write ``model.onnx`` for the dense U-Net baseline."""
-    path = out_dir / "model.onnx"
-    _export(
-        DenseExport(model.eval().cpu()), (torch.zeros(1, 1, *cfg.patch_size),), path, ["image"], ["logits"], {}, opset
-    )
+    """Write the dense U-Net baseline's graph at ``precision``."""
+    path = out_dir / graph_file("model", precision)
+    module = DenseExport(model.eval().cpu(), precision)
+    _export(module, (torch.zeros(1, 1, *cfg.patch_size),), path, ["image"], ["logits"], {}, opset)
     return {"model": path}
 
 

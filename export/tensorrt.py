@@ -15,6 +15,7 @@ precisions, ``OBEY_PRECISION_CONSTRAINTS``) is used.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ import numpy as np
 from imunet.runtime.backends.trt import engine_dir_name, gpu_info, import_tensorrt
 from imunet.runtime.bundle import Bundle
 from imunet.runtime.errors import BackendError
-from imunet.runtime.manifest import EngineRecord
+from imunet.runtime.manifest import EngineRecord, Manifest
+
+from .variants import sample_points
 
 ENGINE_PRECISIONS = ("fp16", "fp32")
 
@@ -103,12 +106,9 @@ def build_engines(bundle: Bundle, precision: str, points_profile: tuple[int, int
     return EngineRecord(sub, gpu.name, gpu.compute_capability, trt.__version__, precision, used, points, facts)
 
 
-def corner_points(patch: tuple[int, int, int], count: int, rng: np.random.Generator) -> np.ndarray:
-    """``(count, 3)`` int32 points: the patch's 8 corners (where the encoding's highest frequency
-    peaks), then uniform random ones."""
-    corners = np.array([[z, y, x] for z in (0, patch[0] - 1) for y in (0, patch[1] - 1) for x in (0, patch[2] - 1)])
-    rest = np.stack([rng.integers(0, s, max(count - 8, 0)) for s in patch], 1)
-    return np.concatenate([corners, rest]).astype(np.int32)[:count]
+def with_engine(manifest: Manifest, record: EngineRecord) -> Manifest:
+    """``manifest`` with ``record`` added; a rebuild into the same folder replaces the old record."""
+    return replace(manifest, engines=(*(e for e in manifest.engines if e.dir != record.dir), record))
 
 
 def engine_parity(bundle: Bundle, precision: str, points: int = 8192, seed: int = 0) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def engine_parity(bundle: Bundle, precision: str, points: int = 8192, seed: int 
     patch = rng.normal(size=m.patch_size).astype(np.float32)
     try:
         if m.kind == "implicit":
-            pts = corner_points(m.patch_size, min(points, trt_b.max_points), rng)
+            pts = sample_points(m.patch_size, min(points, trt_b.max_points), rng)
             a = softmax(trt_b.decode(trt_b.encode(patch), pts))
             b = softmax(ort_b.decode(ort_b.encode(patch), pts))
         else:

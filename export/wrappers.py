@@ -3,6 +3,12 @@
 They wrap the training model without changing it: weight normalisation is folded into plain
 weights and dropout disappears in eval mode. The gather, the coordinate normalisation and the
 positional encoding are traced into the decoder graph, so feature maps never leave the device.
+
+``precision="fp16"`` writes the same graphs with float16 weights and activations and explicit
+casts: inputs and outputs stay float32 (an fp16 graph replaces its fp32 twin one for one), the
+normalisation layers compute in float32, and in the decoder the gather, the coordinate arithmetic
+and the positional encoding run in float32 and are cast to float16 only after the encoding (its
+highest frequency reaches arguments of about 1,600, where float16 steps by 1).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from imunet.model.decoder import normalise_coordinates, positional_encoding
 from imunet.model.network import ImplicitUNet
 
 FEATURE_LAYOUTS = ("channels_last", "channels_first")
+PRECISIONS = ("fp32", "fp16")
 
 
 def default_feature_layouts(levels: int) -> tuple[str, ...]:
@@ -74,6 +81,34 @@ def fold_weight_norm(module: nn.Module) -> nn.Module:
     return folded
 
 
+class Fp32Norm(nn.Module):
+    """A normalisation layer computed in float32 inside a half-precision network: its statistics
+    reduce over a whole window (89,600 voxels per channel at 40 x 56 x 40), which float16 can overflow."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).half()
+
+
+def half_precision(module: nn.Module) -> nn.Module:
+    """A float16 copy of ``module`` (eval mode) whose normalisation layers compute in float32."""
+    half = copy.deepcopy(module).eval().half()
+    for parent in list(half.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.instancenorm._InstanceNorm | nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, Fp32Norm(child))
+    return half
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"graph precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 class EncoderExport(nn.Module):
     """``image`` ``(1, 1, Z, Y, X)`` -> ``f0 .. f{L-1}``, one layout per level.
 
@@ -82,18 +117,22 @@ class EncoderExport(nn.Module):
     ``(1, C_b, Z/2^b, Y/2^b, X/2^b)``, where each point costs ``C_b`` scattered reads.
     """
 
-    def __init__(self, model: ImplicitUNet, layouts: str | Sequence[str] | None = None) -> None:
+    def __init__(
+        self, model: ImplicitUNet, layouts: str | Sequence[str] | None = None, precision: str = "fp32"
+    ) -> None:
         super().__init__()
         self.layouts = feature_layouts(layouts, model.cfg.levels)
-        self.encoder = fold_weight_norm(model.encoder)
+        self.half = check_precision(precision) == "fp16"
+        encoder = fold_weight_norm(model.encoder)
+        self.encoder = half_precision(encoder) if self.half else encoder
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = []
-        for f, layout in zip(self.encoder(image), self.layouts):
+        for f, layout in zip(self.encoder(image.half() if self.half else image), self.layouts):
             if layout == "channels_last":  # a 5-D Transpose, then a free Reshape (no batch-index copy)
                 _, c, zs, ys, xs = f.shape
                 f = f.permute(0, 2, 3, 4, 1).reshape(zs, ys, xs, c)
-            out.append(f)
+            out.append(f.float())  # float32 out whatever the precision: the graphs are interchangeable
         return tuple(out)
 
 
@@ -144,11 +183,15 @@ class DecoderExport(nn.Module):
     floor division, which older TensorRT parsers lower through the unsupported ``Mod``.
     """
 
-    def __init__(self, model: ImplicitUNet, layouts: str | Sequence[str] | None = None) -> None:
+    def __init__(
+        self, model: ImplicitUNet, layouts: str | Sequence[str] | None = None, precision: str = "fp32"
+    ) -> None:
         super().__init__()
         self.layouts = feature_layouts(layouts, model.cfg.levels)
         self.cfg = model.cfg
-        self.mlp = SplitReinjectMLP(fold_weight_norm(model.decoder))
+        self.half = check_precision(precision) == "fp16"
+        mlp = SplitReinjectMLP(fold_weight_norm(model.decoder))
+        self.mlp = copy.deepcopy(mlp).half() if self.half else mlp
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         *features, points = inputs
@@ -173,15 +216,19 @@ class DecoderExport(nn.Module):
             else:
                 gathered.append(torch.index_select(f.reshape(c, zs * ys * xs), 1, flat).transpose(0, 1))
         enc = positional_encoding(normalise_coordinates(points, self.cfg.patch_size), self.cfg.pe_frequencies)
-        return self.mlp(torch.cat([*gathered, enc], dim=-1))
+        x = torch.cat([*gathered, enc], dim=-1)  # float32: the gather and the encoding never run in half
+        return self.mlp(x.half()).float() if self.half else self.mlp(x)
 
 
 class DenseExport(nn.Module):
-    """The U-Net baseline: ``image`` ``(1, 1, Z, Y, X)`` -> ``logits`` ``(1, C, Z, Y, X)``."""
+    """The U-Net baseline: ``image`` ``(1, 1, Z, Y, X)`` -> ``logits`` ``(1, C, Z, Y, X)``, float32 in and
+    out at either precision."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
         super().__init__()
-        self.model = fold_weight_norm(model)
+        self.half = check_precision(precision) == "fp16"
+        folded = fold_weight_norm(model)
+        self.model = half_precision(folded) if self.half else folded
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(image)
+        return self.model(image.half()).float() if self.half else self.model(image)

@@ -1,0 +1,99 @@
+"""Graph variants a bundle may carry beside its fp32 graphs, each checked against them.
+
+- **int8 decoder** (onnxruntime dynamic quantisation) for CPUs: the decoder is an MLP and nearly all
+  of its time is matrix products; with int8 weights and activations quantised per call onnxruntime
+  runs integer products (VNNI on recent x86), about 2x faster per point. The encoder stays fp32
+  (convolutions gain little from dynamic quantisation).
+- **fp16 graphs** of every graph, for GPUs (TensorRT builds them as strongly typed networks; the
+  CUDA and TensorRT providers of onnxruntime run them as they are) and for the CPU where it has
+  fp16 arithmetic. They are exported from PyTorch in half precision with explicit casts
+  (:mod:`.wrappers`), with float32 inputs and outputs.
+
+Each variant's parity against the fp32 graphs (both run by onnxruntime on the CPU, on random
+patches and on points that include the patch corners) goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def quantize_decoder(decoder: Path, out: Path) -> Path:
+    """Write ``out``: ``decoder`` with int8 weights for every MatMul/Gemm (per output channel)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it advises pre-processing on the root logger; our graph is already optimised
+    try:
+        quantize_dynamic(
+            str(decoder),
+            str(out),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+        )
+    finally:
+        root.setLevel(level)
+    return out
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def sample_points(patch: tuple[int, int, int], count: int, rng: np.random.Generator) -> np.ndarray:
+    """``(count, 3)`` int32 points: the patch's 8 corners (where the encoding's highest frequency
+    matters most), then uniform random ones."""
+    corners = np.array([[z, y, x] for z in (0, patch[0] - 1) for y in (0, patch[1] - 1) for x in (0, patch[2] - 1)])
+    rest = np.stack([rng.integers(0, s, max(count - 8, 0)) for s in patch], 1)
+    return np.concatenate([corners, rest]).astype(np.int32)[:count]
+
+
+def variant_parity(
+    reference: dict[str, Path],
+    variant: dict[str, Path],
+    patch_size: tuple[int, int, int],
+    trials: int = 2,
+    points: int = 4096,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The variant's graphs (``{graph: path}``; graphs it lacks are the reference's) against the fp32
+    ``reference`` graphs: largest |logit difference|, argmax agreement, largest |feature difference|."""
+    graphs = {g: _session(p) for g, p in reference.items()}
+    other = {g: _session(variant.get(g, p)) for g, p in reference.items()}
+    rng = np.random.default_rng(seed)
+    worst, worst_feat, agree = 0.0, 0.0, []
+    for _ in range(trials):
+        image = rng.normal(size=(1, 1, *patch_size)).astype(np.float32)
+        if "model" in graphs:
+            a, b = (s["model"].run(["logits"], {"image": image})[0][0] for s in (graphs, other))  # (C, Z, Y, X)
+            a, b = a.reshape(a.shape[0], -1).T, b.reshape(b.shape[0], -1).T
+        else:
+            names = [o.name for o in graphs["encoder"].get_outputs()]
+            fa = dict(zip(names, graphs["encoder"].run(names, {"image": image})))
+            fb = dict(zip(names, other["encoder"].run(names, {"image": image})))
+            worst_feat = max(worst_feat, *(float(np.abs(fa[n] - fb[n]).max()) for n in names))
+            pts = sample_points(patch_size, points, rng)
+            a = graphs["decoder"].run(["logits"], {**fa, "points": pts})[0]
+            b = other["decoder"].run(["logits"], {**fb, "points": pts})[0]
+        worst = max(worst, float(np.abs(a - b).max()))
+        agree.append(float((a.argmax(1) == b.argmax(1)).mean()))
+    out = {
+        "max_abs_logit_diff": worst,
+        "argmax_agreement": min(agree),
+        "trials": trials,
+        "inputs": "random normal patches; the patch corners and uniform random points",
+        "reference": "the fp32 graphs, onnxruntime CPU",
+    }
+    if "model" not in graphs:
+        out.update(points=points, max_abs_feature_diff=worst_feat)
+    return out
