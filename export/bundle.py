@@ -17,6 +17,7 @@ from imunet.config import ModelConfig, RunConfig
 from imunet.model import build_model
 from imunet.runtime.atomic import atomic_output, refuse_existing
 from imunet.runtime.bundle import MANIFEST, load_bundle, sha256_file
+from imunet.runtime.domain import Fingerprint
 from imunet.runtime.errors import BundleError
 from imunet.runtime.manifest import DecoderSpec, EncoderSpec, GraphSpec, Manifest, Provenance, Variant
 from imunet.runtime.preprocess import Normalization
@@ -134,6 +135,8 @@ def build_manifest(
         normalization=Normalization.from_dict(stats["normalization"]),
         encoder=EncoderSpec(m.channels, (1,) + (2,) * (m.levels - 1), m.convs_per_block),
         decoder=decoder,
+        orientation=stats.get("orientation"),
+        fingerprint=Fingerprint(**stats["fingerprint"]) if stats.get("fingerprint") else None,
         graphs=graph_specs(m, graphs, layouts),
         opset=opset,
         inference=inference,

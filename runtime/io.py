@@ -19,6 +19,10 @@ import SimpleITK as sitk
 from .atomic import atomic_output
 from .errors import InputError, OutputError
 
+sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's and GDCM's warnings never reach the user raw
+
+MODALITY_TAG = "0008|0060"
+
 #: File endings the runtime reads and writes as single files.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Those written as one file (a detached header and its data cannot be renamed into place together).
@@ -76,7 +80,23 @@ def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
         raise InputError(f"{directory}: no DICOM series {series!r}; present: {', '.join(found)}")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(found[series])
-    return reader.Execute()
+    image = reader.Execute()
+    modality = dicom_tag(found[series][0], MODALITY_TAG)
+    if modality:
+        image.SetMetaData(MODALITY_TAG, modality)  # the domain check compares it with the model's
+    return image
+
+
+def dicom_tag(path: str, tag: str) -> str | None:
+    """One tag (``gggg|eeee``) of a DICOM file's header, stripped, or None."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else None
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:

@@ -12,6 +12,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from .domain import Fingerprint
+from .orientation import check_code
 from .preprocess import Normalization
 from .settings import InferenceSettings
 
@@ -111,6 +113,9 @@ class Manifest:
     provenance: Provenance
     parity: dict[str, Any]
     decoder: DecoderSpec | None = None
+    orientation: str | None = None  # the training data's axis order and directions (absent: none applied)
+    fingerprint: Fingerprint | None = None  # what the model is for (absent: no domain checks)
+    mirror_axes: tuple[int, ...] = (0, 1, 2)  # array axes the training flipped (test-time mirroring uses them)
     opset: int = 17
     variants: dict[str, Variant] = field(default_factory=dict)
     engines: tuple[EngineRecord, ...] = ()
@@ -135,6 +140,10 @@ class Manifest:
         for name, v in self.variants.items():
             if v.replaces not in self.graphs:
                 raise ValueError(f"variant {name} replaces {v.replaces!r}, which is not a graph of the bundle")
+        if self.orientation is not None:
+            check_code(self.orientation)
+        if any(a not in (0, 1, 2) for a in self.mirror_axes):
+            raise ValueError(f"mirror_axes must be array axes 0, 1, 2, got {self.mirror_axes}")
         bad = [x for x in self.feature_layout if x not in FEATURE_LAYOUTS]
         if bad or len(self.feature_layout) != len(self.feature_names):
             raise ValueError(f"decoder.feature_layout {self.feature_layout} does not fit {self.feature_names}")
@@ -160,6 +169,12 @@ class Manifest:
     @property
     def max_points(self) -> int:
         return self.decoder.max_points if self.decoder else 0
+
+    def describe(self) -> str:
+        """What the model is for, in a few words (the run header's line)."""
+        if self.fingerprint is None:
+            return f"{self.provenance.dataset} {self.modality}".strip()
+        return self.fingerprint.describe(self.provenance.dataset)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``None`` fields are left out)."""

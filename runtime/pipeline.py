@@ -2,14 +2,16 @@
 
     from imunet.runtime import Segmenter
     seg = Segmenter("hippocampus.imunet", backend="auto")
-    labels = seg.predict(SimpleITK.ReadImage("scan.nii.gz"))
+    labels = seg.predict("scan.nii.gz")          # or a SimpleITK image
 
-Steps: resample to the bundle's spacing -> normalise -> sliding-window inference -> resample the
-label map back (nearest) onto the input grid.
+Steps: check the scan against the model's domain -> reorient to the training orientation ->
+resample to the bundle's spacing -> normalise -> inference -> back onto the reoriented scan's grid
+-> reorient back -> the input's exact size, origin, spacing and direction.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -20,15 +22,19 @@ import SimpleITK as sitk
 
 from .backends import Backend, open_backend
 from .bundle import Bundle, default_bundle_path, load_bundle
+from .domain import dicom_modality, domain_warnings, summarise
 from .errors import BundleError, InputError
-from .inference import predict_labels
-from .io import Geometry, as_3d_scalar, from_array
+from .inference import predict_labels, predict_probabilities
+from .io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_image
+from .mirroring import MirroredBackend
+from .orientation import orientation_code, reorient
 from .parallel import CPU_BACKENDS, default_workers, threads_per_worker
 from .preprocess import normalize, resample_label_like, resample_to_spacing
 from .settings import InferenceSettings
 from .windows import window_slices
 
 BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy share, labels
+BACK_TO_GRID = os.environ.get("IMUNET_BACK_TO_GRID", "labels")  # measured in tools/bench_resampling.py
 
 
 def resolve_settings(defaults: InferenceSettings, kind: str, **overrides: object) -> InferenceSettings:
@@ -46,12 +52,13 @@ class Segmenter:
     """Segments scans with one bundle on one backend; reuse it for many scans.
 
     ``bundle``: a bundle folder (None: the model shipped with the package). ``mode``, ``overlap``,
-    ``stride`` and the other :class:`InferenceSettings` fields given by keyword override the
-    bundle's inference defaults. ``precision``: ``auto``, ``fp32``, ``fp16`` or ``int8``
-    (:func:`.backends.precision.graph_precisions`). ``max_memory_gb`` refuses scans whose
-    estimated working memory exceeds it before any work. ``workers``: windows computed at once,
-    each on its own thread (None: two on a CPU backend with two or more cores; GPUs run one); the
-    labels do not depend on it.
+    ``stride``, ``tta`` and the other :class:`InferenceSettings` fields given by keyword override
+    the bundle's inference defaults. ``precision``: ``auto``, ``fp32``, ``fp16`` or ``int8``
+    (:func:`.backends.precision.graph_precisions`). ``max_memory_gb`` refuses scans whose estimated
+    working memory exceeds it before any work. ``workers``: windows computed at once, each on its
+    own thread (None: two on a CPU backend with two or more cores; GPUs run one); the labels do not
+    depend on it. ``trusted_keys``: a folder of public keys; the bundle must be signed by one.
+    ``allow_modality``: run a DICOM scan whose modality is not the model's (refused otherwise).
     """
 
     def __init__(
@@ -65,24 +72,43 @@ class Segmenter:
         verify: bool = True,
         precision: str = "auto",
         workers: int | None = None,
+        trusted_keys: str | Path | None = None,
+        allow_modality: bool = False,
+        tta: bool | None = None,
         **inference: object,
     ) -> None:
         if bundle is None:
             bundle = default_bundle_path()
             if bundle is None:
                 raise BundleError("no --model given and this installation ships no default bundle")
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
+        if isinstance(bundle, Bundle):
+            if trusted_keys is not None:
+                raise BundleError("pass the bundle's folder, not a loaded Bundle, to check it against trusted keys")
+            self.bundle = bundle
+        else:
+            self.bundle = load_bundle(bundle, verify=verify, trusted_keys=trusted_keys)
         m = self.bundle.manifest
-        self.settings = resolve_settings(m.inference, m.kind, mode=mode, overlap=overlap, stride=stride, **inference)
-        self.max_memory_gb = max_memory_gb
+        self.settings = resolve_settings(
+            m.inference, m.kind, mode=mode, overlap=overlap, stride=stride, tta=tta, **inference
+        )
+        self.max_memory_gb, self.allow_modality = max_memory_gb, allow_modality
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         cpu_workers = workers if workers is not None else default_workers("ort-cpu")
-        self.backend = open_backend(self.bundle, backend, precision, cpu_threads=threads_per_worker(cpu_workers))
-        self.workers = cpu_workers if self.backend.name in CPU_BACKENDS else 1
         self._precision = precision
+        self.backend = self._open(backend, threads_per_worker(cpu_workers))
+        self.workers = cpu_workers if self.backend.name in CPU_BACKENDS else 1
         self._one_window_backend: Backend | None = None  # all cores on one window; opened when first needed
         self.last_stats: dict = {}
+
+    def _open(self, kind: str, threads: int = 0) -> Backend:
+        backend = open_backend(self.bundle, kind, self._precision, cpu_threads=threads)
+        if self.settings.tta:
+            m = self.bundle.manifest
+            wrapped = MirroredBackend(backend, m.mirror_axes, m.patch_size)
+            wrapped.skipped = getattr(backend, "skipped", [])  # type: ignore[attr-defined]
+            return wrapped  # type: ignore[return-value]
+        return backend
 
     def _backend_for(self, shape: tuple[int, ...]) -> tuple[Backend, int]:
         """The backend and worker count for a volume of ``shape``: a volume of one window runs it on one
@@ -94,7 +120,7 @@ class Segmenter:
         if len(window_slices(padded, patch, self.settings.overlap)) > 1:
             return self.backend, self.workers
         if self._one_window_backend is None:
-            self._one_window_backend = open_backend(self.bundle, self.backend.name, self._precision)
+            self._one_window_backend = self._open(self.backend.name)
         return self._one_window_backend, 1
 
     @property
@@ -104,57 +130,95 @@ class Segmenter:
     def estimate_memory_gb(self, image: sitk.Image) -> float:
         """Working memory of one scan: resampled volume and per-class accumulators, in GiB."""
         m = self.bundle.manifest
-        sizes = zip(image.GetSize(), image.GetSpacing(), m.spacing, m.patch_size[::-1])
-        voxels = float(np.prod([max(n * s / t, p) for n, s, t, p in sizes]))
+        resampled = np.prod([n * s for n, s in zip(image.GetSize(), image.GetSpacing())]) / np.prod(m.spacing)
+        voxels = float(max(resampled, np.prod(m.patch_size)))  # the axis order does not change the count
         per_voxel = BYTES_PER_VOXEL_BASE + 3 * 4 * m.num_classes  # accumulators, normalised and smoothed maps
         return (voxels * per_voxel + float(np.prod(image.GetSize())) * 8) / 2**30
 
-    def predict(self, image: sitk.Image, progress: Callable[[int, int], None] | None = None) -> sitk.Image:
-        """Label map (uint8) of a 3D ``image`` on exactly its grid: size, origin, spacing, direction."""
-        image = as_3d_scalar(image, "image")
+    def check_modality(self, image: sitk.Image) -> None:
+        """Refuse a DICOM scan whose modality is not the model's (unless ``allow_modality``)."""
+        m = self.bundle.manifest
+        have = image.GetMetaData(MODALITY_TAG).strip().upper() if image.HasMetaDataKey(MODALITY_TAG) else None
+        want = dicom_modality(m.fingerprint.modality if m.fingerprint else m.modality)
+        if have and want and have != want and not self.allow_modality:
+            raise InputError(
+                f"the scan is {have} but the model is for {want} ({m.describe()}); "
+                "pass --allow-modality to run it anyway"
+            )
+
+    def predict(
+        self, image: sitk.Image | str | os.PathLike, progress: Callable[[int, int], None] | None = None
+    ) -> sitk.Image:
+        """Label map (uint8) of a 3D scan (a SimpleITK image, or a path that :func:`.io.read_image`
+        reads) on exactly its grid: size, origin, spacing, direction."""
+        image = read_image(image) if isinstance(image, str | os.PathLike) else as_3d_scalar(image, "image")
         if self.max_memory_gb is not None:
             need = self.estimate_memory_gb(image)
             if need > self.max_memory_gb:
                 raise InputError(
                     f"needs about {need:.1f} GiB of working memory, over --max-memory {self.max_memory_gb:g} GiB"
                 )
+        self.check_modality(image)
         m = self.bundle.manifest
         t0 = time.perf_counter()
-        resampled = resample_to_spacing(image, m.spacing)
+        oriented = reorient(image, m.orientation) if m.orientation else image
+        warnings = domain_warnings(m.fingerprint, summarise(oriented, m.normalization)) if m.fingerprint else []
+        resampled = resample_to_spacing(oriented, m.spacing)
         volume = normalize(sitk.GetArrayViewFromImage(resampled), m.normalization)
         t1 = time.perf_counter()
-        backend, workers = self._backend_for(volume.shape)
-        labels, stats = predict_labels(
-            volume, backend, m.patch_size, self.settings, m.kind == "unet", progress, workers
-        )
-        del volume
+        labels, stats = self._infer(volume, resampled, oriented, progress)
         t2 = time.perf_counter()
-        out = from_array(labels, Geometry.of(resampled))
-        if out.GetSize() != image.GetSize() or resampled is not image:
-            out = resample_label_like(out, image)
-        out = sitk.Cast(out, sitk.sitkUInt8)
-        out.CopyInformation(image)
+        if oriented is not image:
+            labels = reorient(labels, orientation_code(image))
+        labels.CopyInformation(image)
         t3 = time.perf_counter()
+        self.last_stats = self._stats(image, labels, stats, warnings, (t0, t1, t2, t3))
+        return labels
+
+    def _infer(
+        self, volume: np.ndarray, resampled: sitk.Image, grid: sitk.Image, progress: Callable[[int, int], None] | None
+    ) -> tuple[sitk.Image, dict]:
+        """Labels on ``grid`` (the reoriented scan) from the normalised ``volume`` on ``resampled``."""
+        m = self.bundle.manifest
+        backend, workers = self._backend_for(volume.shape)
+        args = (backend, m.patch_size, self.settings, m.kind == "unet", progress, workers)
+        if resampled is grid or BACK_TO_GRID == "labels":
+            labels, stats = predict_labels(volume, *args)
+            out = from_array(labels, Geometry.of(resampled))
+            if resampled is not grid:
+                out = resample_label_like(out, grid)
+            return sitk.Cast(out, sitk.sitkUInt8), stats.as_dict()
+        probs, stats = predict_probabilities(volume, *args)
+        return probabilities_to_labels(probs, resampled, grid), stats.as_dict()
+
+    def _stats(self, image: sitk.Image, labels: sitk.Image, stats: dict, warnings: list[str], t: tuple) -> dict:
+        m = self.bundle.manifest
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        counts = np.bincount(sitk.GetArrayViewFromImage(out).ravel(), minlength=m.num_classes)
-        self.last_stats = {
-            **stats.as_dict(),
-            "preprocess_s": round(t1 - t0, 4),
-            "resample_back_s": round(t3 - t2, 4),
+        counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=m.num_classes)
+        return {
+            **stats,
+            "preprocess_s": round(t[1] - t[0], 4),
+            "inference_s": round(t[2] - t[1], 4),
+            "resample_back_s": round(t[3] - t[2], 4),
             "backend": self.backend.name,
             "precision": getattr(self.backend, "precision", "fp32"),
             "mode": self.settings.mode if m.kind == "implicit" else "dense-model",
+            "tta": self.settings.tta,
             "volumes_ml": {m.labels[k]: round(float(counts[k]) * voxel_ml, 3) for k in range(1, m.num_classes)},
+            "warnings": warnings,
         }
-        return out
 
     def predict_array(self, array: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
-        """Label map ``(Z, Y, X)`` uint8 of a ``(Z, Y, X)`` intensity array with ``spacing_zyx`` in mm."""
+        """Label map ``(Z, Y, X)`` uint8 of a ``(Z, Y, X)`` intensity array with ``spacing_zyx`` in mm
+        (required: a wrong spacing gives wrong labels, silently). Identity direction, origin 0."""
         arr = np.asarray(array)
         if arr.ndim != 3:
             raise InputError(f"array must be 3D (Z, Y, X), got shape {arr.shape}")
+        spacing = tuple(float(s) for s in spacing_zyx)
+        if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+            raise InputError(f"spacing_zyx must be three positive numbers in mm, got {spacing_zyx!r}")
         image = sitk.GetImageFromArray(arr.astype(np.float32, copy=False))
-        image.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
+        image.SetSpacing(spacing[::-1])
         return sitk.GetArrayFromImage(self.predict(image))
 
     def close(self) -> None:
@@ -167,3 +231,21 @@ class Segmenter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def probabilities_to_labels(probs: np.ndarray, source: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """Labels on ``grid`` from class probabilities ``(C, Z, Y, X)`` on ``source``'s grid: each class
+    map resampled linearly, then the argmax."""
+    best = winner = None
+    for c in range(probs.shape[0]):
+        img = from_array(np.ascontiguousarray(probs[c]), Geometry.of(source))
+        p = sitk.GetArrayFromImage(sitk.Resample(img, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+        if best is None:
+            best, winner = p, np.zeros(p.shape, np.uint8)
+        else:
+            better = p > best
+            winner[better] = c
+            np.maximum(best, p, out=best)
+    out = sitk.GetImageFromArray(winner)
+    out.CopyInformation(grid)
+    return out

@@ -24,6 +24,7 @@ from harness import case_names, machine
 from imunet.runtime import Segmenter
 from imunet.runtime.io import image_suffix, read_image
 from imunet.runtime.metrics import dice, hd95
+from imunet.runtime.preprocess import resample_to_spacing
 
 
 def pair_cases(images: Path, labels: Path, only: set[str] | None = None) -> list[tuple[str, Path, Path]]:
@@ -48,16 +49,21 @@ def evaluate(
     only: set[str] | None = None,
     precision: str = "auto",
     settings: dict | None = None,
+    orientation: str | None = None,
+    spacing: tuple[float, float, float] | None = None,
 ) -> dict:
+    """Dice and HD95 per label and case. ``orientation`` stores every scan (and its labels) in that
+    axis order first (SimpleITK's ``DICOMOrient``: the same voxels, permuted and flipped, with a
+    direction matrix that keeps them in place); ``spacing`` (x, y, z mm) resamples both first."""
     seg = Segmenter(model, backend=backend, mode=mode, precision=precision, **(settings or {}))
     names = seg.bundle.manifest.labels
     per_case, seconds = {}, []
     for case, img_path, lbl_path in pair_cases(images, labels, only):
-        image = read_image(img_path)
+        image, label = stored_as(read_image(img_path), read_image(lbl_path), orientation, spacing)
         t = time.perf_counter()
         pred = sitk.GetArrayFromImage(seg.predict(image))
         seconds.append(time.perf_counter() - t)
-        ref = sitk.GetArrayFromImage(read_image(lbl_path)).astype(np.int64)
+        ref = sitk.GetArrayFromImage(label).astype(np.int64)
         spacing_zyx = image.GetSpacing()[::-1]
         per_case[case] = {
             names[k]: {"dice": dice(pred, ref, k), "hd95": hd95(pred, ref, k, spacing_zyx)}
@@ -79,6 +85,7 @@ def evaluate(
     mode_used = seg.settings.mode if seg.bundle.manifest.kind == "implicit" else "dense-model"
     return {
         "model": str(model),
+        "stored_as": {"orientation": orientation, "spacing": spacing},
         "backend": seg.backend_name,
         "mode": mode_used,
         "precision": getattr(seg.backend, "precision", "fp32"),
@@ -88,6 +95,33 @@ def evaluate(
         "labels": summary,
         "per_case": per_case,
     }
+
+
+def stored_as(
+    image: sitk.Image, label: sitk.Image, orientation: str | None, spacing: tuple[float, float, float] | None
+) -> tuple[sitk.Image, sitk.Image]:
+    """The scan and its labels as another acquisition would store them: reoriented, resampled."""
+    if orientation:
+        image, label = sitk.DICOMOrient(image, orientation), sitk.DICOMOrient(label, orientation)
+    if spacing:
+        resampled = resample_to_spacing(image, spacing)
+        label = partial_volume_labels(label, resampled)
+        image = resampled
+    return image, label
+
+
+def partial_volume_labels(label: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """``label`` on ``grid`` as the argmax of each class's mask resampled linearly: the class that
+    covers most of each new voxel (a nearest-neighbour copy would favour nearest-neighbour outputs)."""
+    arr = sitk.GetArrayFromImage(label)
+    maps = []
+    for c in range(int(arr.max()) + 1):
+        mask = sitk.GetImageFromArray((arr == c).astype(np.float32))
+        mask.CopyInformation(label)
+        maps.append(sitk.GetArrayFromImage(sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkLinear, float(c == 0))))
+    out = sitk.GetImageFromArray(np.argmax(np.stack(maps), 0).astype(np.uint8))
+    out.CopyInformation(grid)
+    return out
 
 
 def _setting(text: str) -> object:
@@ -110,11 +144,15 @@ def main() -> None:
     ap.add_argument(
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="inference settings, e.g. stride=8 smoothing=1"
     )
+    ap.add_argument("--orientation", default=None, help="store every scan in this axis order first, e.g. PIL")
+    ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="resample first")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     settings = {k: _setting(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     only = set(case_names(a.cases)) if a.cases else None
-    res = evaluate(a.model, a.images, a.labels, a.backend, a.mode, only, a.precision, settings)
+    res = evaluate(
+        a.model, a.images, a.labels, a.backend, a.mode, only, a.precision, settings, a.orientation, a.spacing
+    )
     print(
         f"{res['model']}: {res['cases']} cases, backend {res['backend']}, mode {res['mode']} ({res['precision']}) "
         f"{' '.join(a.set)}, "

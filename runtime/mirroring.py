@@ -1,0 +1,63 @@
+"""Test-time mirroring (``tta``): a backend whose answers are the class probabilities averaged over
+the window and its mirror images along the axes the training flipped (nnU-Net's default).
+
+Every mode works unchanged on top of it: each window is encoded once per flip, a point is decoded
+in every flipped window at its mirrored position, and the averaged probabilities drive the mesh,
+the band or the coarse-to-fine refinement as a single model's would. The backend returns their
+logarithm, so the loop's softmax gives the average back exactly.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Backend
+
+TINY = np.float32(1e-30)
+
+
+def flips(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every subset of ``axes``, the identity first: 8 for three axes."""
+    return [c for r in range(len(axes) + 1) for c in combinations(sorted(axes), r)]
+
+
+def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:
+    z = logits.astype(np.float32) - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class MirroredBackend:
+    """Wraps ``backend`` for windows of ``patch_size``; ``axes`` are array axes ``(z, y, x) = (0, 1, 2)``."""
+
+    def __init__(self, backend: Backend, axes: tuple[int, ...], patch_size: tuple[int, int, int]) -> None:
+        self.backend, self.flips, self.patch = backend, flips(axes), np.asarray(patch_size)
+        self.name, self.max_points = backend.name, backend.max_points
+        self.precision = getattr(backend, "precision", "fp32")
+
+    def encode(self, patch: np.ndarray) -> list[Any]:
+        return [self.backend.encode(np.ascontiguousarray(np.flip(patch, f)) if f else patch) for f in self.flips]
+
+    def decode(self, features: list[Any], points: np.ndarray) -> np.ndarray:
+        total = np.zeros((len(points), 0), np.float32)
+        for f, feats in zip(self.flips, features):
+            pts = points.copy()
+            for a in f:
+                pts[:, a] = self.patch[a] - 1 - pts[:, a]
+            probs = _softmax(self.backend.decode(feats, pts), axis=1)
+            total = probs if total.size == 0 else total + probs
+        return np.log(total / len(self.flips) + TINY)
+
+    def predict_dense(self, patch: np.ndarray) -> np.ndarray:
+        total = None
+        for f in self.flips:
+            logits = self.backend.predict_dense(np.ascontiguousarray(np.flip(patch, f)) if f else patch)
+            probs = _softmax(np.flip(logits, tuple(a + 1 for a in f)) if f else logits, axis=0)
+            total = probs if total is None else total + probs
+        return np.log(total / len(self.flips) + TINY)  # type: ignore[operator]
+
+    def close(self) -> None:
+        self.backend.close()
