@@ -34,7 +34,6 @@ from .settings import InferenceSettings
 from .windows import window_slices
 
 BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy share, labels
-BACK_TO_GRID = os.environ.get("IMUNET_BACK_TO_GRID", "labels")  # measured in tools/bench_resampling.py
 
 
 def resolve_settings(defaults: InferenceSettings, kind: str, **overrides: object) -> InferenceSettings:
@@ -151,6 +150,20 @@ class Segmenter:
     ) -> sitk.Image:
         """Label map (uint8) of a 3D scan (a SimpleITK image, or a path that :func:`.io.read_image`
         reads) on exactly its grid: size, origin, spacing, direction."""
+        return self._run(image, progress, False)[0]
+
+    def predict_with_probabilities(
+        self, image: sitk.Image | str | os.PathLike, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[sitk.Image, np.ndarray]:
+        """The label map, and the class probabilities ``(C, Z, Y, X)`` float32 on the scan's grid
+        (resampled linearly where the spacing differs). Holds every class map in memory."""
+        labels, probs = self._run(image, progress, True)
+        return labels, probs  # type: ignore[return-value]
+
+    def _run(
+        self, image: sitk.Image | str | os.PathLike, progress: Callable[[int, int], None] | None, with_probs: bool
+    ) -> tuple[sitk.Image, np.ndarray | None]:
+        t_read = time.perf_counter()
         image = read_image(image) if isinstance(image, str | os.PathLike) else as_3d_scalar(image, "image")
         if self.max_memory_gb is not None:
             need = self.estimate_memory_gb(image)
@@ -166,30 +179,43 @@ class Segmenter:
         resampled = resample_to_spacing(oriented, m.spacing)
         volume = normalize(sitk.GetArrayViewFromImage(resampled), m.normalization)
         t1 = time.perf_counter()
-        labels, stats = self._infer(volume, resampled, oriented, progress)
+        labels, stats, probs = self._infer(volume, resampled, oriented, progress, with_probs)
         t2 = time.perf_counter()
         if oriented is not image:
-            labels = reorient(labels, orientation_code(image))
+            code = orientation_code(image)
+            labels = reorient(labels, code)
+            probs = [reorient(p, code) for p in probs] if probs is not None else None
         labels.CopyInformation(image)
+        arrays = np.stack([sitk.GetArrayViewFromImage(p) for p in probs]) if probs is not None else None
         t3 = time.perf_counter()
-        self.last_stats = self._stats(image, labels, stats, warnings, (t0, t1, t2, t3))
-        return labels
+        self.last_stats = self._stats(image, labels, stats, warnings, (t_read, t0, t1, t2, t3))
+        return labels, arrays
 
     def _infer(
-        self, volume: np.ndarray, resampled: sitk.Image, grid: sitk.Image, progress: Callable[[int, int], None] | None
-    ) -> tuple[sitk.Image, dict]:
-        """Labels on ``grid`` (the reoriented scan) from the normalised ``volume`` on ``resampled``."""
+        self,
+        volume: np.ndarray,
+        resampled: sitk.Image,
+        grid: sitk.Image,
+        progress: Callable[[int, int], None] | None,
+        with_probs: bool,
+    ) -> tuple[sitk.Image, dict, list[sitk.Image] | None]:
+        """Labels on ``grid`` (the reoriented scan) from the normalised ``volume`` on ``resampled``: the
+        label map goes back by nearest neighbour (resampling class probabilities linearly measured no
+        better: docs/DESIGN-NOTES.md); with ``with_probs`` also each class's probabilities (linear)."""
         m = self.bundle.manifest
         backend, workers = self._backend_for(volume.shape)
-        args = (backend, m.patch_size, self.settings, m.kind == "unet", progress, workers)
-        if resampled is grid or BACK_TO_GRID == "labels":
-            labels, stats = predict_labels(volume, *args)
-            out = from_array(labels, Geometry.of(resampled))
-            if resampled is not grid:
-                out = resample_label_like(out, grid)
-            return sitk.Cast(out, sitk.sitkUInt8), stats.as_dict()
-        probs, stats = predict_probabilities(volume, *args)
-        return probabilities_to_labels(probs, resampled, grid), stats.as_dict()
+        args = (volume, backend, m.patch_size, self.settings, m.kind == "unet", progress, workers)
+        probs = None
+        if with_probs:
+            maps, stats = predict_probabilities(*args)
+            labels = maps.argmax(0).astype(np.uint8)  # smoothed probabilities: the labels predict_labels gives
+            probs = [class_map_on(maps[c], resampled, grid) for c in range(maps.shape[0])]
+        else:
+            labels, stats = predict_labels(*args)
+        out = from_array(labels, Geometry.of(resampled))
+        if resampled is not grid:
+            out = resample_label_like(out, grid)
+        return sitk.Cast(out, sitk.sitkUInt8), stats.as_dict(), probs
 
     def _stats(self, image: sitk.Image, labels: sitk.Image, stats: dict, warnings: list[str], t: tuple) -> dict:
         m = self.bundle.manifest
@@ -197,9 +223,11 @@ class Segmenter:
         counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=m.num_classes)
         return {
             **stats,
-            "preprocess_s": round(t[1] - t[0], 4),
-            "inference_s": round(t[2] - t[1], 4),
-            "resample_back_s": round(t[3] - t[2], 4),
+            "read_s": round(t[1] - t[0], 4),
+            "preprocess_s": round(t[2] - t[1], 4),
+            "inference_s": round(t[3] - t[2], 4),
+            "resample_back_s": round(t[4] - t[3], 4),
+            "total_s": round(t[4] - t[0], 4),
             "backend": self.backend.name,
             "precision": getattr(self.backend, "precision", "fp32"),
             "mode": self.settings.mode if m.kind == "implicit" else "dense-model",
@@ -233,19 +261,9 @@ class Segmenter:
         self.close()
 
 
-def probabilities_to_labels(probs: np.ndarray, source: sitk.Image, grid: sitk.Image) -> sitk.Image:
-    """Labels on ``grid`` from class probabilities ``(C, Z, Y, X)`` on ``source``'s grid: each class
-    map resampled linearly, then the argmax."""
-    best = winner = None
-    for c in range(probs.shape[0]):
-        img = from_array(np.ascontiguousarray(probs[c]), Geometry.of(source))
-        p = sitk.GetArrayFromImage(sitk.Resample(img, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-        if best is None:
-            best, winner = p, np.zeros(p.shape, np.uint8)
-        else:
-            better = p > best
-            winner[better] = c
-            np.maximum(best, p, out=best)
-    out = sitk.GetImageFromArray(winner)
-    out.CopyInformation(grid)
-    return out
+def class_map_on(values: np.ndarray, source: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """One class's probabilities ``(Z, Y, X)`` on ``source``'s grid, resampled linearly onto ``grid``."""
+    img = from_array(np.ascontiguousarray(values, dtype=np.float32), Geometry.of(source))
+    if source is grid:
+        return img
+    return sitk.Resample(img, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
