@@ -10,146 +10,20 @@ from typing import Optional
 
 import typer
 
+from .batch import Job, collect_inputs, plan
 from .errors import ImunetError, InputError
 from .io import WRITABLE_SUFFIXES, image_suffix
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+BUNDLE_DEFAULT = "Default: the bundle's."
 
 
-def collect_inputs(inputs: list[Path]) -> list[Path]:
-    """Expand folders into their image files; a folder without image files is a DICOM series."""
-    found: list[Path] = []
-    for p in inputs:
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and image_suffix(f) and not f.name.startswith("."))
-            found.extend(files if files else [p])
-        else:
-            found.append(p)
-    return found
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
 
-
-def output_path(scan: Path, out: Path | None, many: bool, fmt: str) -> Path:
-    """Where the label map of ``scan`` goes: ``--out`` itself for one scan and a file name, else a folder."""
-    if out is not None and not many and image_suffix(out):
-        return out
-    folder = out if out is not None else Path.cwd()
-    stem = scan.name[: -len(image_suffix(scan))] if image_suffix(scan) else scan.name
-    return folder / f"{stem}_seg{fmt}"
-
-
-def _stage(timings: dict, key: str, t0: float) -> float:
-    t = time.perf_counter()
-    timings[key] = round(t - t0, 4)
-    return t
-
-
-@app.command(help="Segment INPUT scans (NIfTI, NRRD, MHA files, folders of them, or DICOM series directories).")
-def run(
-    inputs: list[Path] = typer.Argument(..., help="Scans, folders or DICOM directories."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Bundle directory (default: the shipped model)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (one scan) or folder (default: .)."),
-    backend: str = typer.Option("auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt"),
-    precision: str = typer.Option("auto", help="Decoder on onnxruntime: auto (int8 on CPU if shipped) | fp32 | int8."),
-    mode: Optional[str] = typer.Option(None, help="adaptive | sparse | dense (implicit bundles only)."),
-    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap in [0, 1)."),
-    stride: Optional[int] = typer.Option(None, help="Broad-mesh stride in voxels."),
-    stats: Optional[Path] = typer.Option(None, "--stats", help="Write per-scan timings and label volumes as JSON."),
-    preview: Optional[Path] = typer.Option(None, "--preview", help="PNG of the segmentation over three slices."),
-    fmt: str = typer.Option(".nii.gz", "--format", help="Output format for folders: .nii.gz | .nrrd | .mha"),
-    overwrite: bool = typer.Option(False, help="Replace existing output files."),
-    series: Optional[str] = typer.Option(None, help="DICOM series instance UID, when a folder holds several."),
-    channel: Optional[int] = typer.Option(None, help="Volume index of a 4D input."),
-    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Refuse scans needing more GiB than this."),
-    workers: Optional[int] = typer.Option(
-        None, help="Windows computed at once on the CPU backend (default: 2 with 2+ cores; GPUs run 1)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the summary."),
-) -> None:
-    from .io import read_image, write_image_atomic
-    from .pipeline import Segmenter
-
-    if fmt not in WRITABLE_SUFFIXES:
-        _fail(f"--format must be one of .nii.gz, .nii, .nrrd, .mha; got {fmt!r}")
-    scans = collect_inputs(inputs)
-    many = len(scans) > 1
-    if many and out is not None and image_suffix(out):
-        _fail(f"--out {out} names a file but {len(scans)} scans were given; pass a folder")
-    try:
-        seg = Segmenter(
-            model,
-            backend=backend,
-            mode=mode,
-            overlap=overlap,
-            stride=stride,
-            max_memory_gb=max_memory,
-            precision=precision,
-            workers=workers,
-        )
-    except (ImunetError, ValueError) as exc:
-        _fail(str(exc))
-    if not quiet:
-        m = seg.bundle.manifest
-        typer.echo(
-            f"model {seg.bundle.path.name} ({m.kind}, labels {', '.join(list(m.labels.values())[1:])}); "
-            f"backend {seg.backend_name}"
-            f"{' (int8 decoder)' if getattr(seg.backend, 'precision', '') == 'int8' else ''}; "
-            f"mode {seg.settings.mode if m.kind == 'implicit' else 'dense-model'}; "
-            f"{seg.workers} window{'s' if seg.workers > 1 else ''} at a time"
-        )
-    report, failed = [], []
-    for i, scan in enumerate(scans):
-        timings: dict = {}
-        t = time.perf_counter()
-        try:
-            dest = output_path(scan, out, many, fmt)
-            if dest.resolve() == scan.resolve():
-                raise InputError(f"{scan}: output path equals the input; choose another --out")
-            if dest.exists() and not overwrite:
-                raise InputError(f"{dest}: exists; pass --overwrite to replace it")
-            image = read_image(scan, series=series, channel=channel)
-            t = _stage(timings, "read_s", t)
-            label = _predict(seg, image, scan, quiet)
-            t = _stage(timings, "inference_s", t)
-            write_image_atomic(label, dest, overwrite=overwrite)
-            t = _stage(timings, "write_s", t)
-            if preview is not None:
-                from .preview import write_preview
-
-                ppath = preview if not many else preview.with_name(f"{dest.name.split('.')[0]}_{preview.name}")
-                write_preview(image, label, ppath)
-        except Exception as exc:  # one scan's failure must never stop the batch or print a traceback
-            known = isinstance(exc, (ImunetError, ValueError, OSError))
-            text = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
-            if isinstance(exc, MemoryError):
-                text = "out of memory; try --max-memory to refuse such scans up front"
-            msg = text if str(scan) in text else f"{scan}: {text}"
-            typer.echo(f"FAILED {msg}", err=True)
-            failed.append(str(scan))
-            report.append({"input": str(scan), "ok": False, "error": msg})
-            continue
-        entry = {"input": str(scan), "output": str(dest), "ok": True, **timings, **seg.last_stats}
-        report.append(entry)
-        vols = ", ".join(f"{k} {v:.2f} ml" for k, v in seg.last_stats["volumes_ml"].items())
-        typer.echo(f"[{i + 1}/{len(scans)}] {scan.name} -> {dest}  {sum(timings.values()):.2f} s  ({vols})")
-    if stats is not None:
-        stats.parent.mkdir(parents=True, exist_ok=True)
-        stats.write_text(json.dumps({"backend": seg.backend_name, "scans": report}, indent=2) + "\n")
-    seg.close()
-    if failed:
-        typer.echo(f"{len(scans) - len(failed)} of {len(scans)} scans segmented; failed: {', '.join(failed)}", err=True)
-        raise typer.Exit(1)
-    if many and not quiet:
-        typer.echo(f"{len(scans)} of {len(scans)} scans segmented")
-
-
-def _predict(seg, image, scan: Path, quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return seg.predict(image)
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"{scan.name}", total=None)
-        return seg.predict(image, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        typer.echo(f"imunet-run {version('imunet')}")
+        raise typer.Exit()
 
 
 def _fail(msg: str) -> None:
@@ -157,8 +31,192 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+@app.command(help="Segment INPUT scans (NIfTI, NRRD, MHA files, folders of them, or DICOM series directories).")
+def run(
+    inputs: list[Path] = typer.Argument(..., help="Scans, folders or DICOM directories.", show_default=False),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Bundle directory. Default: the shipped model."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output file (one scan) or folder, created if missing. Default: the current folder."
+    ),
+    backend: str = typer.Option("auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt."),
+    precision: str = typer.Option(
+        "auto",
+        help="auto | fp32 | fp16 | int8. auto: the int8 decoder on the CPU, fp16 graphs on a GPU, where shipped.",
+    ),
+    mode: Optional[str] = typer.Option(None, help=f"adaptive | sparse | dense (implicit bundles). {BUNDLE_DEFAULT}"),
+    overlap: Optional[float] = typer.Option(None, help=f"Sliding-window overlap in [0, 1). {BUNDLE_DEFAULT}"),
+    stride: Optional[int] = typer.Option(None, help=f"Broad-mesh stride in voxels. {BUNDLE_DEFAULT}"),
+    tta: bool = typer.Option(False, "--tta", help="Average over the scan's mirror images (8x the time)."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Write per-scan timings, volumes, warnings as JSON."),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="PNG of three slices through the largest label."),
+    fmt: str = typer.Option(".nii.gz", "--format", help="Output format in folders: .nii.gz | .nii | .nrrd | .mha."),
+    roi: Optional[list[str]] = typer.Option(None, "--roi", help="Write only these labels (names or numbers)."),
+    masks: bool = typer.Option(False, "--masks", help="Also one binary mask file per label: CASE_<label>."),
+    save_probabilities: bool = typer.Option(
+        False, "--save-probabilities", help="Also CASE_probabilities.npz: float16 class probabilities, scan's grid."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip scans whose output exists (nightly runs)."),
+    series: Optional[str] = typer.Option(None, help="DICOM series instance UID, when a folder holds several."),
+    channel: Optional[int] = typer.Option(None, help="Volume index of a 4D input."),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Refuse scans needing more GiB than this."),
+    workers: Optional[int] = typer.Option(
+        None, help="Windows computed at once on a CPU backend. Default: 2 with 2+ cores; GPUs run 1."
+    ),
+    trusted_keys: Optional[Path] = typer.Option(
+        None, "--trusted-keys", help="Folder of public keys; the bundle must be signed by one of them."
+    ),
+    allow_modality: bool = typer.Option(
+        False, "--allow-modality", help="Run DICOM scans of another modality than the model's (refused otherwise)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors, warnings and the summary line."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    from .pipeline import Segmenter
+
+    if fmt not in WRITABLE_SUFFIXES:
+        _fail(f"--format must be one of {', '.join(WRITABLE_SUFFIXES)}; got {fmt!r}")
+    if overwrite and skip_existing:
+        _fail("--overwrite and --skip-existing contradict each other; pass one")
+    scans, notes = collect_inputs(inputs)
+    if len(scans) > 1 and out is not None and image_suffix(out):
+        _fail(f"--out {out} names a file but {len(scans)} scans were given; pass a folder")
+    for path, what in ((stats, "--stats"), (preview if len(scans) == 1 else None, "--preview")):
+        if path is not None and path.exists() and not overwrite:
+            _fail(f"{what} {path} exists; pass --overwrite to replace it")
+    try:
+        seg = Segmenter(
+            model, backend=backend, mode=mode, overlap=overlap, stride=stride, max_memory_gb=max_memory,
+            precision=precision, workers=workers, trusted_keys=trusted_keys, allow_modality=allow_modality,
+            tta=tta or None,
+        )  # fmt: skip
+        from .outputs import roi_labels
+
+        keep = roi_labels(roi, seg.bundle.manifest.labels) if roi else None
+    except (ImunetError, ValueError) as exc:
+        _fail(str(exc))
+    if not quiet:
+        _header(seg, notes)
+    options = {"overwrite": overwrite, "skip": skip_existing, "keep": keep, "masks": masks, "probs": save_probabilities}
+    report = [
+        _one(seg, job, i, len(scans), quiet, options, series, channel)
+        for i, job in enumerate(plan(scans, out, fmt, preview))
+    ]
+    seg.close()
+    _finish(seg, report, stats, quiet)
+
+
+def _header(seg, notes: list[str]) -> None:
+    m = seg.bundle.manifest
+    sig = seg.bundle.signature
+    labels = ", ".join(v for k, v in m.labels.items() if k)
+    windows = f"up to {seg.workers} windows at a time" if seg.workers > 1 else "one window at a time"
+    mode = seg.settings.mode if m.kind == "implicit" else "dense model"
+    typer.echo(f"model {seg.bundle.path.name}: {m.describe()}; {m.kind}, labels {labels}")
+    typer.echo(
+        f"bundle {sig.describe() if sig else 'unsigned'}; backend {seg.backend_name} ({seg.backend.precision}), "
+        f"mode {mode}{', mirrored' if seg.settings.tta else ''}, {windows}"
+    )
+    for note in [*m.notes, *(f"passed over {s}" for s in getattr(seg.backend, "skipped", [])), *notes]:
+        typer.echo(f"note: {note}", err=True)
+
+
+def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, channel) -> dict:
+    """Segment one scan and write its outputs; a failure is reported, never raised."""
+    from .io import read_image, write_image_atomic
+    from .outputs import keep_labels, mask_paths, write_masks, write_probabilities
+
+    labels = seg.bundle.manifest.labels
+    timings: dict = {}
+    try:
+        if job.dest.resolve() == job.scan.resolve():
+            raise InputError(f"{job.scan}: output path equals the input; choose another --out")
+        suffix = image_suffix(job.dest)
+        masks = mask_paths(job.dest, suffix, labels, options["keep"]) if options["masks"] else {}
+        probs_path = job.dest.with_name(job.dest.name[: -len(suffix)] + "_probabilities.npz")
+        job.extra = [*masks.values(), *([probs_path] if options["probs"] else [])]
+        if options["skip"] and job.dest.exists():
+            if not quiet:
+                typer.echo(f"[{i + 1}/{total}] {job.scan.name}: skipped, {job.dest} exists")
+            return {"input": str(job.scan), "output": str(job.dest), "ok": True, "skipped": True}
+        existing = [p for p in job.outputs if p.exists()]
+        if existing and not options["overwrite"]:
+            raise InputError(f"{existing[0]}: exists; pass --overwrite to replace it (or --skip-existing)")
+        t = time.perf_counter()
+        image = read_image(job.scan, series=series, channel=channel)
+        timings["read_s"] = round(time.perf_counter() - t, 4)
+        label, probs = _predict(seg, image, job.scan, quiet, options["probs"])
+        t = time.perf_counter()
+        label = keep_labels(label, options["keep"])
+        if not job.dest.parent.exists() and not quiet:
+            typer.echo(f"creating the output folder {job.dest.parent}")
+        write_image_atomic(label, job.dest, overwrite=options["overwrite"])
+        write_masks(label, masks, options["overwrite"])
+        if probs is not None:
+            write_probabilities(probs, image, labels, probs_path, options["overwrite"])
+        if job.preview is not None:
+            from .preview import write_preview
+
+            write_preview(image, label, job.preview, labels, options["overwrite"])
+        timings["write_s"] = round(time.perf_counter() - t, 4)
+    except Exception as exc:  # one scan's failure must never stop the batch or print a traceback
+        return _failure(job.scan, exc)
+    stats = {**seg.last_stats, **timings}
+    for w in stats["warnings"]:
+        typer.echo(f"WARNING {job.scan}: {w}", err=True)
+    if not quiet:
+        vols = ", ".join(f"{k} {v:.2f} ml" for k, v in stats["volumes_ml"].items())
+        seconds = timings["read_s"] + stats["total_s"] + timings["write_s"]
+        typer.echo(f"[{i + 1}/{total}] {job.scan.name} -> {job.dest}  {seconds:.2f} s  ({vols})")
+    return {"input": str(job.scan), "output": str(job.dest), "ok": True, **stats}
+
+
+def _failure(scan: Path, exc: Exception) -> dict:
+    known = isinstance(exc, ImunetError | ValueError | OSError)
+    text = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError):
+        text = "out of memory; try --max-memory to refuse such scans up front"
+    msg = text if str(scan) in text else f"{scan}: {text}"
+    typer.echo(f"FAILED {msg}", err=True)
+    return {"input": str(scan), "ok": False, "error": msg}
+
+
+def _predict(seg, image, scan: Path, quiet: bool, probs: bool):
+    """Labels (and probabilities), with a progress bar on a terminal."""
+    call = seg.predict_with_probabilities if probs else (lambda im, progress=None: (seg.predict(im, progress), None))
+    if quiet or not sys.stderr.isatty():
+        return call(image)
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"{scan.name}", total=None)
+        return call(image, progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _finish(seg, report: list[dict], stats: Path | None, quiet: bool) -> None:
+    failed = [r["input"] for r in report if not r["ok"]]
+    skipped = sum(1 for r in report if r.get("skipped"))
+    if stats is not None:
+        from .atomic import write_text_atomic
+
+        sig = seg.bundle.signature
+        payload = {
+            "model": str(seg.bundle.path),
+            "signature": {"key": sig.fingerprint, "verified": sig.verified} if sig else None,
+            "backend": seg.backend_name,
+            "scans": report,
+        }
+        write_text_atomic(stats, json.dumps(payload, indent=2) + "\n", overwrite=True)  # refused up front if it existed
+    done = len(report) - len(failed) - skipped
+    line = f"{done} of {len(report)} scans segmented" + (f", {skipped} skipped (output exists)" if skipped else "")
+    if failed:
+        typer.echo(f"{line}; failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+    typer.echo(line)
+
+
 def main() -> None:
-    app()
+    app(prog_name="imunet-run")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,13 @@ def score_case(case: str, reference: sitk.Image, prediction: sitk.Image, labels:
     ml = float(np.prod(reference.GetSpacing())) / 1000.0
     return [
         CaseScore(
-            case, k, name, dice(pred, ref, k), hd95(pred, ref, k, spacing_zyx),
-            float((ref == k).sum()) * ml, float((pred == k).sum()) * ml,
+            case,
+            k,
+            name,
+            dice(pred, ref, k),
+            hd95(pred, ref, k, spacing_zyx),
+            float((ref == k).sum()) * ml,
+            float((pred == k).sum()) * ml,
         )  # fmt: skip
         for k, name in labels.items()
         if k != 0

@@ -70,10 +70,7 @@ def test_batch_with_one_bad_scan_writes_the_others(bundle_dir, phantom_dir, tmp_
         shutil.copy(phantom(phantom_dir, i), tmp_path / "in")
     code, out, err = run(tmp_path / "in", "--model", bundle_dir, "--out", tmp_path / "out")
     assert code == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "phantom_000_0000_seg.nii.gz",
-        "phantom_001_0000_seg.nii.gz",
-    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
     assert f"FAILED {bad}: truncated or corrupt compressed file" in err
     assert f"2 of 3 scans segmented; failed: {bad}" in err
 

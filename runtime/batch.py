@@ -1,0 +1,76 @@
+"""Which scans ``imunet-run`` segments and where each one's outputs go.
+
+Inputs are files, folders of image files, and DICOM series folders. Outputs in a folder follow
+nnU-Net's naming: ``CASE_0000.nii.gz`` -> ``CASE.nii.gz``; any other ``NAME.nii.gz`` ->
+``NAME_seg.nii.gz``; a DICOM series folder ``DIR`` -> ``DIR_seg.nii.gz``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import image_suffix
+
+CHANNEL_SUFFIX = "_0000"
+
+
+def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
+    """Scans in the order given (folders expanded into their image files; a folder without image
+    files is a DICOM series), each once, and a note per scan given more than once."""
+    found: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and image_suffix(f) and not f.name.startswith("."))
+            found.extend(files if files else [p])
+        else:
+            found.append(p)
+    seen: dict[Path, Path] = {}
+    notes = []
+    for p in found:
+        key = p.resolve()
+        if key in seen:
+            notes.append(f"{p} was given more than once; it is segmented once")
+        else:
+            seen[key] = p
+    return list(seen.values()), notes
+
+
+def output_name(scan: Path, fmt: str) -> str:
+    """The label map's file name for ``scan`` in an output folder (nnU-Net's convention)."""
+    suffix = image_suffix(scan)
+    stem = scan.name[: -len(suffix)] if suffix else scan.name
+    if stem.endswith(CHANNEL_SUFFIX) and len(stem) > len(CHANNEL_SUFFIX):
+        return stem[: -len(CHANNEL_SUFFIX)] + fmt
+    return f"{stem}_seg{fmt}"
+
+
+@dataclass
+class Job:
+    """One scan and the files it writes."""
+
+    scan: Path
+    dest: Path
+    preview: Path | None = None
+    extra: list[Path] = field(default_factory=list)  # masks, probabilities: filled in by the caller
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.dest, *([self.preview] if self.preview else []), *self.extra]
+
+
+def plan(scans: list[Path], out: Path | None, fmt: str, preview: Path | None) -> list[Job]:
+    """A :class:`Job` per scan: ``--out`` itself for one scan and a file name, else a file in the folder
+    ``--out`` (default: the current folder); several previews get the case name as a prefix."""
+    many = len(scans) > 1
+    jobs = []
+    for scan in scans:
+        if out is not None and not many and image_suffix(out):
+            dest = out
+        else:
+            dest = (out if out is not None else Path.cwd()) / output_name(scan, fmt)
+        pv = preview
+        if preview is not None and many:
+            pv = preview.with_name(f"{dest.name[: -len(image_suffix(dest))]}_{preview.name}")
+        jobs.append(Job(scan, dest, pv))
+    return jobs

@@ -1,0 +1,67 @@
+"""``imunet-evaluate``: a folder of predictions against a folder of reference labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"imunet-evaluate {version('imunet')}")
+        raise typer.Exit()
+
+
+@app.command(help="Dice, HD95 (mm) and volumes (ml) per case and label, predictions against references.")
+def evaluate(
+    references: Path = typer.Option(..., "--references", "-r", help="Folder of reference label maps."),
+    predictions: Path = typer.Option(..., "--predictions", "-p", help="Folder of predicted label maps."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Write one row per case and label."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and every score as JSON."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Bundle whose label names to use."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --csv / --json files."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    from dataclasses import asdict
+
+    from .atomic import write_text_atomic
+    from .errors import ImunetError
+    from .evaluation import evaluate_folders, summary, to_csv
+
+    try:
+        names = None
+        if model is not None:
+            from .bundle import load_bundle
+
+            names = load_bundle(model, verify=False).manifest.labels
+        scores = evaluate_folders(references, predictions, names)
+        if csv is not None:
+            write_text_atomic(csv, to_csv(scores), overwrite)
+        if json_out is not None:
+            payload = {"summary": summary(scores), "scores": [asdict(s) for s in scores]}
+            write_text_atomic(json_out, json.dumps(payload, indent=2) + "\n", overwrite)
+    except (ImunetError, ValueError, OSError) as exc:
+        typer.echo(f"imunet-evaluate: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    cases = len({s.case for s in scores})
+    typer.echo(f"{cases} cases")
+    for name, s in summary(scores).items():
+        typer.echo(
+            f"  {name:14s} Dice {s['dice_mean']:.4f} +- {s['dice_std']:.4f}   HD95 {s['hd95_mean']:.2f} mm"
+            f" ({s['hd95_undefined']} undefined)"
+        )
+
+
+def main() -> None:
+    app(prog_name="imunet-evaluate")
+
+
+if __name__ == "__main__":
+    main()

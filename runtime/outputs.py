@@ -1,0 +1,67 @@
+"""What ``imunet-run`` writes per scan besides the label map: per-label masks, class probabilities,
+and the label map restricted to some labels. Every file is written atomically."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_output
+from .errors import InputError
+from .io import write_image_atomic
+
+
+def roi_labels(names: list[str], labels: dict[int, str]) -> set[int]:
+    """Label indices named by ``names`` (label names or indices); :class:`InputError` for unknown ones."""
+    by_name = {v.lower(): k for k, v in labels.items() if k}
+    out = set()
+    for n in names:
+        k = int(n) if n.isdigit() else by_name.get(n.lower())
+        if k is None or k not in labels or k == 0:
+            known = ", ".join(f"{v} ({k})" for k, v in labels.items() if k)
+            raise InputError(f"--roi {n}: the model has no such label; it has {known}")
+        out.add(k)
+    return out
+
+
+def keep_labels(label: sitk.Image, keep: set[int] | None) -> sitk.Image:
+    """``label`` with every label outside ``keep`` set to background (``None``: all kept)."""
+    if keep is None:
+        return label
+    arr = sitk.GetArrayFromImage(label)
+    arr[~np.isin(arr, list(keep))] = 0
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(label)
+    return out
+
+
+def mask_paths(dest: Path, suffix: str, labels: dict[int, str], keep: set[int] | None) -> dict[int, Path]:
+    """``{label: path}`` of the per-label masks beside ``dest``: ``CASE_<name>`` plus the format's suffix."""
+    stem = dest.name[: -len(suffix)]
+    slug = {k: re.sub(r"[^A-Za-z0-9_.-]+", "-", v) for k, v in labels.items() if k}
+    return {k: dest.with_name(f"{stem}_{slug[k]}{suffix}") for k in slug if keep is None or k in keep}
+
+
+def write_masks(label: sitk.Image, paths: dict[int, Path], overwrite: bool) -> None:
+    """One binary (0/1) mask per label."""
+    for k, path in paths.items():
+        write_image_atomic(sitk.Cast(label == k, sitk.sitkUInt8), path, overwrite)
+
+
+def write_probabilities(
+    probs: np.ndarray, image: sitk.Image, labels: dict[int, str], path: Path, overwrite: bool
+) -> None:
+    """Class probabilities ``(C, Z, Y, X)`` on ``image``'s grid as float16 in an ``.npz``, with the label
+    names and the grid (SimpleITK's ``(x, y, z)`` spacing, origin and direction)."""
+    with atomic_output(path, overwrite) as tmp, tmp.open("wb") as fh:
+        np.savez_compressed(
+            fh,
+            probabilities=probs.astype(np.float16),
+            labels=np.array([labels[k] for k in sorted(labels)]),
+            spacing=np.array(image.GetSpacing()),
+            origin=np.array(image.GetOrigin()),
+            direction=np.array(image.GetDirection()),
+        )
