@@ -14,8 +14,8 @@ import typer
 
 from imunet import __version__
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-keys_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+keys_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _fail(msg: str, code: int = 2) -> None:

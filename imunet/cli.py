@@ -8,7 +8,15 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from imunet import __version__
+
+        typer.echo(f"imunet-train {__version__}")
+        raise typer.Exit()
 
 
 def _param_table() -> str:
@@ -33,29 +41,29 @@ def train(
     patch: Optional[tuple[int, int, int]] = typer.Option(
         None, help="Patch size Z Y X (multiples of 8); default: the median case shape, capped at 96 160 160."
     ),
-    steps: int = typer.Option(1000, help="Optimisation steps (with --minutes: at most this many)."),
+    steps: int = typer.Option(6000, help="Optimisation steps (with --minutes: at most this many)."),
     minutes: float = typer.Option(
         0.0, help="Time budget: the step count is set from the speed of the first 20 steps (0: off)."
     ),
-    batch: int = typer.Option(2, help="Patches per step (per process)."),
+    batch: int = typer.Option(8, help="Patches per step (per process)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    resume: bool = typer.Option(False, help="Continue the run in --out exactly where it stopped."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     val_fraction: float = typer.Option(0.2, help="Fraction of cases held out for validation."),
     val_every: int = typer.Option(0, help="Validate every N steps (0: only at the end)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation and sampling."),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
     points: Optional[int] = typer.Option(
         None, help="k: points per patch; default min(30000, 5% of the patch), the paper's 30,000 at 96x160x160."
     ),
     alpha: float = typer.Option(0.5, help="Fraction of points sampled near label boundaries."),
     sigma: float = typer.Option(5.0, help="Std (voxels) of the displacement of boundary points."),
-    channels: str = typer.Option("32,64,128,256", help="Encoder channels per block."),
-    decoder_width: int = typer.Option(512, help="Implicit decoder width."),
-    dropout: float = typer.Option(0.2, help="Implicit decoder dropout."),
+    channels: str = typer.Option("16,32,64,128", help="Encoder channels per block."),
+    decoder_width: int = typer.Option(256, help="Implicit decoder width."),
+    dropout: float = typer.Option(0.1, help="Implicit decoder dropout."),
     gather: str = typer.Option("floor", help="floor (paper: p // 2**b) | nearest (nearest cell centre)."),
-    augment: bool = typer.Option(True, help="Spatial and intensity augmentation."),
-    amp: bool = typer.Option(True, help="Mixed precision on CUDA."),
-    lr_schedule: str = typer.Option("constant", help="constant | poly"),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Spatial and intensity augmentation."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
+    lr_schedule: str = typer.Option("poly", help="poly (nnU-Net's) | constant"),
     checkpoint_every: int = typer.Option(100, help="Save a checkpoint every N steps."),
     cache: Optional[Path] = typer.Option(None, help="Folder for preprocessed arrays (default RUN/preprocessed)."),
     init: Optional[Path] = typer.Option(
@@ -68,6 +76,7 @@ def train(
         help="Start only the encoder from this run's weights (its patch and channels replace the options); "
         "the decoder is built from the options and trained from scratch.",
     ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     from .config import ModelConfig, RunConfig, TrainConfig
     from .data import read_dataset

@@ -53,6 +53,7 @@ def _train(dataset: Path, out: Path, kind: str, steps: int, **train_kw):
                 steps=steps,
                 batch_size=2,
                 lr=3e-3,
+                lr_schedule="constant",
                 points=2000,
                 augment=False,
                 val_fraction=0.34,

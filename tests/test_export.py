@@ -29,7 +29,13 @@ def test_implicit_bundle_records_parity_below_1e4(bundle_dir):
     assert set(diffs) == {"encoder", "decoder"}
     assert max(diffs.values()) < 1e-4 and m["parity"]["onnx"]["passed"] is True
     assert m["model_kind"] == "implicit" and m["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
-    assert set(m["files"]) == {"encoder.onnx", "decoder.onnx", "decoder_int8.onnx"}
+    assert set(m["files"]) == {
+        "encoder.onnx",
+        "decoder.onnx",
+        "decoder_int8.onnx",
+        "encoder_fp16.onnx",
+        "decoder_fp16.onnx",
+    }
     assert m["graphs"]["decoder"]["inputs"]["points"] == ["N", 3]
     int8 = m["variants"]["decoder_int8"]
     assert int8["replaces"] == "decoder" and int8["parity"]["argmax_agreement"] >= 0.99

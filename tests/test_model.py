@@ -81,11 +81,14 @@ def test_every_parameter_gets_a_gradient(kind):
 
 
 def test_default_parameter_counts():
-    imp = build_model(ModelConfig(kind="implicit", num_classes=3))
+    imp = build_model(ModelConfig(kind="implicit", num_classes=3))  # the shipped recipe: 16..128, 8 x 256
     unet = build_model(ModelConfig(kind="unet", num_classes=3))
-    assert count_parameters(imp.encoder) == 7_939_296  # PAPER.md: about 7.94 M for 32/64/128/256, 2,2,4,4
+    assert count_parameters(imp.encoder) == 1_985_904
     assert count_parameters(unet.encoder) == count_parameters(imp.encoder)
-    assert 2.3e6 < count_parameters(imp.decoder) < 2.5e6  # 8 x 512 with the additive re-injection
+    assert count_parameters(imp.decoder) == 617_219
+    paper = ModelConfig(channels=(32, 64, 128, 256), decoder_width=512, num_classes=3)
+    assert count_parameters(build_model(paper).encoder) == 7_939_296  # PAPER.md: about 7.94 M, blocks 2, 2, 4, 4
+    assert 2.3e6 < count_parameters(build_model(paper).decoder) < 2.5e6  # 8 x 512 with the additive re-injection
 
 
 def test_split_reinjection_is_the_same_function_and_drops_the_concat():

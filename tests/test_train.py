@@ -21,7 +21,15 @@ def small_cfg(steps, **kw):
     return RunConfig(
         ModelConfig(kind="implicit", num_classes=3, **{**TINY_MODEL, "decoder_dropout": 0.1}),
         TrainConfig(
-            steps=steps, batch_size=2, lr=1e-3, points=500, val_fraction=0.34, checkpoint_every=2, seed=3, **kw
+            steps=steps,
+            batch_size=2,
+            lr=1e-3,
+            points=500,
+            val_fraction=0.34,
+            checkpoint_every=2,
+            seed=3,
+            lr_schedule="constant",
+            **kw,
         ),
     )
 

@@ -126,8 +126,9 @@ class OrtBackend:
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
                 providers[0] = (providers[0], trt_provider_options(graph, cache, self.max_points))
+            graph_bytes = bundle.read(name)  # hashed as read: what runs is what the manifest vouches for
             try:
-                sess = ort.InferenceSession(bundle.read(name), opts, providers=providers)
+                sess = ort.InferenceSession(graph_bytes, opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types
                 hint = " (graphs with external data files are not accepted)" if "external" in str(exc).lower() else ""
                 raise BackendError(f"{bundle.path}: onnxruntime cannot load {name}{hint}: {exc}") from None
