@@ -152,6 +152,14 @@ def build_manifest(
     )
 
 
+def validation_decision(run_dir: Path) -> list[int]:
+    """The labels the run's validation chose to reduce to their largest component (none if it did not decide)."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return []
+    return list(json.loads(metrics.read_text()).get("postprocess", {}).get("keep_largest", []))
+
+
 def hash_files(bundle_dir: Path) -> dict[str, str]:
     """sha256 of every file in the bundle but the manifest and its signature, by relative path."""
     return {
@@ -238,6 +246,7 @@ def write_bundle(
     feature_layout: str | Sequence[str] | None = None,
     overlap: float | None = None,
     fp16: bool = True,
+    keep_largest: tuple[int, ...] | None = None,
 ) -> Path:
     """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place).
 
@@ -245,7 +254,8 @@ def write_bundle(
     adds fp16 twins of every graph (GPUs: TensorRT engines and onnxruntime's GPU providers).
     ``feature_layout`` is how ``encoder.onnx`` hands each level's feature map to ``decoder.onnx``
     (None: the default per level; the runtime reads any). ``overlap`` is written as the bundle's
-    default window overlap (the runtime's ``--overlap`` overrides it)."""
+    default window overlap (the runtime's ``--overlap`` overrides it). ``keep_largest``: labels the
+    runtime reduces to their largest component (None: the run's validation decision, if it made one)."""
     if overlap is not None and not 0 <= overlap < 1:
         raise BundleError(f"overlap must be in [0, 1), got {overlap}")
     refuse_existing(out, overwrite)
@@ -260,7 +270,9 @@ def write_bundle(
             variants.update(_int8_variant(graphs, tmp, cfg.model.patch_size, log))
         if fp16:
             variants.update(_fp16_variants(model, cfg, graphs, tmp, opset, feature_layout, log))
-        manifest = replace(manifest, tensorrt_ops_checked=True, variants=variants)
+        if keep_largest is None:
+            keep_largest = tuple(validation_decision(run_dir))
+        manifest = replace(manifest, tensorrt_ops_checked=True, variants=variants, keep_largest=keep_largest)
         finalize_manifest(tmp, manifest)
         load_bundle(tmp)  # what we wrote must load
     return out

@@ -48,6 +48,12 @@ def export(
         help="Default window overlap recorded in the manifest (imunet-run --overlap overrides it); "
         "default 0.3. 0.25 is the measured choice for adaptive mode on large volumes (docs/BENCHMARKS.md).",
     ),
+    keep_largest: Optional[str] = typer.Option(
+        None,
+        "--keep-largest",
+        help="Labels (names or numbers, comma-separated, or 'none') the runtime reduces to their largest "
+        "component. Default: what the run's validation decided.",
+    ),
     sign: Optional[Path] = typer.Option(
         None, "--sign", help="Sign the bundle with this ed25519 private key (PEM; see imunet-export keygen)."
     ),
@@ -65,6 +71,7 @@ def export(
         _fail(f"--opt-points must be between 1 and --max-points ({max_points}), got {opt_points}")
     try:
         key = _signing_key(sign)
+        largest = _labels_option(keep_largest, run)
         bundle = write_bundle(
             run,
             out,
@@ -74,6 +81,7 @@ def export(
             log=typer.echo,
             feature_layout=None if feature_layout == "auto" else feature_layout,
             overlap=overlap,
+            keep_largest=largest,
         )
     except (ImunetError, ValueError, OSError) as exc:
         _fail(str(exc))
@@ -85,6 +93,26 @@ def export(
         typer.echo(f"signed {bundle} with {sign_bundle(bundle, key)}")
     if code:
         raise typer.Exit(code)
+
+
+def _labels_option(text: str | None, run: Path) -> tuple[int, ...] | None:
+    """``--keep-largest``: label names or numbers of the run's dataset; None when not given."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    from imunet.config import RunConfig
+
+    cfg_path = run / "config.json"
+    names = RunConfig.load(cfg_path).extra.get("labels", {}) if cfg_path.is_file() else {}
+    by_name = {v.lower(): int(k) for k, v in names.items()}
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        k = int(item) if item.isdigit() else by_name.get(item.lower())
+        if k is None or k == 0:
+            raise ValueError(f"--keep-largest {item}: not a foreground label of the run ({', '.join(names.values())})")
+        out.append(k)
+    return tuple(out)
 
 
 def _signing_key(path: Path | None) -> bytes | None:

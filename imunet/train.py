@@ -21,6 +21,7 @@ import torch
 
 from imunet.runtime.inference import predict_labels
 from imunet.runtime.metrics import dice_per_label
+from imunet.runtime.postprocess import decide
 from imunet.runtime.settings import InferenceSettings
 
 from .augment import augment_batch
@@ -109,17 +110,20 @@ def validate(
     model.eval()
     backend = TorchBackend(model, device)
     settings = settings or InferenceSettings()
-    per_case = {}
+    per_case, pairs = {}, []
     for name, (img, lbl) in cases.items():
         pred, _ = predict_labels(np.asarray(img), backend, cfg.model.patch_size, settings, cfg.model.kind == "unet")
         per_case[name] = dice_per_label(pred, np.asarray(lbl), labels)
+        pairs.append((pred, np.asarray(lbl)))
     model.train(was_training)
+    keep, figures = decide(pairs, labels)
     mean = {str(lab): float(np.mean([d[lab] for d in per_case.values()])) for lab in labels}
     return {
         "val_dice": mean,
         "val_dice_by_name": {names.get(k, k): v for k, v in mean.items()},
         "val_dice_mean": float(np.mean(list(mean.values()))) if mean else float("nan"),
         "per_case": {n: {str(k): v for k, v in d.items()} for n, d in per_case.items()},
+        "postprocess": {"keep_largest": keep, "dice_by_label": figures},
     }
 
 

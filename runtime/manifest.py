@@ -116,6 +116,7 @@ class Manifest:
     orientation: str | None = None  # the training data's axis order and directions (absent: none applied)
     fingerprint: Fingerprint | None = None  # what the model is for (absent: no domain checks)
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # array axes the training flipped (test-time mirroring uses them)
+    keep_largest: tuple[int, ...] = ()  # labels reduced to their largest component (decided on validation)
     opset: int = 17
     variants: dict[str, Variant] = field(default_factory=dict)
     engines: tuple[EngineRecord, ...] = ()
@@ -142,6 +143,8 @@ class Manifest:
                 raise ValueError(f"variant {name} replaces {v.replaces!r}, which is not a graph of the bundle")
         if self.orientation is not None:
             check_code(self.orientation)
+        if any(k not in self.labels or k == 0 for k in self.keep_largest):
+            raise ValueError(f"keep_largest names labels the model does not have: {self.keep_largest}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise ValueError(f"mirror_axes must be array axes 0, 1, 2, got {self.mirror_axes}")
         bad = [x for x in self.feature_layout if x not in FEATURE_LAYOUTS]

@@ -29,6 +29,7 @@ from .io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_image
 from .mirroring import MirroredBackend
 from .orientation import orientation_code, reorient
 from .parallel import CPU_BACKENDS, default_workers, threads_per_worker
+from .postprocess import keep_largest
 from .preprocess import normalize, resample_label_like, resample_to_spacing
 from .settings import InferenceSettings
 from .windows import window_slices
@@ -181,6 +182,7 @@ class Segmenter:
         t1 = time.perf_counter()
         labels, stats, probs = self._infer(volume, resampled, oriented, progress, with_probs)
         t2 = time.perf_counter()
+        labels = keep_largest(labels, m.keep_largest)
         if oriented is not image:
             code = orientation_code(image)
             labels = reorient(labels, code)
