@@ -13,6 +13,12 @@ from pathlib import Path
 from .io import image_suffix
 
 CHANNEL_SUFFIX = "_0000"
+SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, for DICOM series inputs
+
+
+def output_suffix(path: Path) -> str:
+    """``.dcm`` (DICOM SEG), an image format's suffix, or ``""`` (a folder)."""
+    return SEG_SUFFIX if path.name.lower().endswith(SEG_SUFFIX) else image_suffix(path)
 
 
 def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
@@ -65,7 +71,7 @@ def plan(scans: list[Path], out: Path | None, fmt: str, preview: Path | None) ->
     many = len(scans) > 1
     jobs = []
     for scan in scans:
-        if out is not None and not many and image_suffix(out):
+        if out is not None and not many and output_suffix(out):
             dest = out
         else:
             dest = (out if out is not None else Path.cwd()) / output_name(scan, fmt)

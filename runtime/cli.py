@@ -10,9 +10,9 @@ from typing import Optional
 
 import typer
 
-from .batch import Job, collect_inputs, plan
+from .batch import SEG_SUFFIX, Job, collect_inputs, output_suffix, plan
 from .errors import ImunetError, InputError
-from .io import WRITABLE_SUFFIXES, image_suffix
+from .io import WRITABLE_SUFFIXES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 BUNDLE_DEFAULT = "Default: the bundle's."
@@ -33,7 +33,9 @@ def _fail(msg: str) -> None:
 
 @app.command(help="Segment INPUT scans (NIfTI, NRRD, MHA files, folders of them, or DICOM series directories).")
 def run(
-    inputs: list[Path] = typer.Argument(..., help="Scans, folders or DICOM directories.", show_default=False),
+    inputs: Optional[list[Path]] = typer.Argument(
+        None, help="Scans, folders or DICOM directories.", show_default=False
+    ),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Bundle directory. Default: the shipped model."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output file (one scan) or folder, created if missing. Default: the current folder."
@@ -49,7 +51,9 @@ def run(
     tta: bool = typer.Option(False, "--tta", help="Average over the scan's mirror images (8x the time)."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write per-scan timings, volumes, warnings as JSON."),
     preview: Optional[Path] = typer.Option(None, "--preview", help="PNG of three slices through the largest label."),
-    fmt: str = typer.Option(".nii.gz", "--format", help="Output format in folders: .nii.gz | .nii | .nrrd | .mha."),
+    fmt: str = typer.Option(
+        ".nii.gz", "--format", help="Output format in folders: .nii.gz | .nii | .nrrd | .mha | .dcm (DICOM SEG)."
+    ),
     roi: Optional[list[str]] = typer.Option(None, "--roi", help="Write only these labels (names or numbers)."),
     masks: bool = typer.Option(False, "--masks", help="Also one binary mask file per label: CASE_<label>."),
     save_probabilities: bool = typer.Option(
@@ -57,7 +61,10 @@ def run(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip scans whose output exists (nightly runs)."),
-    series: Optional[str] = typer.Option(None, help="DICOM series instance UID, when a folder holds several."),
+    series: Optional[str] = typer.Option(None, help="DICOM series instance UID (a folder's, or with --dicomweb)."),
+    dicomweb: Optional[str] = typer.Option(None, "--dicomweb", help="DICOMweb server URL to read --study from."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study instance UID on the --dicomweb server."),
+    store: bool = typer.Option(False, "--store", help="Store the DICOM SEG back on the --dicomweb server."),
     channel: Optional[int] = typer.Option(None, help="Volume index of a 4D input."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Refuse scans needing more GiB than this."),
     workers: Optional[int] = typer.Option(
@@ -74,12 +81,13 @@ def run(
 ) -> None:
     from .pipeline import Segmenter
 
-    if fmt not in WRITABLE_SUFFIXES:
-        _fail(f"--format must be one of {', '.join(WRITABLE_SUFFIXES)}; got {fmt!r}")
+    if fmt not in (*WRITABLE_SUFFIXES, SEG_SUFFIX):
+        _fail(f"--format must be one of {', '.join(WRITABLE_SUFFIXES)}, {SEG_SUFFIX}; got {fmt!r}")
     if overwrite and skip_existing:
         _fail("--overwrite and --skip-existing contradict each other; pass one")
-    scans, notes = collect_inputs(inputs)
-    if len(scans) > 1 and out is not None and image_suffix(out):
+    _check_dicom_options(inputs, out, fmt, dicomweb, study, store, masks or save_probabilities)
+    scans, notes = collect_inputs(inputs or [])
+    if len(scans) > 1 and out is not None and output_suffix(out):
         _fail(f"--out {out} names a file but {len(scans)} scans were given; pass a folder")
     for path, what in ((stats, "--stats"), (preview if len(scans) == 1 else None, "--preview")):
         if path is not None and path.exists() and not overwrite:
@@ -98,12 +106,40 @@ def run(
     if not quiet:
         _header(seg, notes)
     options = {"overwrite": overwrite, "skip": skip_existing, "keep": keep, "masks": masks, "probs": save_probabilities}
-    report = [
-        _one(seg, job, i, len(scans), quiet, options, series, channel)
-        for i, job in enumerate(plan(scans, out, fmt, preview))
-    ]
+    if dicomweb:
+        from .dicomweb_run import run_dicomweb
+
+        report = [run_dicomweb(seg, dicomweb, study, series, store, out, options, quiet)]  # type: ignore[arg-type]
+    else:
+        jobs = plan(scans, out, fmt, preview)
+        report = [_one(seg, job, i, len(scans), quiet, options, series, channel) for i, job in enumerate(jobs)]
     seg.close()
     _finish(seg, report, stats, quiet)
+
+
+def _check_dicom_options(inputs, out, fmt, dicomweb, study, store, extras: bool) -> None:
+    """Refuse, before any work, what the DICOM outputs cannot do."""
+    seg_out = (out is not None and output_suffix(out) == SEG_SUFFIX) or fmt == SEG_SUFFIX
+    if dicomweb:
+        if inputs:
+            _fail("--dicomweb reads its scan from the server; give no input files with it")
+        if not study:
+            _fail("--dicomweb needs --study UID")
+        if not store and out is None:
+            _fail("--dicomweb needs --store, --out FILE, or both")
+        if out is not None and not output_suffix(out):
+            _fail(f"--out {out}: with --dicomweb, name a file (.dcm for a DICOM SEG, or an image format)")
+        return
+    if not inputs:
+        _fail("give scans, folders or DICOM directories, or --dicomweb URL --study UID")
+    if study or store:
+        _fail("--study and --store go with --dicomweb")
+    if seg_out:
+        not_dicom = [p for p in inputs if not p.is_dir()]
+        if not_dicom:
+            _fail(f"{not_dicom[0]}: a DICOM SEG ({SEG_SUFFIX}) references a DICOM series; this input is not one")
+        if extras:
+            _fail("--masks and --save-probabilities write images beside an image output, not beside a DICOM SEG")
 
 
 def _header(seg, notes: list[str]) -> None:
@@ -123,15 +159,15 @@ def _header(seg, notes: list[str]) -> None:
 
 def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, channel) -> dict:
     """Segment one scan and write its outputs; a failure is reported, never raised."""
-    from .io import read_image, write_image_atomic
-    from .outputs import keep_labels, mask_paths, write_masks, write_probabilities
+    from .io import read_image
+    from .outputs import keep_labels, mask_paths, write_label, write_masks, write_probabilities
 
     labels = seg.bundle.manifest.labels
     timings: dict = {}
     try:
         if job.dest.resolve() == job.scan.resolve():
             raise InputError(f"{job.scan}: output path equals the input; choose another --out")
-        suffix = image_suffix(job.dest)
+        suffix = output_suffix(job.dest)
         masks = mask_paths(job.dest, suffix, labels, options["keep"]) if options["masks"] else {}
         probs_path = job.dest.with_name(job.dest.name[: -len(suffix)] + "_probabilities.npz")
         job.extra = [*masks.values(), *([probs_path] if options["probs"] else [])]
@@ -150,7 +186,7 @@ def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, 
         label = keep_labels(label, options["keep"])
         if not job.dest.parent.exists() and not quiet:
             typer.echo(f"creating the output folder {job.dest.parent}")
-        write_image_atomic(label, job.dest, overwrite=options["overwrite"])
+        write_label(label, job.dest, job.scan, series, seg.bundle, options["overwrite"])
         write_masks(label, masks, options["overwrite"])
         if probs is not None:
             write_probabilities(probs, image, labels, probs_path, options["overwrite"])

@@ -67,7 +67,9 @@ def dicom_series(directory: Path) -> dict[str, list[str]]:
     return {uid: list(reader.GetGDCMSeriesFileNames(str(directory), uid)) for uid in uids}
 
 
-def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
+def series_files(directory: Path, series: str | None) -> list[Path]:
+    """The files of ``directory``'s DICOM series (the only one, or ``series``), in slice order: the
+    order of the volume's z axis when read."""
     found = dicom_series(directory)
     if not found:
         raise InputError(f"{directory}: directory holds no DICOM series and no image file")
@@ -78,10 +80,15 @@ def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
         series = next(iter(found))
     if series not in found:
         raise InputError(f"{directory}: no DICOM series {series!r}; present: {', '.join(found)}")
+    return [Path(f) for f in found[series]]
+
+
+def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
+    files = [str(f) for f in series_files(directory, series)]
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(found[series])
+    reader.SetFileNames(files)
     image = reader.Execute()
-    modality = dicom_tag(found[series][0], MODALITY_TAG)
+    modality = dicom_tag(files[0], MODALITY_TAG)
     if modality:
         image.SetMetaData(MODALITY_TAG, modality)  # the domain check compares it with the model's
     return image

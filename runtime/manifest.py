@@ -117,6 +117,8 @@ class Manifest:
     fingerprint: Fingerprint | None = None  # what the model is for (absent: no domain checks)
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # array axes the training flipped (test-time mirroring uses them)
     keep_largest: tuple[int, ...] = ()  # labels reduced to their largest component (decided on validation)
+    # coded concepts per label for DICOM SEG: {"category"|"type": {"scheme", "value", "meaning"}}
+    label_codes: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
     opset: int = 17
     variants: dict[str, Variant] = field(default_factory=dict)
     engines: tuple[EngineRecord, ...] = ()

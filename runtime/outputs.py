@@ -65,3 +65,14 @@ def write_probabilities(
             origin=np.array(image.GetOrigin()),
             direction=np.array(image.GetDirection()),
         )
+
+
+def write_label(label: sitk.Image, dest: Path, scan: Path, series: str | None, bundle, overwrite: bool) -> None:
+    """The label map as an image file, or as a DICOM SEG referencing the DICOM series ``scan``."""
+    if not dest.name.lower().endswith(".dcm"):
+        write_image_atomic(label, dest, overwrite)
+        return
+    from .dicom_seg import segmentation, write_segmentation
+    from .io import series_files
+
+    write_segmentation(segmentation(label, series_files(scan, series), bundle), dest, overwrite)

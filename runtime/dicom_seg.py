@@ -1,0 +1,104 @@
+"""DICOM Segmentation output: the label map as a DICOM SEG that references its source series, built
+with highdicom (the ``dicom`` extra: highdicom, pydicom, dicomweb-client).
+
+One binary segment per foreground label, named as in the manifest and coded with the manifest's
+concepts (a generic SNOMED CT "Anatomical Structure" where it has none); the algorithm's name,
+version and provenance from the bundle; patient and study attributes copied from the source
+images, which are all referenced; frames on the source slices, empty frames left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_output
+from .bundle import Bundle
+from .errors import InputError
+
+SERIES_NUMBER = 9101  # where viewers list the SEG among the study's series
+
+
+def _dicom() -> tuple[Any, Any, Any]:
+    try:
+        import highdicom
+        import pydicom
+        from pydicom.sr.codedict import codes
+    except ImportError:
+        raise InputError("DICOM SEG output needs the dicom extra: pip install 'imunet[dicom]'") from None
+    return highdicom, pydicom, codes
+
+
+def _concept(hd: Any, entry: dict | None, default: Any) -> Any:
+    if not entry:
+        return default
+    return hd.sr.CodedConcept(value=entry["value"], scheme_designator=entry["scheme"], meaning=entry["meaning"])
+
+
+def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
+    """The SEG dataset of ``label`` (on the grid of the series read from ``sources``, in that order)."""
+    hd, pydicom, codes = _dicom()
+    datasets = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sources]
+    frames = sitk.GetArrayFromImage(label).astype(np.uint8)  # (slices, rows, columns), slices in sources' order
+    if frames.shape[0] != len(datasets) or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):
+        raise InputError(f"the label map {frames.shape} does not lie on the source series' {len(datasets)} slices")
+    missing = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not datasets[0].get(k)]
+    if missing:
+        raise InputError(f"the source series lacks {', '.join(missing)}; a DICOM SEG cannot reference it")
+    m = bundle.manifest
+    version = _version()
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"imunet {bundle.path.name}"[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=f"{version}; {m.provenance.dataset} {m.provenance.date}"[:64],
+        source=f"run {m.provenance.run}, commit {m.provenance.commit or 'unknown'}"[:64],
+    )
+    generic = codes.SCT.AnatomicalStructure
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=k,
+            segment_label=name[:64],
+            segmented_property_category=_concept(hd, m.label_codes.get(k, {}).get("category"), generic),
+            segmented_property_type=_concept(hd, m.label_codes.get(k, {}).get("type"), generic),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for k, name in sorted(m.labels.items())
+        if k
+    ]
+    return hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="imunet",
+        manufacturer_model_name=bundle.path.name[:64],
+        software_versions=version,
+        device_serial_number=bundle.manifest.files.get(m.graphs[next(iter(m.graphs))].file, "unknown")[:16],
+        series_description=f"imunet {m.describe()}"[:64],
+        content_label="IMUNET",
+        omit_empty_frames=True,
+    )
+
+
+def write_segmentation(dataset: Any, path: Path, overwrite: bool = False) -> Path:
+    """Save a SEG dataset atomically."""
+    with atomic_output(path, overwrite) as tmp:
+        dataset.save_as(str(tmp), enforce_file_format=True)
+    return path
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imunet")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,109 @@
+"""A study on a PACS in, a DICOM SEG back: retrieval (WADO-RS), search (QIDO-RS) and storage
+(STOW-RS) through dicomweb-client (the ``dicom`` extra). Every server error becomes one line.
+
+Credentials, where the server asks for them, come from ``IMUNET_DICOMWEB_USER`` and
+``IMUNET_DICOMWEB_PASSWORD`` (never from the command line, where other users would see them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+NON_IMAGE = {"SEG", "SR", "RTSTRUCT", "PR", "KO", "DOC", "REG", "RTPLAN", "RTDOSE", "RTRECORD", "OT-NOIMAGE"}
+MODALITY, SERIES_UID = "00080060", "0020000E"
+
+
+class DicomWebError(InputError):
+    """The server said no, or did not answer."""
+
+
+def connect(url: str, timeout: float | None = None) -> Any:
+    """A DICOMweb client for ``url`` (basic authentication, and a timeout in seconds if not given,
+    from the environment: ``IMUNET_DICOMWEB_TIMEOUT``, default 60)."""
+    timeout = timeout if timeout is not None else float(os.environ.get("IMUNET_DICOMWEB_TIMEOUT", "60"))
+    try:
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+    except ImportError:
+        raise InputError("DICOMweb needs the dicom extra: pip install 'imunet[dicom]'") from None
+    session = requests.Session()
+    user = os.environ.get("IMUNET_DICOMWEB_USER")
+    if user:
+        session.auth = (user, os.environ.get("IMUNET_DICOMWEB_PASSWORD", ""))
+    return DICOMwebClient(url, session=session, timeout=timeout)
+
+
+@contextmanager
+def server_errors(url: str, what: str) -> Iterator[None]:
+    """Turn the ways a DICOMweb call fails into one :class:`DicomWebError` line."""
+    import requests
+
+    try:
+        yield
+    except requests.exceptions.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        reason = {
+            401: "the server wants credentials (set IMUNET_DICOMWEB_USER and IMUNET_DICOMWEB_PASSWORD)",
+            403: "the server refused the credentials",
+            404: "not found on the server",
+        }.get(code, f"the server answered HTTP {code}")
+        raise DicomWebError(f"{url}: {what}: {reason}") from None
+    except requests.exceptions.Timeout:
+        raise DicomWebError(f"{url}: {what}: no answer in time") from None
+    except requests.exceptions.RequestException as exc:
+        raise DicomWebError(f"{url}: {what}: cannot reach the server ({type(exc).__name__})") from None
+
+
+def _value(entry: dict, tag: str) -> str:
+    return str((entry.get(tag, {}).get("Value") or [""])[0])
+
+
+def pick_series(client: Any, url: str, study: str, series: str | None) -> str:
+    """The series to segment: ``series`` if it is an image series of ``study``, else the study's one
+    image series (several: an error that lists them)."""
+    with server_errors(url, f"study {study}"):
+        found = client.search_for_series(study_instance_uid=study, fields=["Modality"])
+    if not found:
+        raise DicomWebError(f"{url}: study {study}: not found on the server")
+    modalities = {_value(e, SERIES_UID): _value(e, MODALITY).upper() for e in found}
+    if series is not None:
+        if series not in modalities:
+            raise DicomWebError(f"{url}: series {series} is not in study {study}")
+        if modalities[series] in NON_IMAGE:
+            raise DicomWebError(f"{url}: series {series} is not an image series (Modality {modalities[series]})")
+        return series
+    images = [uid for uid, mod in modalities.items() if mod not in NON_IMAGE]
+    if len(images) != 1:
+        listing = ", ".join(f"{uid} ({modalities[uid]})" for uid in images) or "none"
+        raise DicomWebError(f"{url}: study {study} has {len(images)} image series; pick one with --series: {listing}")
+    return images[0]
+
+
+def fetch_series(client: Any, url: str, study: str, series: str, folder: Path) -> list[Path]:
+    """Retrieve every instance of a series into ``folder``; their paths."""
+    with server_errors(url, f"series {series}"):
+        datasets = client.retrieve_series(study, series)
+    if not datasets or not all("PixelData" in ds for ds in datasets):
+        raise DicomWebError(f"{url}: series {series} is not an image series (no pixel data)")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(str(path), enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def store(client: Any, url: str, dataset: Any) -> None:
+    """Store one instance (STOW-RS); an error if the server does not accept it."""
+    with server_errors(url, "storing the segmentation"):
+        response = client.store_instances([dataset])
+    failed = response.get("FailedSOPSequence") if response is not None else None
+    if failed:
+        raise DicomWebError(f"{url}: the server refused the segmentation ({len(failed)} instance failed)")

@@ -1,0 +1,59 @@
+"""``imunet-run --dicomweb URL --study UID``: retrieve the study's image series, segment it, write
+the DICOM SEG locally (``--out``) and/or store it back (``--store``). One study, one report entry."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+from .batch import SEG_SUFFIX
+from .errors import ImunetError
+
+
+def run_dicomweb(seg, url: str, study: str, series: str | None, store: bool, out: Path | None, options: dict,
+                 quiet: bool) -> dict:  # fmt: skip
+    """Segment one series of a DICOMweb study; a failure is reported in one line, never raised."""
+    from .dicom_seg import segmentation, write_segmentation
+    from .dicomweb import connect, fetch_series, pick_series
+    from .dicomweb import store as store_instance
+    from .io import read_image, series_files, write_image_atomic
+    from .outputs import keep_labels
+
+    where = f"{url} study {study}"
+    try:
+        if out is not None and out.exists() and not options["overwrite"]:
+            raise ImunetError(f"{out}: exists; pass --overwrite to replace it")
+        client = connect(url)
+        uid = pick_series(client, url, study, series)
+        with tempfile.TemporaryDirectory(prefix="imunet-dicomweb-") as tmp:
+            t = time.perf_counter()
+            fetch_series(client, url, study, uid, Path(tmp))
+            image, files = read_image(Path(tmp), series=uid), series_files(Path(tmp), uid)
+            fetch_s = round(time.perf_counter() - t, 4)
+            label = keep_labels(seg.predict(image), options["keep"])
+            t = time.perf_counter()
+            dataset = segmentation(label, files, seg.bundle)  # built in full before anything is written or stored
+            seg_s = round(time.perf_counter() - t, 4)
+        if out is not None:
+            if out.name.lower().endswith(SEG_SUFFIX):
+                write_segmentation(dataset, out, options["overwrite"])
+            else:
+                write_image_atomic(label, out, options["overwrite"])
+        if store:
+            store_instance(client, url, dataset)
+    except Exception as exc:  # one study's failure is one line, never a traceback
+        known = isinstance(exc, ImunetError | ValueError | OSError)
+        msg = str(exc) if known else f"{where}: unexpected {type(exc).__name__}: {exc}"
+        typer.echo(f"FAILED {msg}", err=True)
+        return {"input": where, "ok": False, "error": msg}
+    stats = {**seg.last_stats, "fetch_s": fetch_s, "seg_s": seg_s}
+    for w in stats["warnings"]:
+        typer.echo(f"WARNING {where}: {w}", err=True)
+    if not quiet:
+        dest = " and ".join(x for x in (str(out) if out else "", "stored on the server" if store else "") if x)
+        vols = ", ".join(f"{k} {v:.2f} ml" for k, v in stats["volumes_ml"].items())
+        typer.echo(f"series {uid} -> DICOM SEG {dataset.SeriesInstanceUID} ({dest})  ({vols})")
+    return {"input": where, "series": uid, "seg_series": str(dataset.SeriesInstanceUID), "ok": True, **stats}
