@@ -32,10 +32,11 @@ from .onnx import (
     unsupported_by_tensorrt,
     verify_parity,
 )
-from .variants import quantize_decoder, variant_parity
+from .variants import quantize_convolutions, quantize_decoder, variant_parity
 from .wrappers import feature_layouts, feature_names, feature_shape
 
 PARITY_TOLERANCE = 1e-4
+FP16_BACKENDS = "tensorrt,ort-trt,ort-cuda,ort-cpu"  # onnxruntime's CPU runs them too (slowly): checks, tests
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, Any], torch.nn.Module]:
@@ -186,6 +187,41 @@ def _int8_variant(graphs: dict[str, Path], folder: Path, patch: tuple[int, int, 
     return {"decoder_int8": Variant(q.name, "decoder", "int8", "ort-cpu", check, quantization)}
 
 
+def calibration_patches(run_dir: Path, cfg: RunConfig, count: int = 32, seed: int = 0) -> list:
+    """Patches of the run's training cases, preprocessed as in training, half of them centred on
+    foreground: what static int8 quantisation calibrates its activation ranges on."""
+    import numpy as np
+
+    from imunet.data import DatasetStats, PreprocessedCache, read_dataset
+    from imunet.sampling import sample_patch
+
+    split = json.loads((run_dir / "split.json").read_text())
+    stats = DatasetStats.from_dict(json.loads((run_dir / "dataset_stats.json").read_text()))
+    info = read_dataset(cfg.dataset)
+    by_name = {c.name: c for c in info.cases}
+    cache = PreprocessedCache(run_dir / "preprocessed", stats)
+    rng = np.random.default_rng(seed)
+    names = sorted(split["train"])
+    picked = [names[i] for i in rng.choice(len(names), size=min(count, len(names)), replace=False)]
+    patches = []
+    for i, name in enumerate(picked):
+        image, label = cache.get(by_name[name])
+        patches.append(sample_patch(np.asarray(image), np.asarray(label), cfg.model.patch_size, i % 2 == 0, rng)[0])
+    return patches
+
+
+def _int8_convolutions(
+    run_dir: Path, cfg: RunConfig, graphs: dict[str, Path], folder: Path, log: Callable
+) -> dict[str, Variant]:
+    """The encoder's (or U-Net's) static int8 twin for OpenVINO, and its parity against fp32."""
+    graph = "model" if cfg.model.kind == "unet" else "encoder"
+    q = quantize_convolutions(graphs[graph], folder / f"{graph}_int8.onnx", calibration_patches(run_dir, cfg))
+    check = variant_parity(graphs, {graph: q}, cfg.model.patch_size)
+    log(f"int8 {graph}: max logit difference {check['max_abs_logit_diff']:.3f}, argmax {check['argmax_agreement']:.4f}")
+    method = "onnxruntime static QDQ: int8 weights per output channel, uint8 activations, 32 training patches"
+    return {f"{graph}_int8": Variant(q.name, graph, "int8", "openvino", check, method)}
+
+
 def _fp16_variants(
     model: torch.nn.Module, cfg: RunConfig, graphs: dict[str, Path], folder: Path, opset: int,
     layout: str | Sequence[str] | None, log: Callable,
@@ -205,8 +241,8 @@ def _fp16_variants(
     check = variant_parity(graphs, half, cfg.model.patch_size)
     log(f"fp16 graphs: max logit difference {check['max_abs_logit_diff']:.3f}, argmax {check['argmax_agreement']:.4f}")
     return {
-        f"{g}_fp16": Variant(p.name, g, "fp16", "gpu, and CPUs with fp16 arithmetic", check, "float16 weights and "
-                             "activations, explicit casts; normalisation, gather and encoding in float32")
+        f"{g}_fp16": Variant(p.name, g, "fp16", FP16_BACKENDS, check, "float16 weights and activations, explicit "
+                             "casts; normalisation, gather and encoding in float32")
         for g, p in half.items()
     }  # fmt: skip
 
@@ -247,6 +283,7 @@ def write_bundle(
     overlap: float | None = None,
     fp16: bool = True,
     keep_largest: tuple[int, ...] | None = None,
+    int8_convolutions: bool = False,
 ) -> Path:
     """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place).
 
@@ -255,7 +292,9 @@ def write_bundle(
     ``feature_layout`` is how ``encoder.onnx`` hands each level's feature map to ``decoder.onnx``
     (None: the default per level; the runtime reads any). ``overlap`` is written as the bundle's
     default window overlap (the runtime's ``--overlap`` overrides it). ``keep_largest``: labels the
-    runtime reduces to their largest component (None: the run's validation decision, if it made one)."""
+    runtime reduces to their largest component (None: the run's validation decision, if it made one).
+    ``int8_convolutions`` adds the encoder's (U-Net's) static int8 twin for OpenVINO, calibrated on
+    the run's training cases (the dataset must be where the run found it)."""
     if overlap is not None and not 0 <= overlap < 1:
         raise BundleError(f"overlap must be in [0, 1), got {overlap}")
     refuse_existing(out, overwrite)
@@ -270,6 +309,8 @@ def write_bundle(
             variants.update(_int8_variant(graphs, tmp, cfg.model.patch_size, log))
         if fp16:
             variants.update(_fp16_variants(model, cfg, graphs, tmp, opset, feature_layout, log))
+        if int8_convolutions:
+            variants.update(_int8_convolutions(run_dir, cfg, graphs, tmp, log))
         if keep_largest is None:
             keep_largest = tuple(validation_decision(run_dir))
         manifest = replace(manifest, tensorrt_ops_checked=True, variants=variants, keep_largest=keep_largest)

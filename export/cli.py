@@ -54,6 +54,9 @@ def export(
         help="Labels (names or numbers, comma-separated, or 'none') the runtime reduces to their largest "
         "component. Default: what the run's validation decided.",
     ),
+    int8_encoder: bool = typer.Option(
+        False, "--int8-encoder", help="Also a static int8 encoder (U-Net) for OpenVINO, calibrated on training patches."
+    ),
     sign: Optional[Path] = typer.Option(
         None, "--sign", help="Sign the bundle with this ed25519 private key (PEM; see imunet-export keygen)."
     ),
@@ -82,6 +85,7 @@ def export(
             feature_layout=None if feature_layout == "auto" else feature_layout,
             overlap=overlap,
             keep_largest=largest,
+            int8_convolutions=int8_encoder,
         )
     except (ImunetError, ValueError, OSError) as exc:
         _fail(str(exc))

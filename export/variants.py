@@ -4,6 +4,8 @@
   of its time is matrix products; with int8 weights and activations quantised per call onnxruntime
   runs integer products (VNNI on recent x86), about 2x faster per point. The encoder stays fp32
   (convolutions gain little from dynamic quantisation).
+- **int8 convolutions** (static, calibrated on training patches) of the encoder or U-Net for
+  OpenVINO, which runs them about 1.8x faster than its f32 (onnxruntime's CPU kernels gain nothing).
 - **fp16 graphs** of every graph, for GPUs (TensorRT builds them as strongly typed networks; the
   CUDA and TensorRT providers of onnxruntime run them as they are) and for the CPU where it has
   fp16 arithmetic. They are exported from PyTorch in half precision with explicit casts
@@ -37,6 +39,32 @@ def quantize_decoder(decoder: Path, out: Path) -> Path:
             per_channel=True,
             op_types_to_quantize=["MatMul", "Gemm"],
         )
+    finally:
+        root.setLevel(level)
+    return out
+
+
+def quantize_convolutions(graph: Path, out: Path, patches: list[np.ndarray]) -> Path:
+    """Write ``out``: ``graph`` (the encoder or the U-Net) with static int8 convolutions (QDQ format,
+    int8 weights per output channel, uint8 activations) calibrated on ``patches`` ``(Z, Y, X)``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Patches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(patches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            p = next(self.items, None)
+            return None if p is None else {"image": np.ascontiguousarray(p, dtype=np.float32)[None, None]}
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_static(
+            str(graph), str(out), Patches(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+        )  # fmt: skip
     finally:
         root.setLevel(level)
     return out

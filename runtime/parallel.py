@@ -18,7 +18,7 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-CPU_BACKENDS = ("ort-cpu",)
+CPU_BACKENDS = ("ort-cpu", "openvino")
 
 
 def cpu_count() -> int:

@@ -167,7 +167,7 @@ def test_engine_records_are_replaced_on_rebuild_and_unusable_engines_reported_by
     finalize_manifest(b, m)
     assert json.loads((b / "manifest.json").read_text())["files"][f"{folder}/encoder.plan"]  # hashed like every file
     backend = open_backend(load_bundle(b), "auto")
-    assert backend.name == "ort-cpu"
+    assert backend.name in ("ort-cpu", "openvino")  # a CPU backend, with the reason the engines were passed over
     assert len(backend.skipped) == 1 and backend.skipped[0].startswith("tensorrt: ")
 
 

@@ -90,9 +90,17 @@ class OrtBackend:
     """Runs a bundle's graphs with onnxruntime on the execution provider ``kind`` names.
 
     ``precision``: see :func:`.precision.graph_precisions`. ``threads``: intra-op threads per
-    session (0: onnxruntime's default, one per core)."""
+    session (0: onnxruntime's default, one per core). ``graphs``: load only these (another backend
+    runs the rest)."""
 
-    def __init__(self, bundle: Bundle, kind: str = "ort-cpu", threads: int = 0, precision: str = "auto") -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        kind: str = "ort-cpu",
+        threads: int = 0,
+        precision: str = "auto",
+        graphs: tuple[str, ...] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         if kind not in PROVIDERS:
@@ -108,7 +116,9 @@ class OrtBackend:
         self.name, self.bundle, self.manifest = kind, bundle, bundle.manifest
         self.max_points = self.manifest.max_points
         self.on_device = kind != "ort-cpu"
-        self.precisions = graph_precisions(bundle, kind, precision)
+        self.precisions = {
+            g: p for g, p in graph_precisions(bundle, kind, precision).items() if graphs is None or g in graphs
+        }
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -12,6 +12,7 @@ from ..errors import BackendError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle
+    from ..manifest import Variant
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 GPU_KINDS = ("ort-cuda", "ort-trt", "tensorrt")
@@ -31,12 +32,19 @@ def graph_precisions(bundle: Bundle, kind: str, precision: str) -> dict[str, str
     gpu = kind in GPU_KINDS
     if precision == "auto":
         precision = "fp16" if gpu else "int8"
-        if not bundle.has_precision(precision):
+        if not any(runs_on(bundle.variant_for(g, precision), kind) for g in graphs):
             return {g: "fp32" for g in graphs}
     if precision == "fp32":
         return {g: "fp32" for g in graphs}
     if precision == "int8" and gpu:
         raise BackendError("int8 graphs are for the CPU backends; GPUs run fp16 or fp32")
-    if not bundle.has_precision(precision):
-        raise BackendError(f"{bundle.path}: bundle has no {precision} graphs (re-export it with imunet-export)")
-    return {g: precision if bundle.variant_for(g, precision) else "fp32" for g in graphs}
+    if not any(runs_on(bundle.variant_for(g, precision), kind) for g in graphs):
+        raise BackendError(
+            f"{bundle.path}: bundle has no {precision} graphs for {kind} (re-export it with imunet-export)"
+        )
+    return {g: precision if runs_on(bundle.variant_for(g, precision), kind) else "fp32" for g in graphs}
+
+
+def runs_on(variant: Variant | None, kind: str) -> bool:
+    """Whether a variant is meant for backend ``kind`` (its ``backend`` lists backends, comma-separated)."""
+    return variant is not None and kind in (b.strip() for b in variant.backend.split(","))

@@ -1,0 +1,79 @@
+"""The OpenVINO backend: convolutions on OpenVINO (fp32, bf16, static int8), the decoder on
+onnxruntime, labels as onnxruntime's; every precision the runtime picks by itself checked on real scans."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from imunet.runtime import Segmenter
+from imunet.runtime.errors import BackendError
+
+from conftest import HIPPO
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+
+def has_bf16() -> bool:
+    from imunet.runtime.backends.openvino import cpu_has_bf16
+
+    return cpu_has_bf16(ov.Core())
+
+
+def test_precision_choices():
+    from imunet.runtime.backends.openvino import resolve_precision
+
+    assert resolve_precision("auto", True, True) == "bf16" and resolve_precision("auto", False, True) == "fp32"
+    assert resolve_precision("int8", False, True) == "int8"
+    with pytest.raises(BackendError, match="no bf16 arithmetic"):
+        resolve_precision("bf16", False, True)
+    with pytest.raises(BackendError, match="no int8 encoder graph for OpenVINO"):
+        resolve_precision("int8", True, False)
+    with pytest.raises(BackendError, match="not 'fp16'"):
+        resolve_precision("fp16", True, True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_labels_match_onnxruntime_on_phantoms(bundle_dir, unet_bundle_dir, phantom_dir, precision):
+    if precision == "bf16" and not has_bf16():
+        pytest.skip("this CPU has no bf16 arithmetic")
+    image = sitk.ReadImage(str(phantom_dir / "imagesTr" / "phantom_003_0000.nii.gz"))
+    for b in (bundle_dir, unet_bundle_dir):
+        ref = sitk.GetArrayFromImage(Segmenter(b, backend="ort-cpu", precision="fp32").predict(image))
+        seg = Segmenter(b, backend="openvino", precision=precision)
+        got = sitk.GetArrayFromImage(seg.predict(image))
+        assert seg.backend.precision.startswith(f"openvino {precision}") and seg.workers == 2
+        assert (got == ref).mean() >= (0.9999 if precision == "fp32" else 0.995)
+
+
+def test_the_decoder_and_its_encoding_never_run_in_openvino(bundle_dir):
+    seg = Segmenter(bundle_dir, backend="openvino")
+    ops = {op.get_type_name() for op in seg.backend.compiled.get_runtime_model().get_ops()}
+    assert "Sin" not in ops and "Cos" not in ops and "Gather" not in ops  # only the encoder is compiled there
+    assert seg.backend.decoder.name == "ort-cpu" and set(seg.backend.decoder.sessions) == {"decoder"}
+
+
+@pytest.mark.skipif(not HIPPO.is_dir(), reason="shared hippocampus data not present")
+def test_every_precision_auto_picks_keeps_the_labels_on_real_scans():
+    import json
+
+    from imunet.runtime.metrics import dice
+
+    from conftest import ROOT
+
+    cases = json.loads((ROOT / "docs" / "results" / "hippocampus_split.json").read_text())["val"][:4]
+    reference = Segmenter(backend="ort-cpu", precision="fp32")
+    candidates = [Segmenter(backend="ort-cpu"), Segmenter(backend="openvino")]
+    if has_bf16():
+        candidates.append(Segmenter(backend="openvino", precision="int8"))
+    for c in cases:
+        image = sitk.ReadImage(str(HIPPO / "imagesTr" / f"{c}_0000.nii.gz"))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(HIPPO / "labelsTr" / f"{c}.nii.gz")))
+        ref = sitk.GetArrayFromImage(reference.predict(image))
+        for seg in candidates:
+            got = sitk.GetArrayFromImage(seg.predict(image))
+            assert (got == ref).mean() >= 0.999, seg.backend.precision
+            assert abs(np.mean([dice(got, truth, k) - dice(ref, truth, k) for k in (1, 2)])) <= 0.01
+
+
+def test_auto_prefers_openvino_where_it_is_installed(bundle_dir):
+    assert Segmenter(bundle_dir).backend.name == "openvino"
