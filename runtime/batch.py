@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import image_suffix
+from .formats import image_suffix
 
 CHANNEL_SUFFIX = "_0000"
 SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, for DICOM series inputs

@@ -12,7 +12,7 @@ import typer
 
 from .batch import SEG_SUFFIX, Job, collect_inputs, output_suffix, plan
 from .errors import ImunetError, InputError
-from .io import WRITABLE_SUFFIXES
+from .formats import WRITABLE_SUFFIXES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 BUNDLE_DEFAULT = "Default: the bundle's."

@@ -18,25 +18,11 @@ import SimpleITK as sitk
 
 from .atomic import atomic_output
 from .errors import InputError, OutputError
+from .formats import WRITABLE_SUFFIXES, image_suffix
 
 sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's and GDCM's warnings never reach the user raw
 
 MODALITY_TAG = "0008|0060"
-
-#: File endings the runtime reads and writes as single files.
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-#: Those written as one file (a detached header and its data cannot be renamed into place together).
-WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-def image_suffix(path: Path) -> str:
-    """The known image suffix of ``path`` (``.nii.gz`` counts as one), or ``""``."""
-    name = path.name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return ""
-
 
 @dataclass(frozen=True)
 class Geometry:
