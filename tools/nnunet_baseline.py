@@ -141,17 +141,44 @@ def train(work: Path, minutes: float, iterations: int, name: str) -> None:
     (Path(trainer.output_folder) / "budget.json").write_text(json.dumps(report, indent=1))
 
 
+def load_predictor(folder: Path, mirroring: bool):
+    """nnU-Net's predictor on the final checkpoint, set up by hand: its own set-up searches every
+    trainer module by name (ours is not among them, and importing them all pulls in torchvision)."""
+    import numpy as np
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans, dataset_json = load_json(folder / "plans.json"), load_json(folder / "dataset.json")
+    manager = PlansManager(plans)
+    config = manager.get_configuration("3d_fullres")
+    numpy_types = [np._core.multiarray.scalar, np.dtype, type(np.dtype("float64")), type(np.dtype("float32"))]
+    with torch.serialization.safe_globals(numpy_types):  # nnU-Net stores numpy scalars in its logs
+        ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    network = nnUNetTrainer.build_network_architecture(
+        manager, config, determine_num_input_channels(manager, config, dataset_json),
+        manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False,
+    )  # fmt: skip
+    predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.manual_initialization(
+        network, manager, config, [ckpt["network_weights"]], dataset_json, ckpt["trainer_name"],
+        ckpt["inference_allowed_mirroring_axes"],
+    )  # fmt: skip
+    return predictor
+
+
 def predict(work: Path, name: str, out: Path, mirroring: bool) -> None:
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     torch.set_num_threads(2)
     folder = work / "results" / DATASET / f"nnUNetTrainerBudget_{name}__nnUNetPlans__3d_fullres"
     split = json.loads(SPLIT.read_text())
     images = work / "raw" / DATASET / "imagesTr"
     cases = [[str(images / f"{c}_0000.nii.gz")] for c in split["val"]]
-    predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    predictor = load_predictor(folder, mirroring)
     out.mkdir(parents=True, exist_ok=True)
     t = time.time()
     predictor.predict_from_files_sequential(cases, str(out), save_probabilities=False, overwrite=True)
