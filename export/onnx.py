@@ -3,7 +3,7 @@
 Graph contract (names are fixed; the manifest records shapes):
 - ``encoder.onnx``: ``image`` (1, 1, Z, Y, X) float32 -> ``f0 .. f{L-1}``, each (Z_b, Y_b, X_b, C_b)
   (``channels_last``) or (1, C_b, Z_b, Y_b, X_b) (``channels_first``); the manifest's
-  ``decoder.feature_layout`` lists one per level (absent: all channels-first, bundles before session 6).
+  ``decoder.feature_layout`` lists one per level (absent: all channels-first, as older bundles were).
 - ``decoder.onnx``: ``f0 .. f{L-1}`` + ``points`` (N, 3) int32 -> ``logits`` (N, C); N dynamic.
 - ``model.onnx`` (U-Net baseline): ``image`` -> ``logits`` (1, C, Z, Y, X).
 """

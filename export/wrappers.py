@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "fp16")
 
 
 def default_feature_layouts(levels: int) -> tuple[str, ...]:
-    """Level 0 channels-first, deeper levels channels-last (measured in docs/BENCHMARKS.md, session 6).
+    """Level 0 channels-first, deeper levels channels-last (measured: docs/DESIGN-NOTES.md, "The gather").
 
     Transposing a map costs the encoder time in proportion to its size; a channels-last map saves
     the decoder ``C_b`` scattered reads per point. Level 0 is the largest map with the fewest

@@ -3,7 +3,7 @@
 onnxruntime releases the GIL inside ``run``, so two threads each running a single-threaded session
 keep two cores busy, and one window's numpy (refinement, blending) overlaps the other's graph.
 On a 2-core CPU that beats one window at a time on a two-threaded session, because small 3-D
-convolutions scale poorly across threads (docs/BENCHMARKS.md, session 6). Results are yielded in
+convolutions scale poorly across threads (docs/DESIGN-NOTES.md, "Two windows in flight"). Results are yielded in
 submission order, so accumulation stays in the caller's thread and is deterministic.
 """
 

@@ -304,6 +304,6 @@ def test_manifest_reads_the_feature_layout_and_defaults_old_bundles_to_channels_
     assert load_bundle(bundle_dir).manifest.feature_layout == ("channels_first",) + ("channels_last",) * 3
     old = copy_bundle(bundle_dir, tmp_path)
     m = json.loads((old / "manifest.json").read_text())
-    del m["decoder"]["feature_layout"]  # as written before session 6
+    del m["decoder"]["feature_layout"]  # as older exporters wrote it
     (old / "manifest.json").write_text(json.dumps(m))
     assert load_bundle(old).manifest.feature_layout == ("channels_first",) * 4
