@@ -40,10 +40,10 @@ def run(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output file (one scan) or folder, created if missing. Default: the current folder."
     ),
-    backend: str = typer.Option("auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt."),
+    backend: str = typer.Option("auto", help="auto | ort-cpu | openvino | ort-cuda | ort-trt | tensorrt."),
     precision: str = typer.Option(
         "auto",
-        help="auto | fp32 | fp16 | int8. auto: the int8 decoder on the CPU, fp16 graphs on a GPU, where shipped.",
+        help="auto | fp32 | fp16 | int8 | bf16 (openvino). auto: the fastest the bundle and the machine allow.",
     ),
     mode: Optional[str] = typer.Option(None, help=f"adaptive | sparse | dense (implicit bundles). {BUNDLE_DEFAULT}"),
     overlap: Optional[float] = typer.Option(None, help=f"Sliding-window overlap in [0, 1). {BUNDLE_DEFAULT}"),
