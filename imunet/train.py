@@ -338,18 +338,10 @@ def train(
             if ddp.main:
                 progress.retarget(cfg.train.steps)  # type: ignore[union-attr]
                 cfg.save(run_dir / "config.json")
-        step_s, val_mean = time.perf_counter() - t0, ""
         last = state.step == cfg.train.steps
-        if ddp.main and data.val and (last or (cfg.train.val_every and state.step % cfg.train.val_every == 0)):
-            metrics = validate(state.model, data.val, cfg, device)
-            val_mean = f"{metrics['val_dice_mean']:.4f}"
-            per_label = ", ".join(f"{k} {v:.4f}" for k, v in metrics["val_dice_by_name"].items())
-            say(f"step {state.step}: validation Dice {per_label} (mean {val_mean})")
         if ddp.main:
-            state.history.append({"step": state.step, "loss": loss, "val": val_mean})
-            row = [state.step, f"{loss:.5f}", f"{_lr(cfg, state.step - 1):.3g}", f"{step_s:.4f}", f"{data_s:.4f}"]
-            with log_path.open("a") as fh:
-                csv.writer(fh).writerow([*row, f"{augment_s:.4f}", val_mean])
+            timings = (time.perf_counter() - t0, data_s, augment_s)
+            metrics = record_step(state, cfg, data, device, loss, timings, log_path, say) or metrics
             progress.update(state.step, loss)  # type: ignore[union-attr]
         if state.step % cfg.train.checkpoint_every == 0 or last:
             state.save(run_dir / CHECKPOINT, cfg, data.stats, ddp)
@@ -358,6 +350,27 @@ def train(
     if ddp.main:
         metrics = finish(run_dir, cfg, state, metrics, time.perf_counter() - t_start, device, ddp)
     ddp.barrier()
+    return metrics
+
+
+def record_step(
+    state: TrainState, cfg: RunConfig, data: RunData, device: torch.device, loss: float,
+    timings: tuple[float, float, float], log_path: Path, say: Callable[[str], None],
+) -> dict[str, Any] | None:  # fmt: skip
+    """Validate when due (every ``val_every`` steps and at the end), append the step to the history
+    and to ``log.csv``; the validation metrics when it validated."""
+    metrics, val_mean = None, ""
+    due = state.step == cfg.train.steps or (cfg.train.val_every and state.step % cfg.train.val_every == 0)
+    if data.val and due:
+        metrics = validate(state.model, data.val, cfg, device)
+        val_mean = f"{metrics['val_dice_mean']:.4f}"
+        per_label = ", ".join(f"{k} {v:.4f}" for k, v in metrics["val_dice_by_name"].items())
+        say(f"step {state.step}: validation Dice {per_label} (mean {val_mean})")
+    state.history.append({"step": state.step, "loss": loss, "val": val_mean})
+    step_s, data_s, augment_s = timings
+    row = [state.step, f"{loss:.5f}", f"{_lr(cfg, state.step - 1):.3g}", f"{step_s:.4f}", f"{data_s:.4f}"]
+    with log_path.open("a") as fh:
+        csv.writer(fh).writerow([*row, f"{augment_s:.4f}", val_mean])
     return metrics
 
 
