@@ -24,6 +24,7 @@ sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's and GDCM's warnings n
 
 MODALITY_TAG = "0008|0060"
 
+
 @dataclass(frozen=True)
 class Geometry:
     """The physical grid of a 3D scan, in SimpleITK's ``(x, y, z)`` order."""

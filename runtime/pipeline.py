@@ -26,7 +26,7 @@ from .domain import dicom_modality, domain_warnings, summarise
 from .errors import BundleError, InputError
 from .inference import predict_labels, predict_probabilities
 from .io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_image
-from .mirroring import MirroredBackend
+from .mirroring import MirroredBackend, flips
 from .orientation import orientation_code, reorient
 from .parallel import CPU_BACKENDS, default_workers, threads_per_worker
 from .postprocess import keep_largest
@@ -102,9 +102,10 @@ class Segmenter:
         self.last_stats: dict = {}
 
     def _open(self, kind: str, threads: int = 0) -> Backend:
-        backend = open_backend(self.bundle, kind, self._precision, cpu_threads=threads)
+        m = self.bundle.manifest
+        slots = len(flips(m.mirror_axes)) if self.settings.tta else 1
+        backend = open_backend(self.bundle, kind, self._precision, cpu_threads=threads, feature_slots=slots)
         if self.settings.tta:
-            m = self.bundle.manifest
             wrapped = MirroredBackend(backend, m.mirror_axes, m.patch_size)
             wrapped.skipped = getattr(backend, "skipped", [])  # type: ignore[attr-defined]
             return wrapped  # type: ignore[return-value]

@@ -15,11 +15,11 @@ KINDS = ("auto", "ort-cpu", "openvino", "ort-cuda", "ort-trt", "tensorrt")
 __all__ = ["Backend", "KINDS", "open_backend"]
 
 
-def _open(bundle: Bundle, kind: str, precision: str, cpu_threads: int) -> Backend:
+def _open(bundle: Bundle, kind: str, precision: str, cpu_threads: int, feature_slots: int = 1) -> Backend:
     if kind == "tensorrt":
         from .trt import TensorRTBackend
 
-        return TensorRTBackend(bundle, precision)
+        return TensorRTBackend(bundle, precision, feature_slots)
     if kind == "openvino":
         from .openvino import OpenVinoBackend
 
@@ -29,7 +29,9 @@ def _open(bundle: Bundle, kind: str, precision: str, cpu_threads: int) -> Backen
     return OrtBackend(bundle, kind, threads=cpu_threads if kind == "ort-cpu" else 0, precision=precision)
 
 
-def open_backend(bundle: Bundle, kind: str = "auto", precision: str = "auto", cpu_threads: int = 0) -> Backend:
+def open_backend(
+    bundle: Bundle, kind: str = "auto", precision: str = "auto", cpu_threads: int = 0, feature_slots: int = 1
+) -> Backend:
     """The backend ``kind`` for ``bundle``.
 
     ``auto`` tries native TensorRT (when the bundle has engines), then onnxruntime's CUDA provider
@@ -37,11 +39,12 @@ def open_backend(bundle: Bundle, kind: str = "auto", precision: str = "auto", cp
     convolutions), then onnxruntime on the CPU; the reason each backend was passed over is kept in the
     returned backend's ``skipped`` list, so callers can say why. A named backend
     that cannot be opened is an error. ``precision``: see :mod:`.precision`. ``cpu_threads``:
-    onnxruntime intra-op threads of a CPU backend (0: one per core)."""
+    onnxruntime intra-op threads of a CPU backend (0: one per core). ``feature_slots``: windows whose
+    feature maps must stay alive at once (test-time mirroring encodes each window once per flip)."""
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
     if kind != "auto":
-        return _open(bundle, kind, precision, cpu_threads)
+        return _open(bundle, kind, precision, cpu_threads, feature_slots)
     from .ort import available_providers
 
     skipped: list[str] = []
@@ -54,7 +57,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", precision: str = "auto", cp
         candidates.append("openvino")
     for name in candidates:
         try:
-            backend = _open(bundle, name, precision, cpu_threads)
+            backend = _open(bundle, name, precision, cpu_threads, feature_slots)
         except ImunetError as exc:
             skipped.append(f"{name}: {exc}")
             continue
