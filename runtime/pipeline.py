@@ -96,9 +96,12 @@ class Segmenter:
             raise ValueError(f"workers must be >= 1, got {workers}")
         cpu_workers = workers if workers is not None else default_workers("ort-cpu")
         self._precision = precision
-        self.backend = self._open(backend, threads_per_worker(cpu_workers))
+        # One window at a time on every core: what a scan of one window needs, and all a GPU runs. The
+        # CPU pool (one thread per window in flight) opens with the first scan of several windows, so a
+        # one-scan command opens one backend, not two (docs/BENCHMARKS.md, start-up).
+        self.backend = self._open(backend)
         self.workers = cpu_workers if self.backend.name in CPU_BACKENDS else 1
-        self._one_window_backend: Backend | None = None  # all cores on one window; opened when first needed
+        self._pool_backend: Backend | None = None
         self.last_stats: dict = {}
 
     def _open(self, kind: str, threads: int = 0) -> Backend:
@@ -118,11 +121,11 @@ class Segmenter:
             return self.backend, 1
         patch = self.bundle.manifest.patch_size
         padded = tuple(max(n, p) for n, p in zip(shape, patch))
-        if len(window_slices(padded, patch, self.settings.overlap)) > 1:
-            return self.backend, self.workers
-        if self._one_window_backend is None:
-            self._one_window_backend = self._open(self.backend.name)
-        return self._one_window_backend, 1
+        if len(window_slices(padded, patch, self.settings.overlap)) == 1:
+            return self.backend, 1
+        if self._pool_backend is None:
+            self._pool_backend = self._open(self.backend.name, threads_per_worker(self.workers))
+        return self._pool_backend, self.workers
 
     @property
     def backend_name(self) -> str:
@@ -254,8 +257,8 @@ class Segmenter:
 
     def close(self) -> None:
         self.backend.close()
-        if self._one_window_backend is not None:
-            self._one_window_backend.close()
+        if self._pool_backend is not None:
+            self._pool_backend.close()
 
     def __enter__(self) -> Segmenter:
         return self
