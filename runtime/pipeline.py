@@ -104,10 +104,10 @@ class Segmenter:
         self._pool_backend: Backend | None = None
         self.last_stats: dict = {}
 
-    def _open(self, kind: str, threads: int = 0) -> Backend:
+    def _open(self, kind: str, threads: int = 0, callers: int = 1) -> Backend:
         m = self.bundle.manifest
         slots = len(flips(m.mirror_axes)) if self.settings.tta else 1
-        backend = open_backend(self.bundle, kind, self._precision, cpu_threads=threads, feature_slots=slots)
+        backend = open_backend(self.bundle, kind, self._precision, threads, slots, callers)
         if self.settings.tta:
             wrapped = MirroredBackend(backend, m.mirror_axes, m.patch_size)
             wrapped.skipped = getattr(backend, "skipped", [])  # type: ignore[attr-defined]
@@ -124,7 +124,7 @@ class Segmenter:
         if len(window_slices(padded, patch, self.settings.overlap)) == 1:
             return self.backend, 1
         if self._pool_backend is None:
-            self._pool_backend = self._open(self.backend.name, threads_per_worker(self.workers))
+            self._pool_backend = self._open(self.backend.name, threads_per_worker(self.workers), self.workers)
         return self._pool_backend, self.workers
 
     @property

@@ -15,7 +15,9 @@ KINDS = ("auto", "ort-cpu", "openvino", "ort-cuda", "ort-trt", "tensorrt")
 __all__ = ["Backend", "KINDS", "open_backend"]
 
 
-def _open(bundle: Bundle, kind: str, precision: str, cpu_threads: int, feature_slots: int = 1) -> Backend:
+def _open(
+    bundle: Bundle, kind: str, precision: str, cpu_threads: int, feature_slots: int = 1, callers: int = 1
+) -> Backend:
     if kind == "tensorrt":
         from .trt import TensorRTBackend
 
@@ -23,14 +25,19 @@ def _open(bundle: Bundle, kind: str, precision: str, cpu_threads: int, feature_s
     if kind == "openvino":
         from .openvino import OpenVinoBackend
 
-        return OpenVinoBackend(bundle, precision, threads=cpu_threads)
+        return OpenVinoBackend(bundle, precision, threads=cpu_threads, streams=callers)
     from .ort import OrtBackend
 
     return OrtBackend(bundle, kind, threads=cpu_threads if kind == "ort-cpu" else 0, precision=precision)
 
 
 def open_backend(
-    bundle: Bundle, kind: str = "auto", precision: str = "auto", cpu_threads: int = 0, feature_slots: int = 1
+    bundle: Bundle,
+    kind: str = "auto",
+    precision: str = "auto",
+    cpu_threads: int = 0,
+    feature_slots: int = 1,
+    callers: int = 1,
 ) -> Backend:
     """The backend ``kind`` for ``bundle``.
 
@@ -40,11 +47,13 @@ def open_backend(
     returned backend's ``skipped`` list, so callers can say why. A named backend
     that cannot be opened is an error. ``precision``: see :mod:`.precision`. ``cpu_threads``:
     onnxruntime intra-op threads of a CPU backend (0: one per core). ``feature_slots``: windows whose
-    feature maps must stay alive at once (test-time mirroring encodes each window once per flip)."""
+    feature maps must stay alive at once (test-time mirroring encodes each window once per flip).
+    ``callers``: threads that call the backend at once (the CPU pool's workers), each with
+    ``cpu_threads`` threads of its own."""
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
     if kind != "auto":
-        return _open(bundle, kind, precision, cpu_threads, feature_slots)
+        return _open(bundle, kind, precision, cpu_threads, feature_slots, callers)
     from .ort import available_providers
 
     skipped: list[str] = []
@@ -57,7 +66,7 @@ def open_backend(
         candidates.append("openvino")
     for name in candidates:
         try:
-            backend = _open(bundle, name, precision, cpu_threads, feature_slots)
+            backend = _open(bundle, name, precision, cpu_threads, feature_slots, callers)
         except ImunetError as exc:
             skipped.append(f"{name}: {exc}")
             continue

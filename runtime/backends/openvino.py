@@ -57,7 +57,7 @@ class OpenVinoBackend:
 
     name = "openvino"
 
-    def __init__(self, bundle: Bundle, precision: str = "auto", threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle, precision: str = "auto", threads: int = 0, streams: int = 1) -> None:
         ov = import_openvino()
         core = ov.Core()
         m = bundle.manifest
@@ -66,13 +66,16 @@ class OpenVinoBackend:
             precision, cpu_has_bf16(core), bundle.variant_for(graph, "int8") is not None
         )
         self.bundle, self.manifest, self.max_points = bundle, m, m.max_points
+        # One stream per calling thread: a stream runs one request at a time, so workers sharing one
+        # stream wait for each other (22.4 against 12.5 ms per encoder window with two workers on 2
+        # cores, docs/DESIGN-NOTES.md). ``threads`` is per stream, as onnxruntime's is per session.
         config = {
             "INFERENCE_PRECISION_HINT": HINT[self.conv_precision],
-            "NUM_STREAMS": 1,
+            "NUM_STREAMS": streams,
             "PERFORMANCE_HINT": "LATENCY",
         }
         if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
+            config["INFERENCE_NUM_THREADS"] = threads * streams
         source = bundle.graph_file(graph, "int8" if self.conv_precision == "int8" else None)
         try:
             self.compiled = core.compile_model(core.read_model(io.BytesIO(bundle.read(source))), "CPU", config)
