@@ -77,3 +77,16 @@ def test_every_precision_auto_picks_keeps_the_labels_on_real_scans():
 
 def test_auto_prefers_openvino_where_it_is_installed(bundle_dir):
     assert Segmenter(bundle_dir).backend.name == "openvino"
+
+
+def test_two_workers_get_a_stream_each_and_the_same_labels(bundle_dir, phantom_dir):
+    image = sitk.ReadImage(str(phantom_dir / "imagesTr" / "phantom_003_0000.nii.gz"))
+    image = sitk.Tile([image] * 4, [2, 2, 1])  # several windows: the two-worker pool runs them
+    one = sitk.GetArrayFromImage(Segmenter(bundle_dir, backend="openvino", precision="fp32", workers=1).predict(image))
+    seg = Segmenter(bundle_dir, backend="openvino", precision="fp32", workers=2)
+    two = sitk.GetArrayFromImage(seg.predict(image))
+    assert seg.last_stats["workers"] == 2 and seg.last_stats["windows"] > 1
+    # one stream per worker: workers sharing one stream wait for each other (docs/DESIGN-NOTES.md)
+    assert int(seg._pool_backend.compiled.get_property("NUM_STREAMS")) == 2
+    assert int(seg.backend.compiled.get_property("NUM_STREAMS")) == 1
+    assert np.array_equal(one, two)
