@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Hashable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .boxes import OwnerBox, owner_boxes
+from .constant_windows import ConstantMaps, ConstantWindows
 from .labels import smoothed_argmax
 from .lattice import refine_box
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
@@ -48,6 +49,7 @@ class InferenceStats:
     total_s: float = 0.0
     skipped_refinement: int = 0  # sparse mode: windows whose broad mesh had no boundary
     windows_reused: int = 0  # constant windows whose result was reused rather than recomputed
+    constant_windows: int = 0  # adaptive mode: constant windows read from their value's map
     workers: int = 1  # windows in flight at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -74,6 +76,7 @@ class InferenceStats:
             "loop_s": round(self.total_s, 4),
             "windows_without_boundary": self.skipped_refinement,
             "windows_reused": self.windows_reused,
+            "constant_windows": self.constant_windows,
             "workers": self.workers,
         }
 
@@ -107,36 +110,6 @@ class PointDecoder:
         features = self.backend.encode(np.ascontiguousarray(patch))
         self.stats.add(encode_s=time.perf_counter() - t)
         return features
-
-
-class ConstantWindows:
-    """Windows whose input is one value everywhere (padding, masked air) are computed once per key:
-    the first such window is computed, later ones with the same key reuse its exact result."""
-
-    def __init__(self, limit: int = 8) -> None:
-        self.first: dict[Hashable, int] = {}
-        self.limit = limit
-        self.results: dict[int, object] = {}
-
-    def lookup(self, index: int, patch: np.ndarray, key: Callable[[float], Hashable]) -> int | None:
-        """The index of an earlier window whose result ``index`` reuses, else None (compute it)."""
-        if patch.min() != patch.max():
-            return None
-        k = key(float(patch.flat[0]))
-        if k in self.first:
-            return self.first[k]
-        if len(self.first) < self.limit:
-            self.first[k] = index
-        return None
-
-    def resolve(self, index: int, result: object | None, same_as: int | None, stats: InferenceStats) -> object:
-        """The result of window ``index``: its own, or the reused one; remembers what may be reused."""
-        if result is None:
-            stats.windows_reused += 1
-            return self.results[same_as]  # type: ignore[index]
-        if index in self.first.values():
-            self.results[index] = result
-        return result
 
 
 def window_probabilities(
@@ -206,6 +179,19 @@ def accumulate_blended(
     return acc, wsum
 
 
+def decode_every_voxel(decode: PointDecoder, window: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Probabilities ``(Z, Y, X, C)`` of every voxel of a window: one encoding, all voxels decoded.
+
+    In calls of ``chunk`` neighbouring points, about what one box's lattice asks at a time: the int8
+    decoder scales activations per call, and on an air-framed test volume 512-point calls agreed
+    with fp32 on more voxels than one call of the whole window (914 against 2,121 of 1,008,000
+    voxels differing)."""
+    features = decode.encode(window)
+    grid = np.indices(window.shape, dtype=np.int32).reshape(3, -1).T
+    probs = [decode(features, grid[i : i + chunk]) for i in range(0, len(grid), chunk)]
+    return np.concatenate(probs).reshape(*window.shape, -1)
+
+
 def accumulate_owner_boxes(
     padded: np.ndarray,
     decode: PointDecoder,
@@ -220,6 +206,7 @@ def accumulate_owner_boxes(
     boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride)
     limits = tuple(s - 1 for s in padded.shape)
     cache = ConstantWindows(limit=8)
+    maps = ConstantMaps(lambda window: decode_every_voxel(decode, window))
     probs: np.ndarray | None = None
 
     def window_of(box: OwnerBox) -> tuple[slice, ...]:
@@ -235,8 +222,12 @@ def accumulate_owner_boxes(
         box, same_as = job
         if same_as is not None:
             return None, same_as
-        features = decode.encode(padded[window_of(box)])
+        window = padded[window_of(box)]
         inside = tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size))
+        known = maps.get(window)  # air or padding: every voxel's probabilities, decoded once per value
+        if known is not None:
+            return refine_box(lambda pts: known[pts[:, 0], pts[:, 1], pts[:, 2]], box, inside, settings.stride), None
+        features = decode.encode(window)
         return refine_box(lambda pts: decode(features, pts), box, inside, settings.stride), None
 
     for i, (box, (out, same_as)) in enumerate(zip(boxes, ordered_map(compute, jobs(), workers))):
@@ -248,6 +239,7 @@ def accumulate_owner_boxes(
         stats.windows += 1
         if progress is not None:
             progress(i + 1, len(boxes))
+    stats.constant_windows = maps.served
     assert probs is not None  # a padded volume always has a box
     return probs
 

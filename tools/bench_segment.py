@@ -94,7 +94,17 @@ def child(path: str, options: str, inputs: str, out: str) -> None:
         walls.append(time.perf_counter() - t)
         stats.append(getattr(seg, "last_stats", {}))
     np.savez_compressed(out, **labels)
-    keys = ("points_per_voxel", "windows", "encode_s", "decode_s", "workers", "precision", "backend")
+    keys = (
+        "points_per_voxel",
+        "windows",
+        "windows_reused",
+        "constant_windows",
+        "encode_s",
+        "decode_s",
+        "workers",
+        "precision",
+        "backend",
+    )
     summary = {k: stats[-1][k] for k in keys if k in stats[-1]}
     print(json.dumps({"wall_s": median(walls), "peak_rss_gib": peak_rss_gib(), **summary}))
 
@@ -108,7 +118,13 @@ def volumes(args: argparse.Namespace, work: Path) -> tuple[list[str], list[np.nd
         return inputs, truth
     from volumes import held_out_volume
 
-    image, label = held_out_volume(tuple(args.size), args.phantom_seed)
+    image, label = held_out_volume(tuple(args.content or args.size), args.phantom_seed)
+    if args.content:  # the packed crops in the centre, air (a constant) around them
+        frame = np.zeros(args.size, np.float32)
+        framed = np.zeros(args.size, np.uint8)
+        box = tuple(slice((n - c) // 2, (n - c) // 2 + c) for n, c in zip(args.size, args.content))
+        frame[box], framed[box] = sitk.GetArrayFromImage(image), label
+        image, label = sitk.GetImageFromArray(frame), framed
     sitk.WriteImage(image, str(work / "volume.nii"))
     return [str(work / "volume.nii")], [label]
 
@@ -130,12 +146,21 @@ def main() -> None:
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="a packed volume of this size")
     where.add_argument("--scans", type=int, help="the first N held-out scans, one at a time")
+    ap.add_argument(
+        "--content",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="with --size: pack crops into a centred block of this size only; the rest is air (a constant)",
+    )
     ap.add_argument("--phantom-seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", help="configuration the time ratios are taken against")
     ap.add_argument("--reference", help="configuration whose labels the others are compared with")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.content and (not args.size or any(c > n for c, n in zip(args.content, args.size))):
+        ap.error("--content needs --size, and must fit inside it")
     configs = [parse_config(c) for c in args.config]
     with tempfile.TemporaryDirectory(prefix="imunet-bench-") as tmp:
         work = Path(tmp)
