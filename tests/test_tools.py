@@ -134,3 +134,17 @@ def test_bench_segment_config_syntax():
 
     with pytest.raises(SystemExit, match="NAME=PATH"):
         parse_config("nothing")
+
+
+def test_grouped_encoder_windows_cover_the_axis_with_fewer_voxels():
+    from bench_encoder_windows import grouped_extents
+
+    from imunet.runtime.windows import window_starts
+
+    one = grouped_extents(512, 56, 0.3, 4, 1, 8)
+    assert one == [56] * len(window_starts(512, 56, 0.3))  # the runtime's windows, one per owner box
+    for k in (2, 4):
+        grouped = grouped_extents(512, 56, 0.3, 4, k, 8)
+        assert len(grouped) == -(-len(one) // k)
+        assert all(e % 8 == 0 or e == 512 for e in grouped) and all(56 <= e <= 512 for e in grouped)
+        assert sum(grouped) < sum(one)
