@@ -12,6 +12,7 @@ class TorchBackend:
     """The :class:`imunet.runtime.backends.base.Backend` protocol over a PyTorch model."""
 
     name = "torch"
+    features_reusable = True  # every encoder call returns new tensors
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", max_points: int = 65536) -> None:
         self.model = model

@@ -1,25 +1,22 @@
 """Windows whose input is one value everywhere (padding, air after a CT clip): computed once.
 
-Two levels of reuse:
+Two levels of reuse, both exact (the graphs are deterministic functions of their input):
 
 - :class:`ConstantWindows`: a later window with the same value *and* the same decoding geometry
-  takes the first one's result (its probabilities) exactly, without any graph call;
-- :class:`ConstantMaps`: in adaptive mode the owner boxes differ in size and offset, so few such
-  keys repeat; instead the first constant window of a value is encoded once and *every* voxel of
-  it decoded once, and each later constant window of that value reads its lattice points from
-  that map. A point's probabilities are a function of the features (the same for every window of
-  that value) and its window-local position, so the map holds what decoding would give, up to the
-  int8 decoder's per-call activation scale (tests/test_constant_windows.py).
+  takes the first one's result (its probabilities) without any graph call;
+- :class:`SharedFeatures`: in adaptive mode the owner boxes differ in size and offset, so few such
+  keys repeat; a constant window of another geometry takes the first one's encoder features and
+  only decodes its box's lattice, with the same calls it would make after its own encoding.
 
 Neither decides anything from intensities beyond "every voxel equal": a window with any structure
-in it is encoded and decoded as usual (docs/DESIGN-NOTES.md, "Air and padding").
+in it is encoded as usual (docs/DESIGN-NOTES.md, "Air and padding").
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -69,41 +66,42 @@ class ConstantWindows:
         return result
 
 
-class ConstantMaps:
-    """Class probabilities ``(Z, Y, X, C)`` of every voxel of a constant window, one map per value,
-    computed once by the first thread that asks for that value and shared with the others.
+class SharedFeatures:
+    """Encoder features of constant windows, one encoding per value, shared across threads.
 
-    ``dense(patch)`` returns the probabilities of every voxel of a patch (encode, then decode every
-    voxel). At most ``limit`` values get a map; a window of another value is not served."""
+    ``encode(patch)`` encodes a window; a constant one is encoded by the first thread that asks for
+    its value, and later askers wait for and share that result. Features stay alive for the whole
+    volume, so at most ``limit`` values are shared (padding and air are one or two). Only for
+    backends whose features stay valid after later encoder calls (``features_reusable``)."""
 
-    def __init__(self, dense: Callable[[np.ndarray], np.ndarray], limit: int = 8) -> None:
-        self._dense, self._limit = dense, limit
+    def __init__(self, encode: Callable[[np.ndarray], Any], limit: int = 2) -> None:
+        self._encode, self._limit = encode, limit
         self._lock = threading.Lock()
         self._done: dict[float, threading.Event] = {}
-        self._maps: dict[float, np.ndarray] = {}
-        self.served = 0  # windows answered from a map
+        self._features: dict[float, Any] = {}
+        self.shared = 0  # encoder calls saved
 
-    def get(self, patch: np.ndarray) -> np.ndarray | None:
-        """The map for a constant ``patch`` (computed now if it is the first of its value), else None."""
+    def encode(self, patch: np.ndarray) -> Any:
+        """Features of ``patch``: computed, or those of an earlier constant window of the same value."""
         value = constant_value(patch)
         if value is None:
-            return None
+            return self._encode(patch)
         with self._lock:
             event = self._done.get(value)
             owner = event is None and len(self._done) < self._limit
             if owner:
                 event = self._done[value] = threading.Event()
         if event is None:  # more distinct values than the limit
-            return None
+            return self._encode(patch)
         if owner:
             try:
-                self._maps[value] = self._dense(patch)
+                self._features[value] = self._encode(patch)
             finally:
-                event.set()  # if the owner failed, the waiters below decode on their own
-        else:
-            event.wait()
-        found = self._maps.get(value)
-        if found is not None:
-            with self._lock:
-                self.served += 1
-        return found
+                event.set()  # if the owner failed, the waiters below encode on their own
+            return self._features[value]
+        event.wait()
+        if value not in self._features:
+            return self._encode(patch)
+        with self._lock:
+            self.shared += 1
+        return self._features[value]

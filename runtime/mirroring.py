@@ -36,6 +36,7 @@ class MirroredBackend:
     def __init__(self, backend: Backend, axes: tuple[int, ...], patch_size: tuple[int, int, int]) -> None:
         self.backend, self.flips, self.patch = backend, flips(axes), np.asarray(patch_size)
         self.name, self.max_points = backend.name, backend.max_points
+        self.features_reusable = getattr(backend, "features_reusable", False)
         self.precision = getattr(backend, "precision", "fp32")
 
     def encode(self, patch: np.ndarray) -> list[Any]:

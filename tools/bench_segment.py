@@ -98,7 +98,7 @@ def child(path: str, options: str, inputs: str, out: str) -> None:
         "points_per_voxel",
         "windows",
         "windows_reused",
-        "constant_windows",
+        "features_reused",
         "encode_s",
         "decode_s",
         "workers",

@@ -19,11 +19,14 @@ class Backend(Protocol):
 
     ``patch`` is ``(Z, Y, X)`` float32 at the bundle's patch size; ``points`` ``(N, 3)`` int32
     voxel indices ``(z, y, x)`` in that patch with ``N <= max_points``; logits are float32,
-    ``(N, C)`` from ``decode`` and ``(C, Z, Y, X)`` from ``predict_dense``.
+    ``(N, C)`` from ``decode`` and ``(C, Z, Y, X)`` from ``predict_dense``. ``features_reusable``:
+    features that ``encode`` returned stay valid after later ``encode`` calls (the loop then lets
+    windows of one value, such as air, share one encoding).
     """
 
     name: str
     max_points: int
+    features_reusable: bool
 
     def encode(self, patch: np.ndarray) -> Any: ...
 

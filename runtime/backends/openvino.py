@@ -56,6 +56,7 @@ class OpenVinoBackend:
     """The :class:`~imunet.runtime.backends.base.Backend` protocol with OpenVINO convolutions."""
 
     name = "openvino"
+    features_reusable = True  # encode copies the outputs out of the infer request
 
     def __init__(self, bundle: Bundle, precision: str = "auto", threads: int = 0, streams: int = 1) -> None:
         ov = import_openvino()

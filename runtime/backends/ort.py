@@ -93,6 +93,8 @@ class OrtBackend:
     session (0: onnxruntime's default, one per core). ``graphs``: load only these (another backend
     runs the rest)."""
 
+    features_reusable = True  # every encoder call returns new arrays (or new device OrtValues)
+
     def __init__(
         self,
         bundle: Bundle,

@@ -176,6 +176,7 @@ class TensorRTBackend:
     encodes several before decoding)."""
 
     name = "tensorrt"
+    features_reusable = False  # features live in a ring of device slots that later windows overwrite
 
     def __init__(self, bundle: Bundle, precision: str = "auto", feature_slots: int = 1) -> None:
         trt = import_tensorrt()
