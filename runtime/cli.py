@@ -76,6 +76,12 @@ def run(
     allow_modality: bool = typer.Option(
         False, "--allow-modality", help="Run DICOM scans of another modality than the model's (refused otherwise)."
     ),
+    refuse_out_of_domain: bool = typer.Option(
+        False,
+        "--refuse-out-of-domain",
+        help="Refuse (FAILED, exit 1, no output) a scan whose field of view or intensities lie far outside "
+        "the training data, instead of segmenting it with a WARNING.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors, warnings and the summary line."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
@@ -96,7 +102,7 @@ def run(
         seg = Segmenter(
             model, backend=backend, mode=mode, overlap=overlap, stride=stride, max_memory_gb=max_memory,
             precision=precision, workers=workers, trusted_keys=trusted_keys, allow_modality=allow_modality,
-            tta=tta or None,
+            refuse_out_of_domain=refuse_out_of_domain, tta=tta or None,
         )  # fmt: skip
         from .outputs import roi_labels
 

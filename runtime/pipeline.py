@@ -59,6 +59,8 @@ class Segmenter:
     own thread (None: two on a CPU backend with two or more cores; GPUs run one); the labels do not
     depend on it. ``trusted_keys``: a folder of public keys; the bundle must be signed by one.
     ``allow_modality``: run a DICOM scan whose modality is not the model's (refused otherwise).
+    ``refuse_out_of_domain``: refuse a scan the domain check flags (field of view or intensities far
+    outside the training data) instead of segmenting it with warnings.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Segmenter:
         workers: int | None = None,
         trusted_keys: str | Path | None = None,
         allow_modality: bool = False,
+        refuse_out_of_domain: bool = False,
         tta: bool | None = None,
         **inference: object,
     ) -> None:
@@ -92,6 +95,7 @@ class Segmenter:
             m.inference, m.kind, mode=mode, overlap=overlap, stride=stride, tta=tta, **inference
         )
         self.max_memory_gb, self.allow_modality = max_memory_gb, allow_modality
+        self.refuse_out_of_domain = refuse_out_of_domain
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         cpu_workers = workers if workers is not None else default_workers("ort-cpu")
@@ -181,6 +185,8 @@ class Segmenter:
         t0 = time.perf_counter()
         oriented = reorient(image, m.orientation) if m.orientation else image
         warnings = domain_warnings(m.fingerprint, summarise(oriented, m.normalization)) if m.fingerprint else []
+        if warnings and self.refuse_out_of_domain:
+            raise InputError("outside the model's domain: " + "; ".join(warnings) + " (--refuse-out-of-domain)")
         resampled = resample_to_spacing(oriented, m.spacing)
         volume = normalize(sitk.GetArrayViewFromImage(resampled), m.normalization)
         t1 = time.perf_counter()

@@ -148,6 +148,24 @@ def test_a_scan_far_outside_the_training_data_is_flagged(bundle_dir, tmp_path):
     assert "Phantoms CT, about 60 x 60 x 72 mm" in res.stdout  # the header says what the model is for
 
 
+def test_a_nightly_job_can_refuse_what_would_be_flagged(bundle_dir, phantom_dir, tmp_path):
+    from imunet.runtime.cli import app
+
+    big = sitk.Image((200, 200, 30), sitk.sitkFloat32) + 40.0  # far outside the training field of view
+    big.SetSpacing((1.5, 1.5, 3.0))
+    sitk.WriteImage(big, str(tmp_path / "big.nii.gz"))
+    ok = phantom_dir / "imagesTr" / "phantom_001_0000.nii.gz"
+    out = tmp_path / "out"
+    res = runner.invoke(app, [str(tmp_path / "big.nii.gz"), str(ok), "--model", str(bundle_dir), "--out", str(out),
+                              "--refuse-out-of-domain"])  # fmt: skip
+    assert res.exit_code == 1
+    failed = [ln for ln in res.stderr.splitlines() if ln.startswith("FAILED")]
+    assert len(failed) == 1 and "outside the model's domain: field of view 300 x 300 x 90 mm" in failed[0]
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_001.nii.gz"]  # the scan in the domain is written
+    with pytest.raises(InputError, match="outside the model's domain"):
+        Segmenter(bundle_dir, backend="ort-cpu", refuse_out_of_domain=True).predict(big)
+
+
 def test_predict_array_needs_a_spacing(bundle_dir):
     seg = Segmenter(bundle_dir, backend="ort-cpu")
     arr = np.zeros((20, 30, 30), np.float32)
