@@ -90,3 +90,33 @@ def test_two_workers_get_a_stream_each_and_the_same_labels(bundle_dir, phantom_d
     assert int(seg._pool_backend.compiled.get_property("NUM_STREAMS")) == 2
     assert int(seg.backend.compiled.get_property("NUM_STREAMS")) == 1
     assert np.array_equal(one, two)
+
+
+FIRST_CALLS = """
+import threading, numpy as np
+from imunet.runtime.backends.openvino import OpenVinoBackend
+from imunet.runtime.bundle import load_bundle
+n = 8
+backend = OpenVinoBackend(load_bundle({bundle!r}), precision="fp32", threads=1, streams=n)
+start = threading.Barrier(n)
+def work():
+    start.wait()  # every thread makes its first call at the same moment
+    backend.encode(np.zeros(backend.manifest.patch_size, np.float32))
+threads = [threading.Thread(target=work) for _ in range(n)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+
+
+def test_threads_starting_together_do_not_deadlock_in_openvino_bindings():
+    """OpenVINO's bindings set up numpy on first use behind a static guard; eight threads arriving
+    together hung 3 of 20 fresh processes before the backend made its first call while opening."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = FIRST_CALLS.format(bundle=str(ROOT / "runtime" / "default" / "hippocampus.imunet"))
+    for _ in range(6):  # fresh processes: the guard is set up once per process
+        done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]

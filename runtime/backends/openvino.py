@@ -88,6 +88,21 @@ class OpenVinoBackend:
         if m.kind == "implicit":
             dec = "fp32" if self.conv_precision == "fp32" and precision != "auto" else "auto"
             self.decoder = OrtBackend(bundle, "ort-cpu", threads=threads, precision=dec, graphs=("decoder",))
+        self._first_call()
+
+    def _first_call(self) -> None:
+        """One inference in the opening thread, before any worker thread calls.
+
+        OpenVINO's Python bindings set up their numpy interface on first use behind a function-local
+        static guard. Two threads arriving there together can deadlock: one holds the guard and waits
+        for the GIL, the other holds the GIL and waits on the guard (seen as a CT-sized volume hanging
+        for good; 3 of 20 fresh processes with 8 threads starting together hung, none of 30 after one
+        call in the opening thread)."""
+        zeros = np.zeros(self.manifest.patch_size, np.float32)
+        if self.manifest.kind == "unet":
+            self.predict_dense(zeros)
+        else:
+            self.encode(zeros)
 
     @property
     def precision(self) -> str:
