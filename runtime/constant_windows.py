@@ -44,9 +44,9 @@ class ConstantWindows:
         self.limit = limit
         self.results: dict[int, object] = {}
 
-    def lookup(self, index: int, patch: np.ndarray, key: Callable[[float], Hashable]) -> int | None:
-        """The index of an earlier window whose result ``index`` reuses, else None (compute it)."""
-        value = constant_value(patch)
+    def lookup(self, index: int, value: float | None, key: Callable[[float], Hashable]) -> int | None:
+        """The index of an earlier window whose result ``index`` reuses, else None (compute it).
+        ``value``: the window's :func:`constant_value`."""
         if value is None:
             return None
         k = key(value)
@@ -69,7 +69,8 @@ class ConstantWindows:
 class SharedFeatures:
     """Encoder features of constant windows, one encoding per value, shared across threads.
 
-    ``encode(patch)`` encodes a window; a constant one is encoded by the first thread that asks for
+    ``encode(patch, value)`` encodes a window (``value``: its :func:`constant_value`); a constant one
+    is encoded by the first thread that asks for
     its value, and later askers wait for and share that result. Features stay alive for the whole
     volume, so at most ``limit`` values are shared (padding and air are one or two). Only for
     backends whose features stay valid after later encoder calls (``features_reusable``)."""
@@ -81,9 +82,8 @@ class SharedFeatures:
         self._features: dict[float, Any] = {}
         self.shared = 0  # encoder calls saved
 
-    def encode(self, patch: np.ndarray) -> Any:
+    def encode(self, patch: np.ndarray, value: float | None) -> Any:
         """Features of ``patch``: computed, or those of an earlier constant window of the same value."""
-        value = constant_value(patch)
         if value is None:
             return self._encode(patch)
         with self._lock:

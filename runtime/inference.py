@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .boxes import OwnerBox, owner_boxes
-from .constant_windows import ConstantWindows, SharedFeatures
+from .constant_windows import ConstantWindows, SharedFeatures, constant_value
 from .labels import smoothed_argmax
 from .lattice import refine_box
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
@@ -153,7 +153,7 @@ def accumulate_blended(
     def jobs() -> Iterator[tuple[np.ndarray, int | None]]:
         for i, win in enumerate(slices):
             patch = np.ascontiguousarray(padded[win])
-            yield patch, cache.lookup(i, patch, lambda value: value)
+            yield patch, cache.lookup(i, constant_value(patch), lambda value: value)
 
     def window(job: tuple[np.ndarray, int | None]) -> tuple[np.ndarray | None, int | None]:
         patch, same_as = job
@@ -199,19 +199,20 @@ def accumulate_owner_boxes(
     def window_of(box: OwnerBox) -> tuple[slice, ...]:
         return tuple(slice(o, o + p) for o, p in zip(box.window, patch_size))
 
-    def jobs() -> Iterator[tuple[OwnerBox, int | None]]:
+    def jobs() -> Iterator[tuple[OwnerBox, float | None, int | None]]:
         for i, box in enumerate(boxes):
             rel = tuple(np.subtract(box.start, box.window).tolist())
             lim = tuple(np.minimum(np.subtract(limits, box.window), np.subtract(patch_size, 1)).tolist())
-            yield box, cache.lookup(i, padded[window_of(box)], lambda v, k=(rel, box.size, lim): (v, *k))
+            value = constant_value(padded[window_of(box)])  # once per window, for both caches
+            yield box, value, cache.lookup(i, value, lambda v, k=(rel, box.size, lim): (v, *k))
 
-    def compute(job: tuple[OwnerBox, int | None]) -> tuple[np.ndarray | None, int | None]:
-        box, same_as = job
+    def compute(job: tuple[OwnerBox, float | None, int | None]) -> tuple[np.ndarray | None, int | None]:
+        box, value, same_as = job
         if same_as is not None:
             return None, same_as
         window = padded[window_of(box)]
         inside = tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size))
-        features = shared.encode(window) if shared is not None else decode.encode(window)
+        features = shared.encode(window, value) if shared is not None else decode.encode(window)
         return refine_box(lambda pts: decode(features, pts), box, inside, settings.stride), None
 
     for i, (box, (out, same_as)) in enumerate(zip(boxes, ordered_map(compute, jobs(), workers))):

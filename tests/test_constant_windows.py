@@ -76,7 +76,7 @@ def test_one_encoding_per_value_whatever_the_threads():
     shared = SharedFeatures(encode)
     air = np.full((3, 3, 3), -2.0, np.float32)
     results: list[dict] = []
-    threads = [threading.Thread(target=lambda: results.append(shared.encode(air))) for _ in range(6)]
+    threads = [threading.Thread(target=lambda: results.append(shared.encode(air, -2.0))) for _ in range(6)]
     for t in threads:
         t.start()
     gate.set()
@@ -85,7 +85,7 @@ def test_one_encoding_per_value_whatever_the_threads():
     assert calls == [-2.0] and shared.shared == 5
     assert all(r is results[0] for r in results)
     structure = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
-    shared.encode(structure), shared.encode(structure)
+    shared.encode(structure, None), shared.encode(structure, None)
     assert calls == [-2.0, 0.0, 0.0]  # a window with structure is always encoded
 
 
@@ -93,7 +93,7 @@ def test_values_beyond_the_limit_are_encoded_every_time():
     calls: list[float] = []
     shared = SharedFeatures(lambda p: calls.append(float(p.flat[0])) or len(calls), limit=2)
     for value in (0.0, -1.0, 5.0, 0.0, -1.0, 5.0):
-        shared.encode(np.full((2, 2, 2), value, np.float32))
+        shared.encode(np.full((2, 2, 2), value, np.float32), value)
     assert calls == [0.0, -1.0, 5.0, 5.0] and shared.shared == 2
 
 
@@ -109,5 +109,5 @@ def test_a_failed_encoding_is_not_shared():
     shared = SharedFeatures(encode)
     air = np.zeros((2, 2, 2), np.float32)
     with pytest.raises(RuntimeError):
-        shared.encode(air)
-    assert shared.encode(air) == "features" and len(attempts) == 2 and shared.shared == 0
+        shared.encode(air, 0.0)
+    assert shared.encode(air, 0.0) == "features" and len(attempts) == 2 and shared.shared == 0
