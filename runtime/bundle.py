@@ -3,7 +3,10 @@
 A bundle is checked on load: format version, a typed manifest, every file it names inside the
 bundle folder (no absolute paths, no ``..``, no symbolic link that leaves it) and listed with its
 sha256, and the sha256 of every file. Backends read graphs and engines through :meth:`Bundle.read`,
-which hashes the very bytes it returns. Nothing is unpickled. A signature, if present, is checked
+which hashes the very bytes it returns. No graph may name an external-data file (ONNX lets a tensor's
+values live in a separate file, which a runtime would read from the working folder, outside every
+hash and signature): every graph is scanned when the bundle loads and again as it is read
+(:mod:`.onnx_refs`). Nothing is unpickled. A signature, if present, is checked
 against trusted keys when the caller gives them (:mod:`.signature`).
 """
 
@@ -16,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import BundleError
 from .manifest import Manifest, Variant
+from .onnx_refs import MalformedGraph, external_data_refs
 from .signature import SIGNATURE, SignatureInfo, read_signature, verify_signature
 
 MANIFEST = "manifest.json"
@@ -64,6 +68,8 @@ class Bundle:
             raise BundleError(f"{self.path}: cannot read {name} ({exc.strerror})") from None
         if sha256_bytes(data) != digest:
             raise BundleError(f"{self.path}: {name} does not match its sha256 in the manifest; the bundle is corrupt")
+        if name in graph_files(self.manifest):
+            check_self_contained(self.path, name, data)
         return data
 
     def graph_file(self, graph: str, precision: str | None = None) -> str:
@@ -101,6 +107,38 @@ def check_contained(path: Path, m: Manifest) -> None:
             raise BundleError(f"{path}: engine folder {folder} has no files covered by the manifest's sha256 list")
 
 
+def graph_files(m: Manifest) -> set[str]:
+    """The ONNX files a manifest names: its graphs and their precision variants."""
+    return {g.file for g in m.graphs.values()} | {v.file for v in m.variants.values()}
+
+
+def check_self_contained(path: Path, name: str, data: bytes) -> None:
+    """Refuse ONNX bytes that are malformed or keep tensor values in another file (external data)."""
+    try:
+        refs = external_data_refs(data)
+    except MalformedGraph as exc:
+        raise BundleError(f"{path}: {name} is not a valid ONNX graph ({exc})") from None
+    if refs:
+        raise BundleError(
+            f"{path}: {name} keeps weights outside the graph ({refs[0]}{', and more' if len(refs) > 1 else ''}); "
+            "external data is not covered "
+            "by the manifest's hashes or signature, so the bundle is refused"
+        )
+
+
+def check_graphs(path: Path, m: Manifest) -> None:
+    """Every graph and variant of the bundle is one self-contained ONNX file (before any backend opens one)."""
+    for name in sorted(graph_files(m)):
+        graph = inside(path, name)
+        try:
+            data = graph.read_bytes() if graph.is_file() else None
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read {name} ({exc.strerror})") from None
+        if data is None:
+            raise BundleError(f"{path}: bundle file {name} is missing or not a regular file")
+        check_self_contained(path, name, data)
+
+
 def verify_files(path: Path, files: dict[str, str]) -> None:
     """Check that every listed file exists and has the recorded sha256."""
     for name, digest in files.items():
@@ -136,6 +174,7 @@ def load_bundle(path: str | Path, verify: bool = True, trusted_keys: str | Path 
     signature = read_signature(path / SIGNATURE) if (path / SIGNATURE).exists() else None
     if trusted_keys is not None:
         signature = verify_signature(path, raw, signature, Path(trusted_keys))
+    check_graphs(path, manifest)
     if verify:
         verify_files(path, manifest.files)
     return Bundle(path, manifest, signature)

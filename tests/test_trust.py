@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from imunet.runtime.bundle import load_bundle, sha256_file
 from imunet.runtime.cli import app
-from imunet.runtime.errors import BackendError, BundleError
+from imunet.runtime.errors import BundleError
 
 runner = CliRunner()
 
@@ -110,17 +110,89 @@ def test_graphs_are_hashed_as_they_are_loaded(bundle_dir, tmp_path):
         open_backend(bundle, "ort-cpu", "fp32")
 
 
-def test_graphs_with_external_data_are_refused(bundle_dir, tmp_path):
+def externalise(graph, location):
+    """Rewrite ONNX file ``graph`` so that its tensors' values live in ``location`` (external data)."""
     onnx = pytest.importorskip("onnx")
-    from imunet.export.bundle import finalize_manifest
-    from imunet.runtime.backends import open_backend
+    model = onnx.load(str(graph))
+    onnx.save(model, str(graph), save_as_external_data=True, location=location, size_threshold=1024)
+
+
+def test_graphs_with_external_data_are_refused_even_when_the_data_is_hashed(bundle_dir, tmp_path):
+    from imunet.export.bundle import hash_files
 
     b = crafted(bundle_dir, tmp_path, lambda b, m: None)
-    model = onnx.load(str(b / "decoder.onnx"))
-    onnx.save(model, str(b / "decoder.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0)
-    finalize_manifest(b, load_bundle(b, verify=False).manifest)  # hashed like any file, and inside the bundle
-    with pytest.raises(BackendError, match="graphs with external data files are not accepted"):
-        open_backend(load_bundle(b), "ort-cpu", "fp32")
+    externalise(b / "decoder.onnx", "weights.bin")
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"] = hash_files(b)  # weights.bin hashed like any file, and inside the bundle
+    assert "weights.bin" in m["files"]
+    (b / "manifest.json").write_text(json.dumps(m))
+    for verify in (True, False):
+        with pytest.raises(BundleError, match=r"decoder.onnx keeps weights outside the graph \(tensor .* reads "
+                                              r"'weights.bin'.*external data is not covered"):  # fmt: skip
+            load_bundle(b, verify=verify)
+
+
+@pytest.fixture()
+def secret_bundle(bundle_dir, tmp_path, keys, monkeypatch):
+    """The probe's attack: a signed bundle whose encoder reads a tensor from ``secret.bin`` in the
+    working folder, that file present there and able to change the output."""
+    from imunet.export.signing import read_private_key, sign_bundle
+
+    b = crafted(bundle_dir, tmp_path, lambda b, m: None)
+    externalise(b / "encoder.onnx", "secret.bin")
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.move(b / "secret.bin", work / "secret.bin")  # outside the bundle: no hash, no signature covers it
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["encoder.onnx"] = sha256_file(b / "encoder.onnx")
+    (b / "manifest.json").write_text(json.dumps(m))
+    sign_bundle(b, read_private_key(keys["site"][0]))
+    monkeypatch.chdir(work)
+    return b
+
+
+@pytest.mark.parametrize("backend", ["auto", "ort-cpu", "openvino", "ort-cuda", "ort-trt", "tensorrt"])
+def test_a_signed_bundle_cannot_read_weights_from_the_working_folder(secret_bundle, phantom_dir, tmp_path, keys,
+                                                                      backend):  # fmt: skip
+    """Refused in the bundle loader, so no backend (TensorRT included) ever opens the graph: the
+    refusal is the same line whatever backend was asked for, and whether or not it is installed."""
+    scan = str(phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz")
+    out = tmp_path / "o.nii.gz"
+    res = runner.invoke(app, [scan, "--model", str(secret_bundle), "--trusted-keys", str(keys["trusted"]),
+                              "--backend", backend, "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 2, res.stdout + res.stderr
+    assert res.stderr.count("\n") == 1 and "encoder.onnx keeps weights outside the graph" in res.stderr
+    assert "'secret.bin'" in res.stderr and "Traceback" not in res.stderr and not out.exists()
+    assert "verified against the trusted keys" not in res.stdout
+
+
+def test_the_secret_file_really_changes_what_the_libraries_compute(secret_bundle):
+    """Why the refusal matters: onnxruntime and OpenVINO, given the graph's bytes, read ``secret.bin``
+    from the working folder. Without the bundle check the output would follow that unsigned file."""
+    import io
+
+    import numpy as np
+
+    ort = pytest.importorskip("onnxruntime")
+    data = (secret_bundle / "encoder.onnx").read_bytes()
+    m = json.loads((secret_bundle / "manifest.json").read_text())
+    x = np.random.default_rng(0).standard_normal(m["graphs"]["encoder"]["inputs"]["image"]).astype(np.float32)
+
+    def run_all():
+        out = [ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]]
+        try:
+            import openvino as ov
+        except ImportError:
+            return out
+        core = ov.Core()
+        return [*out, next(iter(core.compile_model(core.read_model(io.BytesIO(data)), "CPU")([x]).values()))]
+
+    first = run_all()
+    secret = bytearray(open("secret.bin", "rb").read())
+    secret[: len(secret) // 2] = bytes(len(secret) // 2)
+    open("secret.bin", "wb").write(bytes(secret))
+    for before, after in zip(first, run_all()):
+        assert not np.allclose(before, after)
 
 
 @pytest.fixture()

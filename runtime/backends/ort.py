@@ -142,8 +142,7 @@ class OrtBackend:
             try:
                 sess = ort.InferenceSession(graph_bytes, opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types
-                hint = " (graphs with external data files are not accepted)" if "external" in str(exc).lower() else ""
-                raise BackendError(f"{bundle.path}: onnxruntime cannot load {name}{hint}: {exc}") from None
+                raise BackendError(f"{bundle.path}: onnxruntime cannot load {name}: {exc}") from None
             check_provider(sess.get_providers(), wanted, graph)
             self.sessions[graph] = sess
         self._check_classes()
