@@ -61,6 +61,17 @@ def train(
     decoder_width: int = typer.Option(256, help="Implicit decoder width."),
     dropout: float = typer.Option(0.1, help="Implicit decoder dropout."),
     gather: str = typer.Option("floor", help="floor (paper: p // 2**b) | nearest (nearest cell centre)."),
+    positive_fraction: float = typer.Option(1 / 3, help="Fraction of patches centred on foreground."),
+    class_balanced: bool = typer.Option(
+        True,
+        "--class-balanced/--no-class-balanced",
+        help="Centre positive patches on a uniformly drawn class and split boundary points equally per class.",
+    ),
+    partial_labels: str = typer.Option(
+        "marginal",
+        help="With annotated.json: marginal (unannotated organs merge into background in the loss) | "
+        "background (absence is background) | complete (train on fully annotated cases only).",
+    ),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Spatial and intensity augmentation."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
     lr_schedule: str = typer.Option("poly", help="poly (nnU-Net's) | constant"),
@@ -109,6 +120,9 @@ def train(
             points=points,
             boundary_fraction=alpha,
             boundary_sigma=sigma,
+            positive_fraction=positive_fraction,
+            class_balanced=class_balanced,
+            partial_labels=partial_labels,
             augment=augment,
             amp=amp,
             val_fraction=val_fraction,

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 MODEL_KINDS = ("implicit", "unet")
+# Partially annotated datasets: "marginal" merges a case's unannotated organs into background in the
+# loss; "background" takes their absence as background; "complete" trains only on fully annotated cases.
+PARTIAL_LABELS = ("marginal", "background", "complete")
 GATHER_MODES = ("floor", "nearest")
 
 
@@ -78,6 +81,8 @@ class TrainConfig:
     boundary_fraction: float = 0.5  # alpha
     boundary_sigma: float = 5.0  # sigma, voxels
     positive_fraction: float = 1 / 3  # 1:2 positive:negative patches
+    class_balanced: bool = True  # positives centred on a uniformly drawn class; boundary points split per class
+    partial_labels: str = "marginal"  # see PARTIAL_LABELS
     augment: bool = True
     amp: bool = True  # mixed precision, used on CUDA only
     val_fraction: float = 0.2
@@ -102,6 +107,8 @@ class TrainConfig:
             )
         if self.minutes < 0:
             raise ValueError(f"minutes must be >= 0, got {self.minutes}")
+        if self.partial_labels not in PARTIAL_LABELS:
+            raise ValueError(f"partial_labels must be one of {PARTIAL_LABELS}, got {self.partial_labels!r}")
         if self.lr_schedule not in ("constant", "poly"):
             raise ValueError(f"lr_schedule must be 'constant' or 'poly', got {self.lr_schedule!r}")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,13 +31,52 @@ class Case:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What ``dataset.json`` and the folders say: labels ``{index: name}`` with 0 = background."""
+    """What ``dataset.json`` and the folders say: labels ``{index: name}`` with 0 = background.
+
+    ``annotated``: for a partially annotated dataset (an ``annotated.json`` beside ``dataset.json``
+    listing per case the label names that were contoured), the label indices annotated per case; a
+    case not listed there, or a dataset without the file, has every label annotated."""
 
     name: str
     root: Path
     labels: dict[int, str]
     modality: str
     cases: tuple[Case, ...]
+    annotated: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def known(self, case: str) -> np.ndarray:
+        """Which classes ``(C,)`` bool were annotated in ``case`` (background always)."""
+        out = np.ones(len(self.labels), dtype=bool)
+        if case in self.annotated:
+            out[1:] = False
+            out[list(self.annotated[case])] = True
+        return out
+
+
+ANNOTATED = "annotated.json"
+
+
+def _annotated(root: Path, labels: dict[int, str], cases: list[Case]) -> dict[str, tuple[int, ...]]:
+    """``annotated.json`` as label indices per case (empty when the dataset has no such file)."""
+    path = root / ANNOTATED
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected {{case: [label names]}}, got a {type(raw).__name__}")
+    index = {name: i for i, name in labels.items() if i}
+    known_cases = {c.name for c in cases}
+    out = {}
+    for case, names in raw.items():
+        if case not in known_cases:
+            continue
+        if not isinstance(names, list) or any(n not in index for n in names):
+            raise InputError(f"{path}: {case}: {names!r} is not a list of label names from {sorted(index)}")
+        out[case] = tuple(sorted(index[n] for n in names))
+    return out
 
 
 def _labels(meta: dict[str, Any]) -> dict[int, str]:
@@ -90,7 +129,10 @@ def read_dataset(root: str | Path) -> DatasetInfo:
         raise InputError(f"{root}: {len(missing)} images missing, e.g. {missing[0]}")
     if not cases:
         raise InputError(f"{root}: no training cases found in labelsTr/")
-    return DatasetInfo(str(meta.get("name", root.name)), root, _labels(meta), modality, tuple(cases))
+    labels = _labels(meta)
+    return DatasetInfo(
+        str(meta.get("name", root.name)), root, labels, modality, tuple(cases), _annotated(root, labels, cases)
+    )
 
 
 def _ending(name: str) -> str:

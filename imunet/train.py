@@ -27,12 +27,12 @@ from imunet.runtime.settings import InferenceSettings
 from .augment import augment_batch
 from .budget import TimeBudget
 from .config import RunConfig
-from .data import DatasetStats, PreprocessedCache, compute_stats, read_dataset, split_cases
+from .data import Case, DatasetInfo, DatasetStats, PreprocessedCache, compute_stats, read_dataset, split_cases
 from .distributed import Dist, pick_device, setup_distributed
 from .losses import deep_supervision_loss, point_loss
 from .model import build_model, count_parameters
 from .progress import StepProgress
-from .sampling import point_labels, sample_patch, sample_points
+from .sampling import class_locations, point_labels, sample_patch, sample_points
 from .state import CHECKPOINT, TrainState
 from .torch_backend import TorchBackend
 
@@ -40,18 +40,31 @@ __all__ = ["train", "pick_device", "validate", "init_weights", "CHECKPOINT"]
 LOG_HEADER = "step,loss,lr,step_s,data_s,augment_s,val_dice_mean\n"
 
 
+@dataclass(frozen=True)
+class TrainCase:
+    """One training case in memory: arrays, which classes were annotated, where each class lies."""
+
+    image: np.ndarray
+    label: np.ndarray
+    known: np.ndarray  # (C,) bool
+    locations: dict[int, np.ndarray]  # class -> voxel coordinates (n, 3), annotated classes only
+
+
 def sample_batch(
-    arrays: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """A batch of ``(B, Z, Y, X)`` image and label patches, positives at ``positive_fraction``."""
-    imgs, lbls = [], []
+    cases: list[TrainCase], cfg: RunConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch of ``(B, Z, Y, X)`` image and label patches, positives at ``positive_fraction``, and
+    which classes each patch's case annotated ``(B, C)``."""
+    imgs, lbls, known = [], [], []
     for _ in range(cfg.train.batch_size):
-        img, lbl = arrays[int(rng.integers(len(arrays)))]
+        case = cases[int(rng.integers(len(cases)))]
         positive = bool(rng.random() < cfg.train.positive_fraction)
-        pi, pl = sample_patch(img, lbl, cfg.model.patch_size, positive, rng)
+        locations = case.locations if cfg.train.class_balanced else None
+        pi, pl = sample_patch(case.image, case.label, cfg.model.patch_size, positive, rng, locations)
         imgs.append(pi)
         lbls.append(pl)
-    return np.stack(imgs), np.stack(lbls)
+        known.append(case.known)
+    return np.stack(imgs), np.stack(lbls), np.stack(known)
 
 
 def points_for_batch(labels: np.ndarray, cfg: RunConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +72,7 @@ def points_for_batch(labels: np.ndarray, cfg: RunConfig, rng: np.random.Generato
     t = cfg.train
     pts, tgt = [], []
     for lbl in labels:
-        p, _ = sample_points(lbl, t.points, t.boundary_fraction, t.boundary_sigma, rng)
+        p, _ = sample_points(lbl, t.points, t.boundary_fraction, t.boundary_sigma, rng, t.class_balanced)
         pts.append(p)
         tgt.append(point_labels(lbl, p))
     return np.stack(pts), np.stack(tgt).astype(np.int64)
@@ -68,26 +81,27 @@ def points_for_batch(labels: np.ndarray, cfg: RunConfig, rng: np.random.Generato
 def optimisation_step(
     net: torch.nn.Module,
     cfg: RunConfig,
-    img: torch.Tensor,
-    lbl: torch.Tensor,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     rng: np.random.Generator,
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     use_amp: bool,
 ) -> torch.Tensor:
-    """One step on an (augmented) batch: ``img`` ``(B, 1, Z, Y, X)``, ``lbl`` ``(B, Z, Y, X)``.
+    """One step on an (augmented) batch: ``img`` ``(B, 1, Z, Y, X)``, ``lbl`` ``(B, Z, Y, X)`` and
+    ``known`` ``(B, C)`` (None: every class annotated).
 
     The implicit model's points are sampled on the labels it is given; the U-Net takes the whole
     patch with deep supervision. Returns the detached loss.
     """
+    img, lbl, known = batch
     device = img.device
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
         if cfg.model.kind == "implicit":
             pts, tgt = points_for_batch(lbl.to(torch.uint8).cpu().numpy(), cfg, rng)
             logits = net(img, torch.from_numpy(pts).to(device))
-            loss = point_loss(logits, torch.from_numpy(tgt).to(device))
+            loss = point_loss(logits, torch.from_numpy(tgt).to(device), known)
         else:
-            loss = deep_supervision_loss(net(img), lbl)
+            loss = deep_supervision_loss(net(img), lbl, known)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -101,9 +115,12 @@ def validate(
     cfg: RunConfig,
     device: torch.device,
     settings: InferenceSettings | None = None,
+    known: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Per-label Dice on whole held-out volumes through the runtime's sliding-window loop, by label
-    index (``val_dice``) and by name (``val_dice_by_name``)."""
+    index (``val_dice``) and by name (``val_dice_by_name``). ``known``: per case, which classes were
+    annotated; a label is scored only on the cases that annotated it (mean over those), never on a
+    case where its absence says nothing."""
     labels = list(range(1, cfg.model.num_classes))
     names = cfg.extra.get("labels", {})
     was_training = model.training
@@ -113,15 +130,20 @@ def validate(
     per_case, pairs = {}, []
     for name, (img, lbl) in cases.items():
         pred, _ = predict_labels(np.asarray(img), backend, cfg.model.patch_size, settings, cfg.model.kind == "unet")
-        per_case[name] = dice_per_label(pred, np.asarray(lbl), labels)
-        pairs.append((pred, np.asarray(lbl)))
+        scored = [lab for lab in labels if known is None or name not in known or known[name][lab]]
+        per_case[name] = dice_per_label(pred, np.asarray(lbl), scored)
+        pairs.append((pred, np.asarray(lbl), set(scored)))
     model.train(was_training)
     keep, figures = decide(pairs, labels)
-    mean = {str(lab): float(np.mean([d[lab] for d in per_case.values()])) for lab in labels}
+    mean = {
+        str(lab): float(np.mean(vals)) if (vals := [d[lab] for d in per_case.values() if lab in d]) else float("nan")
+        for lab in labels
+    }
     return {
         "val_dice": mean,
         "val_dice_by_name": {names.get(k, k): v for k, v in mean.items()},
-        "val_dice_mean": float(np.mean(list(mean.values()))) if mean else float("nan"),
+        "val_dice_mean": float(np.nanmean(list(mean.values()))) if mean else float("nan"),
+        "val_cases_per_label": {str(lab): sum(lab in d for d in per_case.values()) for lab in labels},
         "per_case": {n: {str(k): v for k, v in d.items()} for n, d in per_case.items()},
         "postprocess": {"keep_largest": keep, "dice_by_label": figures},
     }
@@ -179,8 +201,9 @@ class RunData:
     """A run's data after the split, statistics and preprocessing (all done once, on rank 0)."""
 
     stats: DatasetStats
-    train: list[tuple[np.ndarray, np.ndarray]]
+    train: list[TrainCase]
     val: dict[str, tuple[np.ndarray, np.ndarray]]
+    val_known: dict[str, np.ndarray]
 
 
 def resolve_config(
@@ -237,10 +260,38 @@ def prepare_data(
         val = dict(list(val.items())[: cfg.train.val_max_cases])
     labels = {str(k): v for k, v in info.labels.items()}
     extra = {**cfg.extra, "dataset_name": info.name, "modality": info.modality, "labels": labels}
+    if info.annotated:
+        extra["partially_annotated"] = True
     cfg = RunConfig(cfg.model, cfg.train, str(info.root), extra)
     if ddp.main:
         cfg.save(run_dir / "config.json")
-    return cfg, RunData(stats, [cache.get(by_name[n]) for n in split["train"]], val)
+    train_cases = training_cases(info, [by_name[n] for n in split["train"]], cache, cfg, say)
+    return cfg, RunData(stats, train_cases, val, {n: info.known(n) for n in val})
+
+
+def training_cases(
+    info: DatasetInfo, cases: list[Case], cache: PreprocessedCache, cfg: RunConfig, say: Callable[[str], None]
+) -> list[TrainCase]:
+    """The training cases in memory with their annotated classes and class locations, as the
+    partial-label policy asks: "complete" keeps only fully annotated cases, "background" takes every
+    class as annotated (absence is background), "marginal" keeps the cases' own annotations."""
+    rng = np.random.default_rng(cfg.train.seed)
+    policy = cfg.train.partial_labels
+    out = []
+    for case in cases:
+        known = info.known(case.name)
+        if policy == "complete" and not known.all():
+            continue
+        if policy == "background":
+            known = np.ones_like(known)
+        img, lbl = cache.get(case)
+        classes = [c for c in range(1, len(known)) if known[c]]
+        out.append(TrainCase(img, lbl, known, class_locations(np.asarray(lbl), classes, rng)))
+    if not out:
+        raise ValueError("no training case is fully annotated; --partial-labels complete leaves nothing to train on")
+    if info.annotated:
+        say(f"partial annotation ({policy}): {len(out)} of {len(cases)} training cases used")
+    return out
 
 
 def start_state(
@@ -273,15 +324,16 @@ def train_step(net: torch.nn.Module, state: TrainState, cfg: RunConfig, data: Ru
     t0 = time.perf_counter()
     for group in state.opt.param_groups:
         group["lr"] = _lr(cfg, state.step)
-    img_np, lbl_np = sample_batch(data.train, cfg, state.np_rng)
+    img_np, lbl_np, known_np = sample_batch(data.train, cfg, state.np_rng)
     img = torch.from_numpy(img_np)[:, None].to(state.device)
     lbl = torch.from_numpy(lbl_np).to(device=state.device, dtype=torch.long)
+    known = None if known_np.all() else torch.from_numpy(known_np).to(state.device)
     t1 = time.perf_counter()
     if cfg.train.augment:
         img, lbl = augment_batch(img, lbl, state.aug_gen)
     t2 = time.perf_counter()
     use_amp = state.scaler.is_enabled()
-    loss = float(optimisation_step(net, cfg, img, lbl, state.np_rng, state.opt, state.scaler, use_amp))
+    loss = float(optimisation_step(net, cfg, (img, lbl, known), state.np_rng, state.opt, state.scaler, use_amp))
     if not np.isfinite(loss):
         raise RuntimeError(f"loss became {loss} at step {state.step + 1}; lower the learning rate")
     return loss, t1 - t0, t2 - t1
@@ -362,7 +414,7 @@ def record_step(
     metrics, val_mean = None, ""
     due = state.step == cfg.train.steps or (cfg.train.val_every and state.step % cfg.train.val_every == 0)
     if data.val and due:
-        metrics = validate(state.model, data.val, cfg, device)
+        metrics = validate(state.model, data.val, cfg, device, known=data.val_known)
         val_mean = f"{metrics['val_dice_mean']:.4f}"
         per_label = ", ".join(f"{k} {v:.4f}" for k, v in metrics["val_dice_by_name"].items())
         say(f"step {state.step}: validation Dice {per_label} (mean {val_mean})")
@@ -389,6 +441,7 @@ def finish(
         "steps": cfg.train.steps,
         "train_seconds": round(seconds, 1),
         "parameters": count_parameters(state.model),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": str(device),
         "world_size": ddp.world,
         "torch": torch.__version__,
@@ -398,6 +451,14 @@ def finish(
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_curves(run_dir / "log.csv", run_dir / "curves.png")
     return metrics
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (Linux reports kilobytes, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def plot_curves(log_csv: Path, out_png: Path) -> None:

@@ -22,15 +22,20 @@ def keep_largest(label: sitk.Image, labels: tuple[int, ...]) -> sitk.Image:
     return out
 
 
-def decide(cases: list[tuple[np.ndarray, np.ndarray]], labels: list[int]) -> tuple[list[int], dict[str, dict]]:
+def decide(cases: list[tuple], labels: list[int]) -> tuple[list[int], dict[str, dict]]:
     """Labels for which keeping the largest component raises the mean Dice over ``cases``
-    (``(prediction, reference)`` arrays), and the Dice with and without it per label."""
+    (``(prediction, reference)`` arrays, or ``(prediction, reference, scored labels)`` for partially
+    annotated references: a label counts only on the cases that annotated it), and the Dice with and
+    without it per label."""
     from .metrics import dice
 
     chosen, figures = [], {}
     for k in labels:
-        before = [dice(p, r, k) for p, r in cases]
-        after = [dice(sitk.GetArrayFromImage(keep_largest(sitk.GetImageFromArray(p), (k,))), r, k) for p, r in cases]
+        mine = [(c[0], c[1]) for c in cases if len(c) < 3 or k in c[2]]
+        if not mine:
+            continue
+        before = [dice(p, r, k) for p, r in mine]
+        after = [dice(sitk.GetArrayFromImage(keep_largest(sitk.GetImageFromArray(p), (k,))), r, k) for p, r in mine]
         figures[str(k)] = {"dice": float(np.mean(before)), "dice_largest_component": float(np.mean(after))}
         if np.mean(after) > np.mean(before):
             chosen.append(k)

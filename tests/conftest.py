@@ -59,6 +59,9 @@ def _train(dataset: Path, out: Path, kind: str, steps: int, **train_kw):
                 val_fraction=0.34,
                 checkpoint_every=1000,
                 seed=0,
+                # The runtime tests' tolerances were set on this fixture's model: its recipe stays
+                # fixed when training defaults change (class-balanced sampling is tested on its own).
+                class_balanced=False,
             ),
             **train_kw,
         }
