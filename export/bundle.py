@@ -7,21 +7,30 @@ import json
 import platform
 import subprocess
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from imunet.config import ModelConfig, RunConfig
-from imunet.model import build_model
-from imunet.runtime.atomic import atomic_output, refuse_existing
-from imunet.runtime.bundle import MANIFEST, load_bundle, sha256_file
-from imunet.runtime.domain import Fingerprint
+from imunet.kinds import build_model
+from imunet.run_dir import RunDir
+from imunet.runtime.contract.bundle import MANIFEST, load_bundle, sha256_file
+from imunet.runtime.contract.manifest import (
+    MAX_POINTS,
+    DecoderSpec,
+    EncoderSpec,
+    GraphSpec,
+    Manifest,
+    Provenance,
+    Variant,
+)
+from imunet.runtime.contract.settings import InferenceSettings
 from imunet.runtime.errors import BundleError
-from imunet.runtime.manifest import DecoderSpec, EncoderSpec, GraphSpec, Manifest, Provenance, Variant
-from imunet.runtime.preprocess import Normalization
-from imunet.runtime.settings import InferenceSettings
+from imunet.runtime.imaging.atomic import atomic_output, refuse_existing
+from imunet.runtime.imaging.domain import Fingerprint
+from imunet.runtime.imaging.preprocess import Normalization
 
 from .onnx import (
     DEFAULT_OPSET,
@@ -36,12 +45,33 @@ from .variants import quantize_convolutions, quantize_decoder, variant_parity
 from .wrappers import feature_layouts, feature_names, feature_shape
 
 PARITY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How a run becomes a bundle.
+
+    ``opset``: the ONNX opset. ``max_points``: decoder points per call. ``feature_layout``: how
+    ``encoder.onnx`` hands each level's feature map to ``decoder.onnx`` (None: the default per
+    level; the runtime reads any). ``overlap``: the bundle's default window overlap (None: the
+    runtime's default; ``--overlap`` overrides it at run time). ``keep_largest``: labels the runtime
+    reduces to their largest component (None: the run's validation decision, if it made one).
+    ``int8_convolutions``: add the encoder's (U-Net's) static int8 twin for OpenVINO, calibrated on
+    the run's training cases (the dataset must be where the run found it)."""
+
+    opset: int = DEFAULT_OPSET
+    max_points: int = MAX_POINTS
+    feature_layout: str | Sequence[str] | None = None
+    overlap: float | None = None
+    keep_largest: tuple[int, ...] | None = None
+    int8_convolutions: bool = False
 FP16_BACKENDS = "tensorrt,ort-trt,ort-cuda,ort-cpu"  # onnxruntime's CPU runs them too (slowly): checks, tests
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, Any], torch.nn.Module]:
     """The run's configuration, dataset statistics and trained model (weights only, no pickles)."""
-    ckpt_path, cfg_path = run_dir / "checkpoint.pt", run_dir / "config.json"
+    run = RunDir(run_dir)
+    ckpt_path, cfg_path = run.checkpoint, run.config
     for p in (ckpt_path, cfg_path):
         if not p.is_file():
             raise BundleError(f"{run_dir}: not a training run (no {p.name})")
@@ -85,7 +115,7 @@ def _versions() -> dict[str, str]:
 def graph_specs(m: ModelConfig, graphs: dict[str, Path], layouts: Sequence[str]) -> dict[str, GraphSpec]:
     """The manifest's ``graphs`` section: each graph's file and I/O shapes."""
     image = {"image": (1, 1, *m.patch_size)}
-    if m.kind != "implicit":
+    if not m.model_kind.decodes_points:
         return {"model": GraphSpec(graphs["model"].name, image, {"logits": (1, m.num_classes, *m.patch_size)})}
     names = feature_names(m.levels)
     shapes = [
@@ -109,27 +139,25 @@ def build_manifest(
     stats: dict[str, Any],
     graphs: dict[str, Path],
     parity: dict[str, Any],
-    max_points: int,
-    opset: int,
     run_dir: Path,
-    feature_layout: str | Sequence[str] | None = None,
-    overlap: float | None = None,
+    options: ExportOptions,
 ) -> Manifest:
-    """The manifest (without the ``files`` digests, added last). ``overlap``: the bundle's default
-    window overlap (None: :class:`InferenceSettings`' default)."""
-    m, extra = cfg.model, cfg.extra
-    layouts = feature_layouts(feature_layout, m.levels)
-    inference = InferenceSettings(mode="adaptive" if m.kind == "implicit" else "dense")
-    if overlap is not None:
-        inference = replace(inference, overlap=overlap)
+    """The manifest (without the ``files`` digests, added last)."""
+    m, extra, kind = cfg.model, cfg.extra, cfg.model.model_kind
+    layouts = feature_layouts(options.feature_layout, m.levels)
+    inference = InferenceSettings(mode=kind.default_mode)
+    if options.overlap is not None:
+        inference = replace(inference, overlap=options.overlap)
     decoder = None
-    if m.kind == "implicit":
-        decoder = DecoderSpec(m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, max_points, layouts)
+    if kind.decodes_points:
+        decoder = DecoderSpec(
+            m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, options.max_points, layouts
+        )
+    names = extra.get("labels") or {str(i): f"label_{i}" for i in range(m.num_classes)}
+    labels = {int(k): v for k, v in names.items()}
     return Manifest(
         model_kind=m.kind,
-        labels={
-            int(k): v for k, v in (extra.get("labels") or {str(i): f"label_{i}" for i in range(m.num_classes)}).items()
-        },
+        labels=labels,
         modality=extra.get("modality", "unknown"),
         spacing=tuple(stats["spacing"]),  # type: ignore[arg-type]
         patch_size=m.patch_size,
@@ -139,7 +167,7 @@ def build_manifest(
         orientation=stats.get("orientation"),
         fingerprint=Fingerprint(**stats["fingerprint"]) if stats.get("fingerprint") else None,
         graphs=graph_specs(m, graphs, layouts),
-        opset=opset,
+        opset=options.opset,
         inference=inference,
         provenance=Provenance(
             dataset=extra.get("dataset_name", cfg.dataset),
@@ -150,12 +178,55 @@ def build_manifest(
             train_steps=cfg.train.steps,
         ),
         parity=parity,
+        accuracy=run_accuracy(run_dir),
+        label_codes=anatomy_codes(labels),
     )
+
+
+ANATOMY_CODES = Path(__file__).with_name("anatomy_codes.json")
+
+
+def anatomy_codes(labels: dict[int, str]) -> dict[int, dict[str, dict[str, str]]]:
+    """Coded concepts (SNOMED CT) for the labels whose names ``export/anatomy_codes.json`` knows."""
+    table = json.loads(ANATOMY_CODES.read_text())
+
+    def key(name: str) -> str:
+        return "".join(c for c in name.lower() if c.isalnum())
+
+    return {
+        k: {"category": dict(table["category"]), "type": dict(table["types"][key(name)])}
+        for k, name in labels.items()
+        if k and key(name) in table["types"]
+    }
+
+
+def run_accuracy(run_dir: Path) -> dict[str, Any]:
+    """The run's validation Dice per label name (scored where each label was annotated), for the
+    manifest's ``accuracy``; empty when the run did not validate."""
+    metrics = RunDir(run_dir).metrics
+    if not metrics.is_file():
+        return {}
+    data = json.loads(metrics.read_text())
+    dice = data.get("val_dice_by_name")
+    if not dice:
+        return {}
+    names = list(dice)
+    cases = data.get("val_cases_per_label", {})
+    per_label_cases = {name: int(n) for name, n in zip(names, cases.values())} if len(cases) == len(names) else {}
+    clean = {k: (None if v != v else round(float(v), 4)) for k, v in dice.items()}  # NaN: no case annotated it
+    mean = data.get("val_dice_mean")
+    return {
+        "dice": clean,
+        "mean": None if mean is None or mean != mean else round(float(mean), 4),
+        "cases": per_label_cases,
+        "note": f"the run's validation split ({len(data.get('per_case', {}))} cases), through the runtime's loop "
+        f"in PyTorch after {data.get('steps', '?')} steps",
+    }
 
 
 def validation_decision(run_dir: Path) -> list[int]:
     """The labels the run's validation chose to reduce to their largest component (none if it did not decide)."""
-    metrics = run_dir / "metrics.json"
+    metrics = RunDir(run_dir).metrics
     if not metrics.is_file():
         return []
     return list(json.loads(metrics.read_text()).get("postprocess", {}).get("keep_largest", []))
@@ -195,8 +266,8 @@ def calibration_patches(run_dir: Path, cfg: RunConfig, count: int = 32, seed: in
     from imunet.data import DatasetStats, PreprocessedCache, read_dataset
     from imunet.sampling import sample_patch
 
-    split = json.loads((run_dir / "split.json").read_text())
-    stats = DatasetStats.from_dict(json.loads((run_dir / "dataset_stats.json").read_text()))
+    split = json.loads(RunDir(run_dir).split.read_text())
+    stats = DatasetStats.from_dict(json.loads(RunDir(run_dir).dataset_stats.read_text()))
     info = read_dataset(cfg.dataset)
     by_name = {c.name: c for c in info.cases}
     cache = PreprocessedCache(run_dir / "preprocessed", stats)
@@ -214,7 +285,7 @@ def _int8_convolutions(
     run_dir: Path, cfg: RunConfig, graphs: dict[str, Path], folder: Path, log: Callable
 ) -> dict[str, Variant]:
     """The encoder's (or U-Net's) static int8 twin for OpenVINO, and its parity against fp32."""
-    graph = "model" if cfg.model.kind == "unet" else "encoder"
+    graph = cfg.model.model_kind.entry_graph
     q = quantize_convolutions(graphs[graph], folder / f"{graph}_int8.onnx", calibration_patches(run_dir, cfg))
     check = variant_parity(graphs, {graph: q}, cfg.model.patch_size)
     log(f"int8 {graph}: max logit difference {check['max_abs_logit_diff']:.3f}, argmax {check['argmax_agreement']:.4f}")
@@ -223,12 +294,13 @@ def _int8_convolutions(
 
 
 def _fp16_variants(
-    model: torch.nn.Module, cfg: RunConfig, graphs: dict[str, Path], folder: Path, opset: int,
-    layout: str | Sequence[str] | None, log: Callable,
+    model: torch.nn.Module, cfg: RunConfig, graphs: dict[str, Path], folder: Path, options: ExportOptions,
+    log: Callable,
 ) -> dict[str, Variant]:  # fmt: skip
     """fp16 twins of every graph (float32 in and out), checked: TensorRT's operators, the decoder's
     precision boundary, parity against the fp32 graphs."""
-    if cfg.model.kind == "implicit":
+    opset, layout = options.opset, options.feature_layout
+    if cfg.model.model_kind.decodes_points:
         half = export_implicit(model, cfg.model, folder, opset, layout, precision="fp16")
         problems = fp16_decoder_problems(half["decoder"])
         if problems:
@@ -251,7 +323,7 @@ def _export_graphs(
     model: torch.nn.Module, cfg: RunConfig, folder: Path, opset: int, layout: str | Sequence[str] | None, log: Callable
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write the fp32 graphs and check them: parity against PyTorch, TensorRT's operator list."""
-    if cfg.model.kind == "implicit":
+    if cfg.model.model_kind.decodes_points:
         graphs = export_implicit(model, cfg.model, folder, opset, layout)
     else:
         graphs = export_dense(model, cfg.model, folder, opset)
@@ -274,43 +346,29 @@ def _export_graphs(
 def write_bundle(
     run_dir: Path,
     out: Path,
-    opset: int = DEFAULT_OPSET,
-    max_points: int = 65536,
+    options: ExportOptions | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
-    int8: bool = True,
-    feature_layout: str | Sequence[str] | None = None,
-    overlap: float | None = None,
-    fp16: bool = True,
-    keep_largest: tuple[int, ...] | None = None,
-    int8_convolutions: bool = False,
 ) -> Path:
-    """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place).
-
-    ``int8`` adds an int8 decoder variant for onnxruntime on CPUs (implicit bundles only); ``fp16``
-    adds fp16 twins of every graph (GPUs: TensorRT engines and onnxruntime's GPU providers).
-    ``feature_layout`` is how ``encoder.onnx`` hands each level's feature map to ``decoder.onnx``
-    (None: the default per level; the runtime reads any). ``overlap`` is written as the bundle's
-    default window overlap (the runtime's ``--overlap`` overrides it). ``keep_largest``: labels the
-    runtime reduces to their largest component (None: the run's validation decision, if it made one).
-    ``int8_convolutions`` adds the encoder's (U-Net's) static int8 twin for OpenVINO, calibrated on
-    the run's training cases (the dataset must be where the run found it)."""
-    if overlap is not None and not 0 <= overlap < 1:
-        raise BundleError(f"overlap must be in [0, 1), got {overlap}")
+    """Export ``run_dir`` to the bundle directory ``out`` (written aside, then renamed into place):
+    the fp32 graphs checked against PyTorch, an int8 decoder for onnxruntime on CPUs (point-decoding
+    kinds), fp16 twins of every graph (GPUs: TensorRT engines and onnxruntime's GPU providers) and
+    what ``options`` add."""
+    options = options or ExportOptions()
+    if options.overlap is not None and not 0 <= options.overlap < 1:
+        raise BundleError(f"overlap must be in [0, 1), got {options.overlap}")
     refuse_existing(out, overwrite)
     cfg, stats, model = load_run(run_dir)
     with atomic_output(out, overwrite, directory=True) as tmp:
-        graphs, parity = _export_graphs(model, cfg, tmp, opset, feature_layout, log)
-        manifest = build_manifest(
-            cfg, stats, graphs, {"onnx": parity}, max_points, opset, run_dir, feature_layout, overlap
-        )
+        graphs, parity = _export_graphs(model, cfg, tmp, options.opset, options.feature_layout, log)
+        manifest = build_manifest(cfg, stats, graphs, {"onnx": parity}, run_dir, options)
         variants: dict[str, Variant] = {}
-        if int8 and cfg.model.kind == "implicit":
+        if cfg.model.model_kind.decodes_points:
             variants.update(_int8_variant(graphs, tmp, cfg.model.patch_size, log))
-        if fp16:
-            variants.update(_fp16_variants(model, cfg, graphs, tmp, opset, feature_layout, log))
-        if int8_convolutions:
+        variants.update(_fp16_variants(model, cfg, graphs, tmp, options, log))
+        if options.int8_convolutions:
             variants.update(_int8_convolutions(run_dir, cfg, graphs, tmp, log))
+        keep_largest = options.keep_largest
         if keep_largest is None:
             keep_largest = tuple(validation_decision(run_dir))
         manifest = replace(manifest, tensorrt_ops_checked=True, variants=variants, keep_largest=keep_largest)

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from imunet import __version__
+from imunet.runtime.contract.manifest import MAX_POINTS, OPSET
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 keys_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -34,8 +35,8 @@ def export(
     run: Path = typer.Argument(..., help="Training run directory (checkpoint.pt, config.json)."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to write, e.g. model.imunet."),
     trt: Optional[str] = typer.Option(None, "--trt", help="Also build TensorRT engines: fp16 | fp32."),
-    opset: int = typer.Option(17, help="ONNX opset (TensorRT 10 and 11 parse 9..20)."),
-    max_points: int = typer.Option(65536, help="Most points per decoder call (TensorRT profile max)."),
+    opset: int = typer.Option(OPSET, help="ONNX opset (TensorRT 10 and 11 parse 9..20)."),
+    max_points: int = typer.Option(MAX_POINTS, help="Most points per decoder call (TensorRT profile max)."),
     opt_points: int = typer.Option(16384, help="Points per call TensorRT optimises for (at most --max-points)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
     feature_layout: str = typer.Option(
@@ -64,7 +65,7 @@ def export(
 ) -> None:
     from imunet.runtime.errors import ImunetError
 
-    from .bundle import write_bundle
+    from .bundle import ExportOptions, write_bundle
 
     if trt is not None and trt not in ("fp16", "fp32"):
         _fail(f"--trt must be fp16 or fp32, got {trt!r}")
@@ -75,18 +76,15 @@ def export(
     try:
         key = _signing_key(sign)
         largest = _labels_option(keep_largest, run)
-        bundle = write_bundle(
-            run,
-            out,
-            opset,
-            max_points,
-            overwrite,
-            log=typer.echo,
+        options = ExportOptions(
+            opset=opset,
+            max_points=max_points,
             feature_layout=None if feature_layout == "auto" else feature_layout,
             overlap=overlap,
             keep_largest=largest,
             int8_convolutions=int8_encoder,
         )
+        bundle = write_bundle(run, out, options, overwrite, log=typer.echo)
     except (ImunetError, ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {bundle}")
@@ -106,8 +104,9 @@ def _labels_option(text: str | None, run: Path) -> tuple[int, ...] | None:
     if text.strip().lower() == "none":
         return ()
     from imunet.config import RunConfig
+    from imunet.run_dir import RunDir
 
-    cfg_path = run / "config.json"
+    cfg_path = RunDir(run).config
     names = RunConfig.load(cfg_path).extra.get("labels", {}) if cfg_path.is_file() else {}
     by_name = {v.lower(): int(k) for k, v in names.items()}
     out = []
@@ -129,7 +128,7 @@ def _signing_key(path: Path | None) -> bytes | None:
 
 def _engines(bundle_dir: Path, precision: str, profile: tuple[int, int, int]) -> int:
     """Build, record and check TensorRT engines; 0, or 3 when they could not be built or checked."""
-    from imunet.runtime.bundle import load_bundle
+    from imunet.runtime.contract.bundle import load_bundle
     from imunet.runtime.errors import ImunetError
 
     from .bundle import finalize_manifest

@@ -10,10 +10,10 @@ import json
 import os
 from pathlib import Path
 
-from imunet.runtime.atomic import atomic_output, refuse_existing, write_text_atomic
-from imunet.runtime.bundle import MANIFEST
+from imunet.runtime.contract.bundle import MANIFEST
+from imunet.runtime.contract.signature import SIGNATURE, fingerprint, sign_manifest
 from imunet.runtime.errors import BundleError
-from imunet.runtime.signature import SIGNATURE, fingerprint, sign_manifest
+from imunet.runtime.imaging.atomic import atomic_output, refuse_existing, write_text_atomic
 
 
 def keygen(private_path: Path, overwrite: bool = False) -> tuple[Path, Path, str]:

@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from imunet.runtime.backends.precision import ENGINE_PRECISIONS
 from imunet.runtime.backends.trt import engine_dir_name, gpu_info, import_tensorrt
-from imunet.runtime.bundle import Bundle
+from imunet.runtime.contract.bundle import Bundle
+from imunet.runtime.contract.manifest import EngineRecord, Manifest
 from imunet.runtime.errors import BackendError
-from imunet.runtime.manifest import EngineRecord, Manifest
 
 from .variants import sample_points
-
-ENGINE_PRECISIONS = ("fp16", "fp32")
 
 
 def check_points_profile(profile: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -102,7 +101,7 @@ def build_engines(bundle: Bundle, precision: str, points_profile: tuple[int, int
         facts[graph] = build_engine(
             bundle.read(name), out / f"{graph}.plan", out / "timing.cache", profile if graph == "decoder" else None
         )
-    points = profile if bundle.manifest.kind == "implicit" else None
+    points = profile if bundle.manifest.kind.decodes_points else None
     return EngineRecord(sub, gpu.name, gpu.compute_capability, trt.__version__, precision, used, points, facts)
 
 
@@ -117,14 +116,14 @@ def engine_parity(bundle: Bundle, precision: str, points: int = 8192, seed: int 
     model's voxels."""
     from imunet.runtime.backends.ort import OrtBackend
     from imunet.runtime.backends.trt import TensorRTBackend
-    from imunet.runtime.inference import softmax
+    from imunet.runtime.kernels.labels import softmax
 
     m = bundle.manifest
     trt_b, ort_b = TensorRTBackend(bundle, precision), OrtBackend(bundle, "ort-cpu", precision="fp32")
     rng = np.random.default_rng(seed)
     patch = rng.normal(size=m.patch_size).astype(np.float32)
     try:
-        if m.kind == "implicit":
+        if m.kind.decodes_points:
             pts = sample_points(m.patch_size, min(points, trt_b.max_points), rng)
             a = softmax(trt_b.decode(trt_b.encode(patch), pts))
             b = softmax(ort_b.decode(ort_b.encode(patch), pts))

@@ -22,9 +22,10 @@ from torch.nn.utils import parametrize
 
 from imunet.model.decoder import normalise_coordinates, positional_encoding
 from imunet.model.network import ImplicitUNet
+from imunet.runtime.backends.precision import EXPORTED_PRECISIONS
 
 FEATURE_LAYOUTS = ("channels_last", "channels_first")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = EXPORTED_PRECISIONS
 
 
 def default_feature_layouts(levels: int) -> tuple[str, ...]:

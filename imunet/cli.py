@@ -21,7 +21,8 @@ def _version(value: bool) -> None:
 
 def _param_table() -> str:
     from .config import ModelConfig
-    from .model import build_model, count_parameters
+    from .kinds import build_model
+    from .model import count_parameters
 
     imp = build_model(ModelConfig(kind="implicit", num_classes=3))
     unet = build_model(ModelConfig(kind="unet", num_classes=3))
@@ -133,20 +134,14 @@ def train(
             minutes=minutes,
         )
         from .distributed import pick_device
+        from .run_dir import RunDir
+        from .train import StartFrom
         from .train import train as run_training
 
         if init is not None and init_encoder is not None:
             raise ValueError("pass --init or --init-encoder, not both")
-        metrics = run_training(
-            dataset,
-            out,
-            RunConfig(mcfg, tcfg),
-            pick_device(device),
-            resume,
-            cache,
-            init=init or init_encoder,
-            init_encoder_only=init_encoder is not None,
-        )
+        start = StartFrom(resume, init or init_encoder, init_encoder is not None)
+        metrics = run_training(dataset, RunDir(out, cache), RunConfig(mcfg, tcfg), pick_device(device), start)
     except (ValueError, OSError) as exc:
         typer.echo(f"imunet-train: error: {exc}", err=True)
         raise typer.Exit(2) from None

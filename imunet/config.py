@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-MODEL_KINDS = ("implicit", "unet")
+from imunet.runtime.contract.kinds import ModelKind, model_kind
+
 # Partially annotated datasets: "marginal" merges a case's unannotated organs into background in the
 # loss; "background" takes their absence as background; "complete" trains only on fully annotated cases.
 PARTIAL_LABELS = ("marginal", "background", "complete")
@@ -36,8 +37,7 @@ class ModelConfig:
     gather: str = "floor"  # "floor": the paper's p // 2**b; "nearest": round to the nearest cell centre
 
     def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        model_kind(self.kind)  # ValueError for an unknown kind
         if self.gather not in GATHER_MODES:
             raise ValueError(f"gather must be one of {GATHER_MODES}, got {self.gather!r}")
         if len(self.channels) != len(self.convs_per_block):
@@ -49,6 +49,11 @@ class ModelConfig:
             raise ValueError(f"patch_size must be 3 positive multiples of {div}, got {self.patch_size}")
         if not 0 <= self.reinject_at < self.decoder_depth:
             raise ValueError(f"reinject_at must be in [0, {self.decoder_depth}), got {self.reinject_at}")
+
+    @property
+    def model_kind(self) -> ModelKind:
+        """What this kind's bundle holds and how the runtime runs it."""
+        return model_kind(self.kind)
 
     @property
     def levels(self) -> int:

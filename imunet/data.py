@@ -14,12 +14,12 @@ from typing import Any, Callable
 import numpy as np
 import SimpleITK as sitk
 
-from imunet.runtime.atomic import atomic_output
-from imunet.runtime.domain import Fingerprint, fingerprint, summarise
 from imunet.runtime.errors import InputError
-from imunet.runtime.io import read_image, to_array
-from imunet.runtime.orientation import dominant_orientation, reorient
-from imunet.runtime.preprocess import Normalization, ct_statistics, normalize, resample_to_spacing
+from imunet.runtime.imaging.atomic import atomic_output
+from imunet.runtime.imaging.domain import Fingerprint, fingerprint, summarise
+from imunet.runtime.imaging.io import read_image, to_array
+from imunet.runtime.imaging.orientation import dominant_orientation, reorient
+from imunet.runtime.imaging.preprocess import Normalization, ct_statistics, normalize, resample_to_spacing
 
 
 @dataclass(frozen=True)
@@ -232,8 +232,10 @@ class PreprocessedCache:
         stamp = self.dir / "stats.json"
         if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(stats.to_dict())):
             for f in self.dir.glob("*.npy"):  # preprocessed with other statistics: stale
-                f.unlink()
-        stamp.write_text(json.dumps(stats.to_dict()))
+                f.unlink(missing_ok=True)
+        # Atomic: every process of a distributed run writes the same stamp, and another may be reading it.
+        with atomic_output(stamp, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(stats.to_dict()))
 
     def get(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
         img_p, lbl_p = self.dir / f"{case.name}_img.npy", self.dir / f"{case.name}_seg.npy"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imunet.runtime.mesh import label_boundary
+from imunet.runtime.kernels.mesh import label_boundary
 
 
 def class_locations(

@@ -13,13 +13,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from imunet.runtime.atomic import atomic_output
+from imunet.runtime.imaging.atomic import atomic_output
 
 from .config import RunConfig
 from .data import DatasetStats
 from .distributed import Dist
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def rng_state(np_rng: np.random.Generator, aug_gen: torch.Generator, device: torch.device) -> dict[str, Any]:

@@ -7,14 +7,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from imunet.runtime.contract.manifest import MAX_POINTS
+
 
 class TorchBackend:
     """The :class:`imunet.runtime.backends.base.Backend` protocol over a PyTorch model."""
 
     name = "torch"
     features_reusable = True  # every encoder call returns new tensors
+    precision = "fp32"
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", max_points: int = 65536) -> None:
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", max_points: int = MAX_POINTS) -> None:
+        self.skipped: list[str] = []
         self.model = model
         self.device = torch.device(device)
         self.max_points = max_points

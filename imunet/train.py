@@ -19,24 +19,25 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from imunet.runtime.inference import predict_labels
-from imunet.runtime.metrics import dice_per_label
-from imunet.runtime.postprocess import decide
-from imunet.runtime.settings import InferenceSettings
+from imunet.runtime.contract.settings import InferenceSettings
+from imunet.runtime.imaging.metrics import dice_per_label
+from imunet.runtime.imaging.postprocess import decide
+from imunet.runtime.kernels.inference import Loop, predict_labels
 
 from .augment import augment_batch
 from .budget import TimeBudget
 from .config import RunConfig
 from .data import Case, DatasetInfo, DatasetStats, PreprocessedCache, compute_stats, read_dataset, split_cases
 from .distributed import Dist, pick_device, setup_distributed
-from .losses import deep_supervision_loss, point_loss
-from .model import build_model, count_parameters
+from .kinds import Batch, build_model, training_kind
+from .model import count_parameters
 from .progress import StepProgress
-from .sampling import class_locations, point_labels, sample_patch, sample_points
-from .state import CHECKPOINT, TrainState
+from .run_dir import RunDir
+from .sampling import class_locations, sample_patch
+from .state import TrainState
 from .torch_backend import TorchBackend
 
-__all__ = ["train", "pick_device", "validate", "init_weights", "CHECKPOINT"]
+__all__ = ["train", "pick_device", "validate", "init_weights", "StartFrom", "RunDir"]
 LOG_HEADER = "step,loss,lr,step_s,data_s,augment_s,val_dice_mean\n"
 
 
@@ -67,45 +68,16 @@ def sample_batch(
     return np.stack(imgs), np.stack(lbls), np.stack(known)
 
 
-def points_for_batch(labels: np.ndarray, cfg: RunConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Points ``(B, k, 3)`` and their labels ``(B, k)`` for a batch of label patches."""
-    t = cfg.train
-    pts, tgt = [], []
-    for lbl in labels:
-        p, _ = sample_points(lbl, t.points, t.boundary_fraction, t.boundary_sigma, rng, t.class_balanced)
-        pts.append(p)
-        tgt.append(point_labels(lbl, p))
-    return np.stack(pts), np.stack(tgt).astype(np.int64)
-
-
 def optimisation_step(
-    net: torch.nn.Module,
-    cfg: RunConfig,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    rng: np.random.Generator,
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    use_amp: bool,
+    net: torch.nn.Module, cfg: RunConfig, batch: Batch, state: TrainState, use_amp: bool
 ) -> torch.Tensor:
-    """One step on an (augmented) batch: ``img`` ``(B, 1, Z, Y, X)``, ``lbl`` ``(B, Z, Y, X)`` and
-    ``known`` ``(B, C)`` (None: every class annotated).
-
-    The implicit model's points are sampled on the labels it is given; the U-Net takes the whole
-    patch with deep supervision. Returns the detached loss.
-    """
-    img, lbl, known = batch
-    device = img.device
-    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-        if cfg.model.kind == "implicit":
-            pts, tgt = points_for_batch(lbl.to(torch.uint8).cpu().numpy(), cfg, rng)
-            logits = net(img, torch.from_numpy(pts).to(device))
-            loss = point_loss(logits, torch.from_numpy(tgt).to(device), known)
-        else:
-            loss = deep_supervision_loss(net(img), lbl, known)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
+    """One step on an (augmented) batch with the model kind's loss; returns the detached loss."""
+    with torch.autocast(device_type=batch.image.device.type, dtype=torch.float16, enabled=use_amp):
+        loss = training_kind(cfg.model).loss(net, batch, cfg, state.np_rng)
+    state.opt.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.opt)
+    state.scaler.update()
     return loss.detach()
 
 
@@ -129,7 +101,7 @@ def validate(
     settings = settings or InferenceSettings()
     per_case, pairs = {}, []
     for name, (img, lbl) in cases.items():
-        pred, _ = predict_labels(np.asarray(img), backend, cfg.model.patch_size, settings, cfg.model.kind == "unet")
+        pred, _ = predict_labels(np.asarray(img), Loop(backend, cfg.model.patch_size, settings, cfg.model.model_kind))
         scored = [lab for lab in labels if known is None or name not in known or known[name][lab]]
         per_case[name] = dice_per_label(pred, np.asarray(lbl), scored)
         pairs.append((pred, np.asarray(lbl), set(scored)))
@@ -171,10 +143,10 @@ def init_weights(
     takes only the encoder's configuration and weights; the decoder (kind, width, depth, dropout,
     gather) is ``cfg``'s and starts from a fresh initialisation.
     """
-    ckpt = source / CHECKPOINT if source.is_dir() else source
+    ckpt = RunDir(source).checkpoint if source.is_dir() else source
     if not ckpt.is_file():
         raise ValueError(f"--init: no checkpoint at {ckpt}")
-    conf = ckpt.parent / "config.json"
+    conf = RunDir(ckpt.parent).config
     if not conf.is_file():
         raise ValueError(f"--init: {conf} is missing; the run's model configuration is needed")
     model_cfg = RunConfig.load(conf).model
@@ -196,6 +168,37 @@ def init_weights(
     return replace(cfg, model=model_cfg), state, digest
 
 
+@dataclass(frozen=True)
+class StartFrom:
+    """Where a run starts: ``resume`` continues the run folder's own checkpoint; ``init`` starts a
+    new run from another run's weights (its model configuration replaces the given one; with
+    ``encoder_only`` only the encoder's, and the decoder starts fresh). The optimiser starts afresh."""
+
+    resume: bool = False
+    init: Path | None = None
+    encoder_only: bool = False
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the run: its device, its rank among the processes, where it reports
+    (rank 0 only)."""
+
+    device: torch.device
+    ddp: Dist
+    say: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step's loss and seconds: the whole step, sampling the batch, augmenting it."""
+
+    loss: float
+    step_s: float
+    data_s: float
+    augment_s: float
+
+
 @dataclass
 class RunData:
     """A run's data after the split, statistics and preprocessing (all done once, on rank 0)."""
@@ -207,34 +210,34 @@ class RunData:
 
 
 def resolve_config(
-    run_dir: Path, cfg: RunConfig, resume: bool, init: Path | None, init_encoder_only: bool
+    run: RunDir, cfg: RunConfig, start: StartFrom
 ) -> tuple[RunConfig, dict[str, torch.Tensor] | None]:
-    """The run's configuration (a resumed run keeps its stored one; ``init`` brings the source run's
-    model configuration) and the weights to start from, if any."""
-    ckpt_path = run_dir / CHECKPOINT
-    if resume and not ckpt_path.exists():
+    """The run's configuration (a resumed run keeps its stored one; ``start.init`` brings the source
+    run's model configuration) and the weights to start from, if any."""
+    ckpt_path = run.checkpoint
+    if start.resume and not ckpt_path.exists():
         raise ValueError(f"--resume: no {ckpt_path} to resume from")
-    if not resume and ckpt_path.exists():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if resume:  # the stored configuration wins: a resumed run is the same run
-        stored = RunConfig.load(run_dir / "config.json")
+    if not start.resume and ckpt_path.exists():
+        raise ValueError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
+    if start.resume:  # the stored configuration wins: a resumed run is the same run
+        stored = RunConfig.load(run.config)
         return RunConfig(stored.model, replace(stored.train, steps=cfg.train.steps), stored.dataset, stored.extra), None
-    if init is None:
+    if start.init is None:
         return cfg, None
-    cfg, state, digest = init_weights(Path(init), cfg, init_encoder_only)
-    part = "encoder" if init_encoder_only else "model"
-    return replace(cfg, extra={**cfg.extra, "init": {"checkpoint": str(init), "sha256": digest, "part": part}}), state
+    cfg, state, digest = init_weights(Path(start.init), cfg, start.encoder_only)
+    part = "encoder" if start.encoder_only else "model"
+    record = {"checkpoint": str(start.init), "sha256": digest, "part": part}
+    return replace(cfg, extra={**cfg.extra, "init": record}), state
 
 
-def prepare_data(
-    dataset_dir: Path, run_dir: Path, cfg: RunConfig, ddp: Dist, cache_dir: Path | None, say: Callable[[str], None]
-) -> tuple[RunConfig, RunData]:
+def prepare_data(dataset_dir: Path, run: RunDir, cfg: RunConfig, proc: Process) -> tuple[RunConfig, RunData]:
     """Split, dataset statistics and preprocessed arrays; the configuration gains the dataset's
     name, modality and labels and is saved as ``RUN/config.json``."""
+    ddp, say = proc.ddp, proc.say
     info = read_dataset(dataset_dir)
     if info.labels and len(info.labels) != cfg.model.num_classes:
         raise ValueError(f"model has {cfg.model.num_classes} classes, dataset {len(info.labels)}: {info.labels}")
-    split_path, stats_path = run_dir / "split.json", run_dir / "dataset_stats.json"
+    split_path, stats_path = run.split, run.dataset_stats
     by_name = {c.name: c for c in info.cases}
     if ddp.main and not split_path.exists():
         train_names, val_names = split_cases(info.cases, cfg.train.val_fraction, cfg.train.seed)
@@ -246,7 +249,7 @@ def prepare_data(
         stats_path.write_text(json.dumps(compute_stats(info, [by_name[n] for n in split["train"]]).to_dict(), indent=2))
     ddp.barrier()
     stats = DatasetStats.from_dict(json.loads(stats_path.read_text()))
-    cache = PreprocessedCache(cache_dir or run_dir / "preprocessed", stats)
+    cache = PreprocessedCache(run.preprocessed, stats)
     if ddp.main:
         t = time.perf_counter()
         cache.load_all([by_name[n] for n in split["train"] + split["val"]])
@@ -264,7 +267,7 @@ def prepare_data(
         extra["partially_annotated"] = True
     cfg = RunConfig(cfg.model, cfg.train, str(info.root), extra)
     if ddp.main:
-        cfg.save(run_dir / "config.json")
+        cfg.save(run.config)
     train_cases = training_cases(info, [by_name[n] for n in split["train"]], cache, cfg, say)
     return cfg, RunData(stats, train_cases, val, {n: info.known(n) for n in val})
 
@@ -295,27 +298,21 @@ def training_cases(
 
 
 def start_state(
-    cfg: RunConfig,
-    device: torch.device,
-    ddp: Dist,
-    init_state: dict[str, torch.Tensor] | None,
-    init: Path | None,
-    encoder_only: bool,
-    resume_from: Path | None,
-    say: Callable[[str], None],
+    cfg: RunConfig, proc: Process, weights: dict[str, torch.Tensor] | None, start: StartFrom, run: RunDir
 ) -> TrainState:
-    """The model and its train state: fresh, from ``init`` weights, or resumed from a checkpoint."""
+    """The model and its train state: fresh, from ``weights`` (``start.init``), or resumed from the
+    run's checkpoint."""
     torch.manual_seed(cfg.train.seed)
-    state = TrainState.create(cfg, build_model(cfg.model).to(device), device, ddp.rank)
-    if init_state is not None:
-        result = state.model.load_state_dict(init_state, strict=not encoder_only)
+    state = TrainState.create(cfg, build_model(cfg.model).to(proc.device), proc.device, proc.ddp.rank)
+    if weights is not None:
+        result = state.model.load_state_dict(weights, strict=not start.encoder_only)
         fresh = [k for k in result.missing_keys if k.startswith("encoder.")]
         if fresh or result.unexpected_keys:  # only the decoder may start fresh
-            raise ValueError(f"--init-encoder: {init} does not fit: {(fresh + result.unexpected_keys)[:3]}")
-        say(f"starting from the {'encoder ' if encoder_only else ''}weights of {init}")
-    if resume_from is not None:
-        state.load(resume_from, ddp.rank)
-        say(f"resuming {resume_from.parent} at step {state.step} of {cfg.train.steps}")
+            raise ValueError(f"--init-encoder: {start.init} does not fit: {(fresh + result.unexpected_keys)[:3]}")
+        proc.say(f"starting from the {'encoder ' if start.encoder_only else ''}weights of {start.init}")
+    if start.resume:
+        state.load(run.checkpoint, proc.ddp.rank)
+        proc.say(f"resuming {run.path} at step {state.step} of {cfg.train.steps}")
     return state
 
 
@@ -333,7 +330,7 @@ def train_step(net: torch.nn.Module, state: TrainState, cfg: RunConfig, data: Ru
         img, lbl = augment_batch(img, lbl, state.aug_gen)
     t2 = time.perf_counter()
     use_amp = state.scaler.is_enabled()
-    loss = float(optimisation_step(net, cfg, (img, lbl, known), state.np_rng, state.opt, state.scaler, use_amp))
+    loss = float(optimisation_step(net, cfg, Batch(img, lbl, known), state, use_amp))
     if not np.isfinite(loss):
         raise RuntimeError(f"loss became {loss} at step {state.step + 1}; lower the learning rate")
     return loss, t1 - t0, t2 - t1
@@ -341,43 +338,35 @@ def train_step(net: torch.nn.Module, state: TrainState, cfg: RunConfig, data: Ru
 
 def train(
     dataset_dir: Path,
-    run_dir: Path,
+    run: Path | RunDir,
     cfg: RunConfig,
     device: torch.device,
-    resume: bool = False,
-    cache_dir: Path | None = None,
+    start: StartFrom | None = None,
     log: Callable[[str], None] = print,
-    init: Path | None = None,
-    init_encoder_only: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume) a run; returns the final metrics (also in ``RUN/metrics.json``).
-
-    ``init`` starts a new run from another run's weights (its model configuration replaces
-    ``cfg.model``; with ``init_encoder_only`` only the encoder's, and the decoder starts fresh);
-    the optimiser starts afresh.
-    """
+    """Train (or resume, or fine-tune: ``start``) a run; returns the final metrics (also in
+    ``RUN/metrics.json``)."""
+    run, start = RunDir.of(run), start or StartFrom()
     ddp = setup_distributed(device)
-    say = log if ddp.main else (lambda _msg: None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg, init_state = resolve_config(run_dir, cfg, resume, init, init_encoder_only)
-    cfg, data = prepare_data(dataset_dir, run_dir, cfg, ddp, cache_dir, say)
-    resume_from = run_dir / CHECKPOINT if resume else None
-    state = start_state(cfg, device, ddp, init_state, init, init_encoder_only, resume_from, say)
+    proc = Process(device, ddp, log if ddp.main else (lambda _msg: None))
+    run.path.mkdir(parents=True, exist_ok=True)
+    cfg, weights = resolve_config(run, cfg, start)
+    cfg, data = prepare_data(dataset_dir, run, cfg, proc)
+    state = start_state(cfg, proc, weights, start, run)
     net = state.model
     if ddp.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    say(
+    proc.say(
         f"{cfg.model.kind} model: {count_parameters(state.model):,} parameters; device {device}; "
         f"{len(data.train)} train / {len(data.val)} val cases; world size {ddp.world}"
     )
-    log_path = run_dir / "log.csv"
-    if ddp.main and not log_path.exists():
-        log_path.write_text(LOG_HEADER)
+    if ddp.main and not run.log.exists():
+        run.log.write_text(LOG_HEADER)
     metrics: dict[str, Any] = {}
     t_start = time.perf_counter()
-    progress = StepProgress(cfg.train.steps, state.step, say) if ddp.main else None
+    progress = StepProgress(cfg.train.steps, state.step, proc.say) if ddp.main else None
     state.model.train()
     budget = TimeBudget(cfg.train.minutes, state.step, ddp.world == 1)
     while state.step < cfg.train.steps:
@@ -386,54 +375,46 @@ def train(
         state.step += 1
         if (calibrated := budget.after_step(cfg, state.step)) is not None:
             cfg = ddp.broadcast(calibrated)
-            say(f"time budget {cfg.train.minutes:g} min: {cfg.train.steps} steps")
+            proc.say(f"time budget {cfg.train.minutes:g} min: {cfg.train.steps} steps")
             if ddp.main:
                 progress.retarget(cfg.train.steps)  # type: ignore[union-attr]
-                cfg.save(run_dir / "config.json")
+                cfg.save(run.config)
         last = state.step == cfg.train.steps
         if ddp.main:
-            timings = (time.perf_counter() - t0, data_s, augment_s)
-            metrics = record_step(state, cfg, data, device, loss, timings, log_path, say) or metrics
+            record = StepRecord(loss, time.perf_counter() - t0, data_s, augment_s)
+            metrics = record_step(state, cfg, data, proc, record, run) or metrics
             progress.update(state.step, loss)  # type: ignore[union-attr]
         if state.step % cfg.train.checkpoint_every == 0 or last:
-            state.save(run_dir / CHECKPOINT, cfg, data.stats, ddp)
+            state.save(run.checkpoint, cfg, data.stats, ddp)
     if progress is not None:
         progress.close()
     if ddp.main:
-        metrics = finish(run_dir, cfg, state, metrics, time.perf_counter() - t_start, device, ddp)
+        metrics = finish(run, cfg, state, metrics, time.perf_counter() - t_start, proc)
     ddp.barrier()
     return metrics
 
 
 def record_step(
-    state: TrainState, cfg: RunConfig, data: RunData, device: torch.device, loss: float,
-    timings: tuple[float, float, float], log_path: Path, say: Callable[[str], None],
-) -> dict[str, Any] | None:  # fmt: skip
+    state: TrainState, cfg: RunConfig, data: RunData, proc: Process, record: StepRecord, run: RunDir
+) -> dict[str, Any] | None:
     """Validate when due (every ``val_every`` steps and at the end), append the step to the history
     and to ``log.csv``; the validation metrics when it validated."""
     metrics, val_mean = None, ""
     due = state.step == cfg.train.steps or (cfg.train.val_every and state.step % cfg.train.val_every == 0)
     if data.val and due:
-        metrics = validate(state.model, data.val, cfg, device, known=data.val_known)
+        metrics = validate(state.model, data.val, cfg, proc.device, known=data.val_known)
         val_mean = f"{metrics['val_dice_mean']:.4f}"
         per_label = ", ".join(f"{k} {v:.4f}" for k, v in metrics["val_dice_by_name"].items())
-        say(f"step {state.step}: validation Dice {per_label} (mean {val_mean})")
-    state.history.append({"step": state.step, "loss": loss, "val": val_mean})
-    step_s, data_s, augment_s = timings
-    row = [state.step, f"{loss:.5f}", f"{_lr(cfg, state.step - 1):.3g}", f"{step_s:.4f}", f"{data_s:.4f}"]
-    with log_path.open("a") as fh:
-        csv.writer(fh).writerow([*row, f"{augment_s:.4f}", val_mean])
+        proc.say(f"step {state.step}: validation Dice {per_label} (mean {val_mean})")
+    state.history.append({"step": state.step, "loss": record.loss, "val": val_mean})
+    row = [state.step, f"{record.loss:.5f}", f"{_lr(cfg, state.step - 1):.3g}", f"{record.step_s:.4f}"]
+    with run.log.open("a") as fh:
+        csv.writer(fh).writerow([*row, f"{record.data_s:.4f}", f"{record.augment_s:.4f}", val_mean])
     return metrics
 
 
 def finish(
-    run_dir: Path,
-    cfg: RunConfig,
-    state: TrainState,
-    metrics: dict[str, Any],
-    seconds: float,
-    device: torch.device,
-    ddp: Dist,
+    run: RunDir, cfg: RunConfig, state: TrainState, metrics: dict[str, Any], seconds: float, proc: Process
 ) -> dict[str, Any]:
     """Write ``metrics.json`` (validation Dice, time, sizes, versions) and ``curves.png``."""
     metrics = {
@@ -442,14 +423,14 @@ def finish(
         "train_seconds": round(seconds, 1),
         "parameters": count_parameters(state.model),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "device": str(device),
-        "world_size": ddp.world,
+        "device": str(proc.device),
+        "world_size": proc.ddp.world,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "machine": platform.machine(),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_curves(run_dir / "log.csv", run_dir / "curves.png")
+    run.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_curves(run.log, run.curves)
     return metrics
 
 

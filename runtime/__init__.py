@@ -16,18 +16,18 @@ from .errors import BackendError, BundleError, ImunetError, InputError
 __all__ = ["Segmenter", "Bundle", "load_bundle", "ImunetError", "InputError", "BundleError", "BackendError"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .bundle import Bundle, load_bundle
-    from .pipeline import Segmenter
+    from .app.pipeline import Segmenter
+    from .contract.bundle import Bundle, load_bundle
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import imunet.runtime` stays cheap (no SimpleITK / onnxruntime until used).
     if name == "Segmenter":
-        from .pipeline import Segmenter
+        from .app.pipeline import Segmenter
 
         return Segmenter
     if name in ("Bundle", "load_bundle"):
-        from . import bundle
+        from .contract import bundle
 
         return getattr(bundle, name)
     raise AttributeError(name)

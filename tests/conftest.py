@@ -106,9 +106,10 @@ class FakeBackend:
     so decoded values depend on absolute voxel position and stitching must reproduce them.
     """
 
-    name = "fake"
+    name, features_reusable, precision = "fake", False, "fp32"
 
     def __init__(self, fn, max_points: int = 1000) -> None:
+        self.skipped: list[str] = []
         self.fn = fn
         self.max_points = max_points
         self.calls = 0

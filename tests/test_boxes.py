@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imunet.runtime.boxes import box_faces, owner_boxes
-from imunet.runtime.windows import window_starts
+from imunet.runtime.kernels.boxes import box_faces, owner_boxes
+from imunet.runtime.kernels.windows import window_starts
 
 
 @settings(max_examples=60, deadline=None)

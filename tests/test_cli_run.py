@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from imunet.runtime.cli import app
+from imunet.runtime.app.cli import app
 
 from conftest import CT_DIR
 
@@ -88,7 +88,7 @@ def test_output_equal_to_input_is_refused(bundle_dir, phantom_dir, tmp_path):
     scan = shutil.copy(phantom(phantom_dir), tmp_path / "scan.nii.gz")
     before = (tmp_path / "scan.nii.gz").read_bytes()
     code, _, err = run(scan, "--model", bundle_dir, "--out", scan, "--overwrite")
-    assert code == 1 and "output path equals the input" in err
+    assert code == 2 and "is the input" in err and "an input is never written over" in err
     assert (tmp_path / "scan.nii.gz").read_bytes() == before
 
 
@@ -169,7 +169,10 @@ def test_unknown_backend_and_missing_bundle_are_one_line_errors(bundle_dir, phan
         "imunet-run: error: unknown backend 'magic'; choose from auto, ort-cpu, openvino, ort-cuda, ort-trt, tensorrt"
     )
     code, _, err = run(phantom(phantom_dir), "--model", tmp_path / "none.imunet")
-    assert code == 2 and err.strip() == f"imunet-run: error: {tmp_path / 'none.imunet'}: no such bundle directory"
+    assert code == 2 and err.strip() == (
+        f"imunet-run: error: {tmp_path / 'none.imunet'}: no such bundle folder, and not a shipped model "
+        "(shipped: hippocampus)"
+    )
     code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--precision", "int4")
     assert (
         code == 2 and err.strip() == "imunet-run: error: unknown precision 'int4'; choose from auto, fp32, fp16, int8"
@@ -217,7 +220,7 @@ def test_dicom_folder_with_two_series_needs_series(bundle_dir, tmp_path):
 
 
 def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path, monkeypatch):
-    from imunet.runtime import io
+    from imunet.runtime.imaging import io
 
     image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.uint8))
     real_write = sitk.WriteImage

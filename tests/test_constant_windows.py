@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from imunet.runtime.backends import open_backend
-from imunet.runtime.boxes import owner_boxes
-from imunet.runtime.bundle import load_bundle
-from imunet.runtime.constant_windows import SharedFeatures, constant_value
-from imunet.runtime.inference import predict_probabilities
-from imunet.runtime.settings import InferenceSettings
+from imunet.runtime.contract.bundle import load_bundle
+from imunet.runtime.contract.settings import InferenceSettings
+from imunet.runtime.kernels.boxes import owner_boxes
+from imunet.runtime.kernels.constant_windows import SharedFeatures, constant_value
+from imunet.runtime.kernels.inference import Loop, predict_probabilities
 
 from conftest import ROOT
 
@@ -25,6 +25,7 @@ class CountingBackend:
     def __init__(self, backend, reusable: bool) -> None:
         self.backend, self.features_reusable, self.encodes = backend, reusable, 0
         self.name, self.max_points = backend.name, backend.max_points
+        self.precision, self.skipped = backend.precision, []
         self._lock = threading.Lock()
 
     def encode(self, patch):
@@ -53,8 +54,8 @@ def test_air_around_a_scan_is_encoded_once_and_the_probabilities_do_not_change(p
     patch = tuple(bundle.manifest.patch_size)
     settings = InferenceSettings(smoothing=1)
     shared, plain = CountingBackend(backend, True), CountingBackend(backend, False)
-    got, s_shared = predict_probabilities(volume, shared, patch, settings, workers=2)
-    want, s_plain = predict_probabilities(volume, plain, patch, settings, workers=2)
+    got, s_shared = predict_probabilities(volume, Loop(shared, patch, settings, workers=2))
+    want, s_plain = predict_probabilities(volume, Loop(plain, patch, settings, workers=2))
     np.testing.assert_array_equal(got, want)  # the same decoder calls on the same features
     boxes = owner_boxes(volume.shape, patch, settings.overlap, settings.stride)
     windows = [volume[tuple(slice(o, o + p) for o, p in zip(b.window, patch))] for b in boxes]

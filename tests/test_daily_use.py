@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from imunet.runtime.cli import app
+from imunet.runtime.app.cli import app
 
 from conftest import ROOT
 
@@ -135,8 +135,8 @@ def test_the_readme_python_blocks_run_as_written(tmp_path):
 
 @pytest.mark.parametrize("command", ["imunet-run", "imunet-export", "imunet-train", "imunet-evaluate"])
 def test_every_command_has_a_version_and_plain_flags(command):
-    module = {"imunet-run": "imunet.runtime.cli", "imunet-export": "imunet.export.cli", "imunet-train": "imunet.cli",
-              "imunet-evaluate": "imunet.runtime.evaluate_cli"}[command]  # fmt: skip
+    module = {"imunet-run": "imunet.runtime.app.cli", "imunet-export": "imunet.export.cli",
+              "imunet-train": "imunet.cli", "imunet-evaluate": "imunet.runtime.app.evaluate_cli"}[command]  # fmt: skip
     res = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and re.fullmatch(rf"{command} \d+\.\d+\.\d+\n", res.stdout)
     helptext = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
@@ -151,7 +151,7 @@ def test_run_help_says_where_defaults_come_from():
 
 
 def test_imunet_evaluate_scores_a_prediction_folder(bundle_dir, phantom_dir, tmp_path):
-    from imunet.runtime.evaluate_cli import app as evaluate_app
+    from imunet.runtime.app.evaluate_cli import app as evaluate_app
 
     cases = ["phantom_000", "phantom_001"]
     for c in cases:
@@ -166,7 +166,7 @@ def test_imunet_evaluate_scores_a_prediction_folder(bundle_dir, phantom_dir, tmp
     rows = (tmp_path / "s.csv").read_text().splitlines()
     assert rows[0] == "case,label,name,dice,hd95_mm,reference_ml,prediction_ml" and len(rows) == 1 + 2 * 2
     scores = json.loads((tmp_path / "s.json").read_text())
-    from imunet.runtime.metrics import dice
+    from imunet.runtime.imaging.metrics import dice
 
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p" / "phantom_000.nii.gz")))
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_dir / "labelsTr" / "phantom_000.nii.gz")))

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from imunet.runtime.cli import app
+from imunet.runtime.app.cli import app
 
 from conftest import ROOT
 
@@ -55,7 +55,7 @@ def seg_labels(seg_path, source_files):
 
 
 def test_a_dicom_series_gives_a_valid_seg_with_the_niftis_labels(mr_series, tmp_path):
-    from imunet.runtime.io import series_files
+    from imunet.runtime.imaging.io import series_files
 
     code, _, err = run(mr_series["folder"], "--out", tmp_path / "seg.dcm")
     assert code == 0, err
@@ -98,8 +98,8 @@ def test_empty_labels_and_a_large_series(tmp_path):
     empty) and only the frames that hold something."""
     from dicom_series import write_series
 
-    from imunet.runtime.bundle import default_bundle_path, load_bundle
-    from imunet.runtime.dicom_seg import segmentation, write_segmentation
+    from imunet.runtime.contract.bundle import default_bundle_path, load_bundle
+    from imunet.runtime.dicom.dicom_seg import segmentation, write_segmentation
 
     image = sitk.Image((512, 512, 300), sitk.sitkInt16)
     image.SetSpacing((0.8, 0.8, 1.5))
@@ -204,7 +204,7 @@ def test_a_study_on_orthanc_gets_its_seg_back(orthanc, mr_series, tmp_path):
     stored.save_as(str(tmp_path / "from_orthanc.dcm"), enforce_file_format=True)
     code, _, err = run(mr_series["folder"], "--out", tmp_path / "direct.nii.gz")
     assert code == 0, err
-    from imunet.runtime.io import series_files
+    from imunet.runtime.imaging.io import series_files
 
     nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "direct.nii.gz")))
     np.testing.assert_array_equal(

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from imunet.runtime import Segmenter
 from imunet.runtime.errors import InputError
-from imunet.runtime.orientation import orientation_code
+from imunet.runtime.imaging.orientation import orientation_code
 
 from conftest import CT_DIR
 
@@ -21,7 +21,7 @@ runner = CliRunner()
 class ThresholdBackend:
     """An exact stand-in for a model: label 1 wherever the normalised intensity exceeds 0.8."""
 
-    name, max_points, precision = "threshold", 100_000, "fp32"
+    name, max_points, precision, features_reusable, skipped = "threshold", 100_000, "fp32", False, []
 
     def encode(self, patch):
         return patch
@@ -92,8 +92,8 @@ def test_every_axis_order_gives_the_same_labels(bundle_dir, phantom_dir):
 
 
 def test_bundles_without_an_orientation_run_scans_as_stored(bundle_dir, phantom_dir, tmp_path):
-    from imunet.runtime.inference import predict_labels
-    from imunet.runtime.preprocess import normalize
+    from imunet.runtime.imaging.preprocess import normalize
+    from imunet.runtime.kernels.inference import Loop, predict_labels
 
     b = shutil.copytree(bundle_dir, tmp_path / "old.imunet")
     m = json.loads((b / "manifest.json").read_text())
@@ -103,7 +103,7 @@ def test_bundles_without_an_orientation_run_scans_as_stored(bundle_dir, phantom_
     stored = sitk.DICOMOrient(sitk.ReadImage(str(phantom_dir / "imagesTr" / "phantom_002_0000.nii.gz")), "PIL")
     stored.SetSpacing(seg.bundle.manifest.spacing)  # no resampling: the comparison is the orientation alone
     volume = normalize(sitk.GetArrayFromImage(stored), seg.bundle.manifest.normalization)
-    direct, _ = predict_labels(volume, seg.backend, seg.bundle.manifest.patch_size, seg.settings)
+    direct, _ = predict_labels(volume, Loop(seg.backend, seg.bundle.manifest.patch_size, seg.settings))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(seg.predict(stored)), direct)
 
 
@@ -121,7 +121,7 @@ def test_a_scan_of_another_modality_is_refused_unless_allowed(bundle_dir):
 
 @pytest.mark.skipif(not (CT_DIR / "example_ct_dicom").is_dir(), reason="shared CT data not present")
 def test_the_cli_refuses_a_ct_series_for_the_mri_model_in_one_line(tmp_path):
-    from imunet.runtime.cli import app
+    from imunet.runtime.app.cli import app
 
     res = runner.invoke(app, [str(CT_DIR / "example_ct_dicom"), "--out", str(tmp_path / "ct.nii.gz")])
     assert res.exit_code == 1 and not (tmp_path / "ct.nii.gz").exists()
@@ -132,7 +132,7 @@ def test_the_cli_refuses_a_ct_series_for_the_mri_model_in_one_line(tmp_path):
 
 
 def test_a_scan_far_outside_the_training_data_is_flagged(bundle_dir, tmp_path):
-    from imunet.runtime.cli import app
+    from imunet.runtime.app.cli import app
 
     big = sitk.Image((200, 200, 30), sitk.sitkFloat32) + 40.0  # 300 x 300 x 90 mm against 60 x 60 x 72 mm
     big.SetSpacing((1.5, 1.5, 3.0))
@@ -149,7 +149,7 @@ def test_a_scan_far_outside_the_training_data_is_flagged(bundle_dir, tmp_path):
 
 
 def test_a_nightly_job_can_refuse_what_would_be_flagged(bundle_dir, phantom_dir, tmp_path):
-    from imunet.runtime.cli import app
+    from imunet.runtime.app.cli import app
 
     big = sitk.Image((200, 200, 30), sitk.sitkFloat32) + 40.0  # far outside the training field of view
     big.SetSpacing((1.5, 1.5, 3.0))

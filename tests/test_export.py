@@ -12,9 +12,9 @@ pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from imunet.export.onnx import TENSORRT_OPS, graph_ops, unsupported_by_tensorrt  # noqa: E402
-from imunet.runtime.bundle import load_bundle  # noqa: E402
+from imunet.runtime.contract.bundle import load_bundle  # noqa: E402
+from imunet.runtime.contract.manifest import SCHEMA_PATH  # noqa: E402
 from imunet.runtime.errors import BackendError, BundleError  # noqa: E402
-from imunet.runtime.manifest import SCHEMA_PATH  # noqa: E402
 
 
 def copy_bundle(src, tmp_path):
@@ -76,10 +76,10 @@ def test_decoder_graph_has_dynamic_points_and_the_gather_inside(bundle_dir):
 def test_feature_layouts_agree_and_the_manifest_records_them(trained_run, bundle_dir, tmp_path):
     import onnxruntime as ort
 
-    from imunet.export.bundle import write_bundle
+    from imunet.export.bundle import ExportOptions, write_bundle
 
     def export(name, layout):
-        return write_bundle(trained_run[0], tmp_path / name, feature_layout=layout, log=lambda _m: None)
+        return write_bundle(trained_run[0], tmp_path / name, ExportOptions(feature_layout=layout), log=lambda _m: None)
 
     first, last = export("first.imunet", "channels_first"), export("last.imunet", "channels_last")
     outputs = {}
@@ -253,7 +253,7 @@ def test_engines_for_another_gpu_tensorrt_or_graph_are_refused(bundle_dir):
     from dataclasses import replace
 
     from imunet.runtime.backends.trt import GpuInfo, select_engine
-    from imunet.runtime.manifest import EngineRecord
+    from imunet.runtime.contract.manifest import EngineRecord
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
@@ -279,7 +279,7 @@ def test_int8_decoder_is_used_on_the_cpu_and_agrees_with_fp32(bundle_dir, phanto
     import SimpleITK as sitk
 
     from imunet.runtime import Segmenter
-    from imunet.runtime.io import read_image
+    from imunet.runtime.imaging.io import read_image
 
     image = read_image(phantom_dir / "imagesTr" / "phantom_002_0000.nii.gz")
     fp32 = Segmenter(bundle_dir, backend="ort-cpu", precision="fp32", mode="dense")
@@ -300,10 +300,11 @@ def test_int8_is_refused_where_it_cannot_run(unet_bundle_dir, bundle_dir, tmp_pa
         open_backend(load_bundle(bundle_dir), "ort-cpu", "int4")
 
 
-def test_manifest_reads_the_feature_layout_and_defaults_old_bundles_to_channels_first(bundle_dir, tmp_path):
+def test_manifest_reads_the_feature_layout_and_refuses_a_decoder_without_one(bundle_dir, tmp_path):
     assert load_bundle(bundle_dir).manifest.feature_layout == ("channels_first",) + ("channels_last",) * 3
     old = copy_bundle(bundle_dir, tmp_path)
     m = json.loads((old / "manifest.json").read_text())
-    del m["decoder"]["feature_layout"]  # as older exporters wrote it
+    del m["decoder"]["feature_layout"]  # as exporters before format version 1's last change wrote it
     (old / "manifest.json").write_text(json.dumps(m))
-    assert load_bundle(old).manifest.feature_layout == ("channels_first",) * 4
+    with pytest.raises(BundleError, match=r"decoder.feature_layout \(\) does not fit"):
+        load_bundle(old)

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imunet.runtime.errors import InputError
-from imunet.runtime.io import Geometry, from_array, read_image
-from imunet.runtime.preprocess import resample_label_like, resample_to_spacing
+from imunet.runtime.imaging.io import Geometry, from_array, read_image
+from imunet.runtime.imaging.preprocess import resample_label_like, resample_to_spacing
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

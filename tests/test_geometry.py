@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from imunet.runtime.mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
-from imunet.runtime.windows import gaussian_importance, pad_to_patch, window_slices, window_starts
+from imunet.runtime.kernels.mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
+from imunet.runtime.kernels.windows import gaussian_importance, pad_to_patch, window_slices, window_starts
 
 
 @pytest.mark.parametrize("size,patch,overlap", [(100, 32, 0.3), (32, 32, 0.3), (33, 32, 0.5), (200, 48, 0.0)])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from imunet.runtime.backends.ort import OPT_POINTS, check_provider, trt_cache_dir, trt_provider_options
-from imunet.runtime.bundle import load_bundle
+from imunet.runtime.contract.bundle import load_bundle
 from imunet.runtime.errors import BackendError
 
 from conftest import ROOT
@@ -51,7 +51,7 @@ def test_fp16_on_the_cpu_gives_the_labels_of_fp32(bundle_dir, unet_bundle_dir, p
     import SimpleITK as sitk
 
     from imunet.runtime import Segmenter
-    from imunet.runtime.io import read_image
+    from imunet.runtime.imaging.io import read_image
 
     image = read_image(phantom_dir / "imagesTr" / "phantom_004_0000.nii.gz")
     for b in (bundle_dir, unet_bundle_dir):
@@ -152,7 +152,7 @@ def test_engine_records_are_replaced_on_rebuild_and_unusable_engines_reported_by
     from imunet.export.bundle import finalize_manifest
     from imunet.export.tensorrt import with_engine
     from imunet.runtime.backends import open_backend
-    from imunet.runtime.manifest import EngineRecord
+    from imunet.runtime.contract.manifest import EngineRecord
 
     b = tmp_path / bundle_dir.name
     shutil.copytree(bundle_dir, b)

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from imunet.runtime.inference import predict_labels, predict_probabilities, softmax
-from imunet.runtime.settings import InferenceSettings
+from imunet.runtime.contract.settings import InferenceSettings
+from imunet.runtime.kernels.inference import Loop, predict_labels, predict_probabilities
+from imunet.runtime.kernels.labels import softmax
 
 from conftest import FakeBackend
 
@@ -33,7 +34,8 @@ def sphere_logits(shape=SHAPE, centre=(14, 20, 19), radii=(9, 12, 7)):
 def test_dense_stitching_reproduces_the_function_exactly():
     fn = sphere_logits()
     backend = FakeBackend(fn)
-    probs, stats = predict_probabilities(index_volume(), backend, PATCH, InferenceSettings(mode="dense", smoothing=1))
+    loop = Loop(backend, PATCH, InferenceSettings(mode="dense", smoothing=1))
+    probs, stats = predict_probabilities(index_volume(), loop)
     expected = softmax(fn(index_volume().ravel())).T.reshape(3, *SHAPE)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert stats.windows == 3 * 4 * 3 and stats.points_per_voxel > 1.5  # windows per axis at overlap 0.3
@@ -41,15 +43,15 @@ def test_dense_stitching_reproduces_the_function_exactly():
 
 def test_sparse_agrees_with_dense_and_decodes_far_fewer_points():
     fn = sphere_logits()
-    dense, s_dense = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="dense"))
-    sparse, s_sparse = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="sparse"))
+    dense, s_dense = predict_labels(index_volume(), Loop(FakeBackend(fn), PATCH, InferenceSettings(mode="dense")))
+    sparse, s_sparse = predict_labels(index_volume(), Loop(FakeBackend(fn), PATCH, InferenceSettings(mode="sparse")))
     assert (dense == sparse).mean() >= 0.999
     assert s_sparse.points_decoded < 0.5 * s_dense.points_decoded
 
 
 def test_windows_without_boundary_stop_after_the_broad_mesh():
     fn = lambda idx: np.tile(np.array([[5.0, 0.0]], np.float32), (len(idx), 1))  # noqa: E731
-    labels, stats = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="sparse"))
+    labels, stats = predict_labels(index_volume(), Loop(FakeBackend(fn), PATCH, InferenceSettings(mode="sparse")))
     assert not labels.any()
     assert stats.skipped_refinement == stats.windows
     mesh_points = np.prod([len(range(0, 16, 4)) + 1] * 3)
@@ -64,20 +66,15 @@ def test_chunking_respects_backend_max_points():
             seen.append(len(points))
             return super().decode(features, points)
 
-    predict_labels(
-        index_volume((16, 16, 16)),
-        Recording(sphere_logits((16, 16, 16), (8, 8, 8), (5, 5, 5)), 333),
-        PATCH,
-        InferenceSettings(mode="dense"),
-    )
+    recording = Recording(sphere_logits((16, 16, 16), (8, 8, 8), (5, 5, 5)), 333)
+    predict_labels(index_volume((16, 16, 16)), Loop(recording, PATCH, InferenceSettings(mode="dense")))
     assert max(seen) == 333 and sum(seen) == 16**3
 
 
 def test_volume_smaller_than_patch_is_padded_and_cropped_back():
     fn = sphere_logits((8, 9, 10), (4, 4, 5), (3, 3, 3))
-    labels, _ = predict_labels(
-        index_volume((8, 9, 10)), FakeBackend(fn), PATCH, InferenceSettings(mode="dense", smoothing=1)
-    )
+    loop = Loop(FakeBackend(fn), PATCH, InferenceSettings(mode="dense", smoothing=1))
+    labels, _ = predict_labels(index_volume((8, 9, 10)), loop)
     assert labels.shape == (8, 9, 10)
     expected = fn(index_volume((8, 9, 10)).ravel()).argmax(1).reshape(8, 9, 10)
     np.testing.assert_array_equal(labels, expected)
@@ -94,6 +91,6 @@ def test_streaming_labels_equal_the_argmax_of_the_probabilities():
     fn = sphere_logits()
     for mode in ("sparse", "dense"):
         settings = InferenceSettings(mode=mode)
-        probs, _ = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, settings)
-        labels, _ = predict_labels(index_volume(), FakeBackend(fn), PATCH, settings)
+        probs, _ = predict_probabilities(index_volume(), Loop(FakeBackend(fn), PATCH, settings))
+        labels, _ = predict_labels(index_volume(), Loop(FakeBackend(fn), PATCH, settings))
         np.testing.assert_array_equal(labels, probs.argmax(0))

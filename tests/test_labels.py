@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imunet.runtime.labels import smoothed_argmax
-from imunet.runtime.mesh import box_smooth
+from imunet.runtime.kernels.labels import smoothed_argmax
+from imunet.runtime.kernels.mesh import box_smooth
 
 
 def reference(acc, weights, crop, kernel):

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from test_inference import PATCH, SHAPE, index_volume, sphere_logits
 
-from imunet.runtime.inference import predict_labels, predict_probabilities, softmax
-from imunet.runtime.lattice import closure_points, corners_disagree, element_points, upsample_linear
-from imunet.runtime.settings import InferenceSettings
+from imunet.runtime.contract.settings import InferenceSettings
+from imunet.runtime.kernels.inference import Loop, predict_labels, predict_probabilities
+from imunet.runtime.kernels.labels import softmax
+from imunet.runtime.kernels.lattice import closure_points, corners_disagree, element_points, upsample_linear
 
 from conftest import FakeBackend
 
@@ -46,7 +47,7 @@ def test_cells_with_differing_corners_and_their_closure():
 def test_adaptive_at_stride_1_decodes_every_voxel_once_and_exactly():
     fn = sphere_logits()
     s = InferenceSettings(mode="adaptive", stride=1, smoothing=1)
-    probs, stats = predict_probabilities(index_volume(), FakeBackend(fn), PATCH, s)
+    probs, stats = predict_probabilities(index_volume(), Loop(FakeBackend(fn), PATCH, s))
     expected = softmax(fn(index_volume().ravel())).T.reshape(3, *SHAPE)
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     assert stats.points_per_voxel <= 1.0 + 1e-9  # each voxel decoded once
@@ -55,13 +56,13 @@ def test_adaptive_at_stride_1_decodes_every_voxel_once_and_exactly():
 @pytest.mark.parametrize("stride", [2, 4, 8])
 def test_coarse_to_fine_labels_match_dense_decoding(stride):
     fn = sphere_logits()
-    dense, s_dense = predict_labels(index_volume(), FakeBackend(fn), PATCH, InferenceSettings(mode="dense"))
+    dense, s_dense = predict_labels(index_volume(), Loop(FakeBackend(fn), PATCH, InferenceSettings(mode="dense")))
     patch = (16, 20, 20) if stride == 8 else PATCH
-    adaptive, s_ad = predict_labels(index_volume(), FakeBackend(fn), patch, InferenceSettings(stride=stride))
+    adaptive, s_ad = predict_labels(index_volume(), Loop(FakeBackend(fn), patch, InferenceSettings(stride=stride)))
     exact = fn(index_volume().ravel()).argmax(1).reshape(SHAPE)
     assert (adaptive == dense).mean() >= 0.999
     raw = InferenceSettings(mode="adaptive", stride=stride, smoothing=1)
-    unsmoothed, _ = predict_labels(index_volume(), FakeBackend(fn), patch, raw)
+    unsmoothed, _ = predict_labels(index_volume(), Loop(FakeBackend(fn), patch, raw))
     assert (unsmoothed == exact).mean() >= 0.9995  # only features thinner than a cell may be missed
     for label in (1, 2):  # and every structure is found, with its volume
         assert abs(int((unsmoothed == label).sum()) - int((exact == label).sum())) <= 0.01 * (exact == label).sum()
@@ -74,6 +75,6 @@ def test_constant_windows_are_reused_with_the_exact_result():
     fn = sphere_logits((40, 41, 37), (10, 20, 9), (6, 8, 5))
     expected = softmax(fn(volume.ravel())).T.reshape(3, *volume.shape)
     for s in (InferenceSettings(mode="adaptive", stride=1, smoothing=1), InferenceSettings(mode="dense", smoothing=1)):
-        probs, stats = predict_probabilities(volume, FakeBackend(fn), PATCH, s)
+        probs, stats = predict_probabilities(volume, Loop(FakeBackend(fn), PATCH, s))
         assert stats.windows_reused > 0
         np.testing.assert_allclose(probs, expected, atol=1e-6)

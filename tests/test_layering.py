@@ -85,3 +85,42 @@ def test_no_import_cycles():
     for n in sorted(internal):
         if n not in state:
             visit(n, [n])
+
+
+# The runtime's layers, bottom up: what each may import of the runtime (besides errors) and of
+# third-party packages. ``None``: any third-party package.
+RUNTIME = "imunet.runtime"
+IO_LIBRARIES = ("SimpleITK", "pydicom", "highdicom", "dicomweb_client", "PIL", "requests")
+BACKEND_LIBRARIES = ("onnxruntime", "openvino", "tensorrt", "cuda")
+CLI_LIBRARIES = ("typer", "click", "rich")
+LAYERS = {
+    "kernels": {"may": ("kernels", "contract.settings", "contract.kinds", "backends.base"),
+                "never": IO_LIBRARIES + BACKEND_LIBRARIES + CLI_LIBRARIES},
+    "contract": {"may": ("contract", "imaging.domain", "imaging.orientation", "imaging.preprocess"),
+                 "never": BACKEND_LIBRARIES + CLI_LIBRARIES},
+    "imaging": {"may": ("imaging",), "never": BACKEND_LIBRARIES + CLI_LIBRARIES},
+    "backends": {"may": ("backends", "contract"), "never": CLI_LIBRARIES + IO_LIBRARIES},
+    "dicom": {"may": ("dicom", "imaging", "contract"), "never": BACKEND_LIBRARIES + CLI_LIBRARIES},
+    "app": {"may": ("app", "dicom", "imaging", "contract", "backends", "kernels"), "never": ()},
+}  # fmt: skip
+
+
+def runtime_layer(name: str) -> str | None:
+    rest = name[len(RUNTIME) + 1 :] if name.startswith(RUNTIME + ".") else ""
+    return rest.split(".")[0] if rest.split(".")[0] in LAYERS else None
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if runtime_layer(n)))
+def test_each_runtime_layer_imports_only_what_lies_below_it(name):
+    rules = LAYERS[runtime_layer(name)]
+    for dep in GRAPH[name]:
+        if dep.startswith(RUNTIME + "."):
+            rest = dep[len(RUNTIME) + 1 :]
+            allowed = rest == "errors" or any(rest == m or rest.startswith(m + ".") for m in rules["may"])
+            assert allowed, f"{name} ({runtime_layer(name)}) imports {dep}"
+        elif dep.split(".")[0] in rules["never"]:
+            raise AssertionError(f"{name} ({runtime_layer(name)}) imports {dep}")
+
+
+def test_the_runtime_root_holds_only_the_package_and_its_errors():
+    assert sorted(p.name for p in (ROOT / "runtime").glob("*.py")) == ["__init__.py", "errors.py"]

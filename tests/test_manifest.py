@@ -5,8 +5,8 @@ from dataclasses import MISSING, fields
 
 import pytest
 
-from imunet.runtime.bundle import default_bundle_path
-from imunet.runtime.manifest import (
+from imunet.runtime.contract.bundle import default_bundle_path
+from imunet.runtime.contract.manifest import (
     SCHEMA_PATH,
     DecoderSpec,
     EncoderSpec,
@@ -16,8 +16,8 @@ from imunet.runtime.manifest import (
     Provenance,
     Variant,
 )
-from imunet.runtime.preprocess import Normalization
-from imunet.runtime.settings import InferenceSettings
+from imunet.runtime.contract.settings import InferenceSettings
+from imunet.runtime.imaging.preprocess import Normalization
 
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
 PROPS = SCHEMA["properties"]
@@ -65,7 +65,7 @@ def test_malformed_fields_are_named():
         (lambda d: d.update(spacing=[1, 1]), "manifest.spacing must have 3 entries"),
         (lambda d: d["decoder"].update(width="wide"), "manifest.decoder.width must be a number"),
         (lambda d: d.pop("encoder"), "manifest lacks 'encoder'"),
-        (lambda d: d.update(model_kind="gan"), "unknown model_kind 'gan'"),
+        (lambda d: d.update(model_kind="gan"), "model kind must be one of .*got 'gan'"),
         (lambda d: d["labels"].pop("1"), "labels must be 0..C-1"),
     ]:
         bad = json.loads(json.dumps(raw))
@@ -74,11 +74,12 @@ def test_malformed_fields_are_named():
             Manifest.from_dict(bad)
 
 
-def test_retired_and_unknown_keys_load_with_notes():
+def test_unknown_keys_load_with_a_note_and_unknown_settings_are_refused():
     raw = json.loads((default_bundle_path() / "manifest.json").read_text())
-    raw["inference"].update(halo=0, refine="elements", boxes="balanced")
     raw["colour"] = "blue"
     m = Manifest.from_dict(raw)
     assert m.inference == InferenceSettings()
-    assert len(m.notes) == 4
-    assert any("'colour' is not known" in n for n in m.notes)
+    assert m.notes == ("manifest key 'colour' is not known to this runtime and was ignored",)
+    raw["inference"].update(halo=0)
+    with pytest.raises(ValueError, match="unknown inference settings: halo"):
+        Manifest.from_dict(raw)

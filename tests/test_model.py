@@ -6,7 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from imunet.config import ModelConfig  # noqa: E402
-from imunet.model import build_model, count_parameters, gather_features, positional_encoding  # noqa: E402
+from imunet.kinds import build_model  # noqa: E402
+from imunet.model import count_parameters, gather_features, positional_encoding  # noqa: E402
 from imunet.model.decoder import normalise_coordinates  # noqa: E402
 
 from conftest import TINY_MODEL  # noqa: E402

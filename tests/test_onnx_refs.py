@@ -4,7 +4,7 @@ ONNX lets a tensor sit, agree with onnx.proto's field numbers, and never crash o
 import numpy as np
 import pytest
 
-from imunet.runtime.onnx_refs import (
+from imunet.runtime.contract.onnx_refs import (
     ATTRIBUTE,
     CHILDREN,
     FUNCTION,

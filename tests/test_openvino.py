@@ -56,7 +56,7 @@ def test_the_decoder_and_its_encoding_never_run_in_openvino(bundle_dir):
 def test_every_precision_auto_picks_keeps_the_labels_on_real_scans():
     import json
 
-    from imunet.runtime.metrics import dice
+    from imunet.runtime.imaging.metrics import dice
 
     from conftest import ROOT
 
@@ -95,7 +95,7 @@ def test_two_workers_get_a_stream_each_and_the_same_labels(bundle_dir, phantom_d
 FIRST_CALLS = """
 import threading, numpy as np
 from imunet.runtime.backends.openvino import OpenVinoBackend
-from imunet.runtime.bundle import load_bundle
+from imunet.runtime.contract.bundle import load_bundle
 n = 8
 backend = OpenVinoBackend(load_bundle({bundle!r}), precision="fp32", threads=1, streams=n)
 start = threading.Barrier(n)

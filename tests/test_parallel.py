@@ -8,33 +8,46 @@ import pytest
 import SimpleITK as sitk
 from test_inference import PATCH, index_volume, sphere_logits
 
-from imunet.runtime.inference import predict_probabilities
-from imunet.runtime.parallel import default_workers, ordered_map, threads_per_worker
-from imunet.runtime.settings import InferenceSettings
+from imunet.runtime.contract.settings import InferenceSettings
+from imunet.runtime.kernels.inference import Loop, predict_probabilities
+from imunet.runtime.kernels.parallel import default_workers, ordered_map, threads_per_worker
 
 from conftest import FakeBackend
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_ordered_map_keeps_order_and_bounds_what_is_in_flight(workers):
+    """The bound that keeps memory flat: items taken from the input but not yet yielded (windows cut
+    and waiting, or computed and waiting their turn) never exceed ``workers * ahead``."""
     rng = np.random.default_rng(workers)
     delays = rng.uniform(0, 0.004, size=40)
-    running, most = [0], [0]
+    taken, given, most_pending, running, most_running = [0], [0], [0], [0], [0]
     lock = threading.Lock()
+
+    def items():
+        for i in range(40):
+            taken[0] += 1
+            most_pending[0] = max(most_pending[0], taken[0] - given[0])
+            yield i
 
     def job(i):
         with lock:
             running[0] += 1
-            most[0] = max(most[0], running[0])
+            most_running[0] = max(most_running[0], running[0])
         time.sleep(delays[i])
         with lock:
             running[0] -= 1
         return i * i
 
-    assert list(ordered_map(job, range(40), workers, ahead=2)) == [i * i for i in range(40)]
-    assert most[0] <= workers
+    out = []
+    for value in ordered_map(job, items(), workers, ahead=2):
+        given[0] += 1
+        out.append(value)
+    assert out == [i * i for i in range(40)]
+    assert most_pending[0] <= max(1, workers * 2)
     if workers > 1:
-        assert most[0] > 1  # the point of it: calls overlap
+        assert most_pending[0] == workers * 2  # it does read ahead that far ...
+        assert most_running[0] > 1  # ... and calls overlap: the point of it
 
 
 def test_ordered_map_raises_the_first_error_in_order():
@@ -70,8 +83,8 @@ def test_probabilities_and_counts_do_not_depend_on_workers(settings):
     volume = index_volume(shape)
     volume[:, :, 18:] = 7.0  # constant windows: reused, whichever thread computed the first
     fn = sphere_logits(shape, (10, 20, 9), (6, 8, 5))
-    one, s1 = predict_probabilities(volume, FakeBackend(fn), PATCH, settings, workers=1)
-    three, s3 = predict_probabilities(volume, FakeBackend(fn), PATCH, settings, workers=3)
+    one, s1 = predict_probabilities(volume, Loop(FakeBackend(fn), PATCH, settings, workers=1))
+    three, s3 = predict_probabilities(volume, Loop(FakeBackend(fn), PATCH, settings, workers=3))
     np.testing.assert_array_equal(one, three)
     assert (s1.windows, s1.points_decoded, s1.windows_reused) == (s3.windows, s3.points_decoded, s3.windows_reused)
     assert s1.windows_reused > 0 and s3.workers == 3
@@ -79,7 +92,7 @@ def test_probabilities_and_counts_do_not_depend_on_workers(settings):
 
 def test_segmenter_labels_are_the_same_on_one_or_two_workers(bundle_dir, unet_bundle_dir, phantom_dir):
     from imunet.runtime import Segmenter
-    from imunet.runtime.io import read_image
+    from imunet.runtime.imaging.io import read_image
 
     image = read_image(phantom_dir / "imagesTr" / "phantom_001_0000.nii.gz")
     big = sitk.Tile([image, image], [2, 1, 1])  # several windows

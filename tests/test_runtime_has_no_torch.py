@@ -37,7 +37,7 @@ def test_runtime_segments_a_scan_without_torch(bundle_dir, phantom_dir, tmp_path
     res = run_without_torch(
         f"""
         import imunet.runtime
-        from imunet.runtime.cli import main
+        from imunet.runtime.app.cli import main
         sys.argv = ["imunet-run", "{scan}", "--model", "{bundle_dir}", "--out", "{out}", "--stats", "s.json"]
         try:
             main()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from imunet.runtime.mesh import label_boundary
+from imunet.runtime.kernels.mesh import label_boundary
 from imunet.sampling import point_labels, sample_patch, sample_points
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from imunet.runtime.settings import RETIRED_KEYS, InferenceSettings
+from imunet.runtime.contract.settings import InferenceSettings
 
 
 @pytest.mark.parametrize(
@@ -26,15 +26,14 @@ def test_sparse_mode_takes_any_stride():
     assert InferenceSettings(mode="sparse", stride=3).stride == 3
 
 
-def test_retired_keys_are_ignored_with_a_note_and_unknown_keys_refused():
-    settings, notes = InferenceSettings.from_dict({"mode": "sparse", "overlap": 0.25, "halo": 1, "seam": 2})
-    assert settings == InferenceSettings(mode="sparse", overlap=0.25)
-    assert len(notes) == 2 and all("no longer supported" in n for n in notes)
-    assert {"halo", "confidence", "min_stride", "refine", "seam", "seam_rule", "boxes"} == set(RETIRED_KEYS)
+def test_unknown_keys_are_refused():
+    assert InferenceSettings.from_dict({"mode": "sparse", "overlap": 0.25}) == InferenceSettings("sparse", 0.25)
+    with pytest.raises(ValueError, match="unknown inference settings: halo"):
+        InferenceSettings.from_dict({"mode": "sparse", "halo": 1})
     with pytest.raises(ValueError, match="unknown inference settings: speed"):
         InferenceSettings.from_dict({"speed": 3})
 
 
 def test_round_trip():
     s = InferenceSettings(mode="dense", overlap=0.1, stride=2, band=1, sigma_scale=0.2, smoothing=5, tta=True)
-    assert InferenceSettings.from_dict(s.to_dict()) == (s, [])
+    assert InferenceSettings.from_dict(s.to_dict()) == s

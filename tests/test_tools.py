@@ -6,8 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from imunet.runtime import Segmenter
-from imunet.runtime.io import read_image
-from imunet.runtime.metrics import dice, hd95
+from imunet.runtime.imaging.io import read_image
+from imunet.runtime.imaging.metrics import dice, hd95
 
 
 def test_evaluate_matches_direct_computation(bundle_dir, phantom_dir):
@@ -139,7 +139,7 @@ def test_bench_segment_config_syntax():
 def test_grouped_encoder_windows_cover_the_axis_with_fewer_voxels():
     from bench_encoder_windows import grouped_extents
 
-    from imunet.runtime.windows import window_starts
+    from imunet.runtime.kernels.windows import window_starts
 
     one = grouped_extents(512, 56, 0.3, 4, 1, 8)
     assert one == [56] * len(window_starts(512, 56, 0.3))  # the runtime's windows, one per owner box

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from imunet.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from imunet.data import read_dataset, split_cases  # noqa: E402
-from imunet.train import train  # noqa: E402
+from imunet.train import StartFrom, train  # noqa: E402
 
 from conftest import HIPPO, ROOT, TINY_MODEL  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom_dir, tmp_
     quiet = dict(log=lambda _m: None)
     train(phantom_dir, tmp_path / "full", small_cfg(4, augment=True), dev, **quiet)
     train(phantom_dir, tmp_path / "part", small_cfg(2, augment=True), dev, **quiet)
-    train(phantom_dir, tmp_path / "part", small_cfg(4, augment=True), dev, resume=True, **quiet)
+    train(phantom_dir, tmp_path / "part", small_cfg(4, augment=True), dev, StartFrom(resume=True), **quiet)
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
@@ -75,7 +75,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom_dir, tmp_
 
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(phantom_dir, tmp_path):
     with pytest.raises(ValueError, match="no .*checkpoint.pt to resume"):
-        train(phantom_dir, tmp_path / "none", small_cfg(1), torch.device("cpu"), resume=True)
+        train(phantom_dir, tmp_path / "none", small_cfg(1), torch.device("cpu"), StartFrom(resume=True))
 
 
 def test_dataset_layouts_v1_and_v2(phantom_dir, tmp_path):
@@ -158,7 +158,7 @@ def test_distributed_two_cpu_processes_on_gloo(phantom_dir, tmp_path):
         "--no-augment",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "world size 2" in res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -201,7 +201,7 @@ def test_init_fine_tunes_from_another_run_s_weights(trained_run, phantom_dir, tm
     source, _ = trained_run
     cfg = small_cfg(1, augment=False)
     cfg = replace(cfg, model=replace(cfg.model, decoder_width=16), train=replace(cfg.train, lr=1e-9))
-    metrics = train(phantom_dir, tmp_path / "ft", cfg, torch.device("cpu"), log=lambda _m: None, init=source)
+    metrics = train(phantom_dir, tmp_path / "ft", cfg, torch.device("cpu"), StartFrom(init=source), log=lambda _m: None)
     # One step at a negligible learning rate: the organ is segmented only because the weights came along.
     assert metrics["val_dice"]["1"] > 0.7, metrics["val_dice"]
     stored = json.loads((tmp_path / "ft" / "config.json").read_text())
@@ -218,15 +218,8 @@ def test_init_encoder_keeps_the_encoder_and_builds_a_new_decoder(trained_run, ph
     cfg = replace(
         cfg, model=replace(cfg.model, decoder_width=24, channels=(4, 8, 8, 8)), train=replace(cfg.train, lr=1e-9)
     )
-    train(
-        phantom_dir,
-        tmp_path / "enc",
-        cfg,
-        torch.device("cpu"),
-        log=lambda _m: None,
-        init=source,
-        init_encoder_only=True,
-    )
+    train(phantom_dir, tmp_path / "enc", cfg, torch.device("cpu"), StartFrom(init=source, encoder_only=True),
+          log=lambda _m: None)  # fmt: skip
     stored = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert stored["model"]["decoder_width"] == 24 != src_cfg["decoder_width"]  # the options' decoder
     assert stored["model"]["channels"] == src_cfg["channels"]  # the source's encoder

@@ -11,8 +11,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from imunet.runtime.bundle import load_bundle, sha256_file
-from imunet.runtime.cli import app
+from imunet.runtime.app.cli import app
+from imunet.runtime.contract.bundle import load_bundle, sha256_file
 from imunet.runtime.errors import BundleError
 
 runner = CliRunner()

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from imunet.runtime.bundle import load_bundle
+    from imunet.runtime.contract.bundle import load_bundle
 
     report: dict = {}
     for path in args.bundles:

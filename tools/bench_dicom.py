@@ -36,8 +36,8 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def local(work: Path, repeats: int) -> dict:
     from imunet.runtime import Segmenter
-    from imunet.runtime.dicom_seg import segmentation, write_segmentation
-    from imunet.runtime.io import read_image, series_files, write_image_atomic
+    from imunet.runtime.dicom.dicom_seg import segmentation, write_segmentation
+    from imunet.runtime.imaging.io import read_image, series_files, write_image_atomic
 
     _, _, files = write_series(sitk.ReadImage(str(SAMPLE)), work / "mr", "MR")
     seg = Segmenter()
@@ -66,7 +66,7 @@ def round_trip(work: Path, repeats: int) -> dict:
     from test_dicom import Orthanc
     from typer.testing import CliRunner
 
-    from imunet.runtime.cli import app
+    from imunet.runtime.app.cli import app
 
     study, _, files = write_series(sitk.ReadImage(str(SAMPLE)), work / "pacs", "MR")
     server = Orthanc(work / "orthanc")

@@ -31,7 +31,7 @@ from harness import emit, machine
 
 def grouped_extents(length: int, patch: int, overlap: float, stride: int, k: int, multiple: int) -> list[int]:
     """Encoder window extents along one axis when ``k`` consecutive owner boxes share a window."""
-    from imunet.runtime.boxes import axis_layout, box_faces
+    from imunet.runtime.kernels.boxes import axis_layout, box_faces
 
     layout = axis_layout(length, patch, box_faces(length, patch, overlap, stride))
     if k == 1:
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from imunet.runtime.bundle import load_bundle
+    from imunet.runtime.contract.bundle import load_bundle
 
     m = load_bundle(args.bundle).manifest
     patch, enc, inf = tuple(m.patch_size), m.encoder, m.inference

@@ -56,7 +56,7 @@ def monai_segmenter(run: Path, options: dict):
     from monai.inferers import sliding_window_inference
 
     from imunet.export.bundle import load_run
-    from imunet.runtime.preprocess import Normalization, normalize
+    from imunet.runtime.imaging.preprocess import Normalization, normalize
 
     cfg, stats, model = load_run(run)
     if cfg.model.kind != "unet":
@@ -92,7 +92,7 @@ def child(path: str, options: str, inputs: str, out: str) -> None:
         t = time.perf_counter()
         labels[str(i)] = segment(image)
         walls.append(time.perf_counter() - t)
-        stats.append(getattr(seg, "last_stats", {}))
+        stats.append(seg.last_stats if seg is not None else {})
     np.savez_compressed(out, **labels)
     keys = (
         "points_per_voxel",
@@ -130,7 +130,7 @@ def volumes(args: argparse.Namespace, work: Path) -> tuple[list[str], list[np.nd
 
 
 def score(labels: list[np.ndarray], truth: list[np.ndarray], reference: list[np.ndarray] | None) -> dict:
-    from imunet.runtime.metrics import dice
+    from imunet.runtime.imaging.metrics import dice
 
     classes = sorted(int(c) for c in np.unique(np.concatenate([t.ravel() for t in truth])) if c)
     out = {"mean_dice": round(float(np.mean([dice(p, t, c) for p, t in zip(labels, truth) for c in classes])), 4)}

@@ -40,8 +40,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     py = args.python
-    run = [py, "-c", "from imunet.runtime.cli import main; main()"]
-    report: dict = {"import_cli_s": median(wall([py, "-c", "import imunet.runtime.cli"]) for _ in range(args.repeats))}
+    run = [py, "-c", "from imunet.runtime.app.cli import main; main()"]
+    import_cli = [py, "-c", "import imunet.runtime.app.cli"]
+    report: dict = {"import_cli_s": median(wall(import_cli) for _ in range(args.repeats))}
     with tempfile.TemporaryDirectory(prefix="imunet-startup-") as tmp:
         work = Path(tmp)
         for backend in args.backend:

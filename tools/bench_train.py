@@ -26,7 +26,9 @@ def one(args: argparse.Namespace) -> dict:
 
     from imunet.augment import augment_batch
     from imunet.config import ModelConfig, RunConfig, TrainConfig
-    from imunet.model import build_model, count_parameters
+    from imunet.kinds import Batch, build_model
+    from imunet.model import count_parameters
+    from imunet.state import TrainState
     from imunet.train import optimisation_step
 
     torch.manual_seed(0)
@@ -40,11 +42,10 @@ def one(args: argparse.Namespace) -> dict:
         decoder_width=args.width,
         decoder_dropout=0.2,
     )
-    run_cfg = RunConfig(cfg, TrainConfig(batch_size=args.batch, points=args.points))
-    model = build_model(cfg).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = dev.type == "cuda" and args.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    run_cfg = RunConfig(cfg, TrainConfig(batch_size=args.batch, points=args.points, amp=amp, lr=1e-4))
+    model = build_model(cfg).to(dev).train()
+    state = TrainState.create(run_cfg, model, dev, 0)
     z, y, x = np.indices(patch)
     c = np.asarray(patch) / 2
     label = (
@@ -52,7 +53,6 @@ def one(args: argparse.Namespace) -> dict:
         <= 1
     ).astype(np.uint8)
     label[(((z - c[0]) / 3) ** 2 + ((y - c[1]) / 4) ** 2 + ((x - c[2]) / 4) ** 2) <= 1] = 2
-    rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     img = torch.randn(args.batch, 1, *patch, device=dev)
     lbl = torch.from_numpy(np.stack([label] * args.batch)).to(dev, torch.long)
@@ -65,7 +65,7 @@ def one(args: argparse.Namespace) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        optimisation_step(model, run_cfg, a_img, a_lbl, rng, opt, scaler, amp)  # exactly the training step
+        optimisation_step(model, run_cfg, Batch(a_img, a_lbl), state, amp)  # exactly the training step
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()

@@ -22,9 +22,9 @@ import SimpleITK as sitk
 from harness import case_names, machine
 
 from imunet.runtime import Segmenter
-from imunet.runtime.io import image_suffix, read_image
-from imunet.runtime.metrics import dice, hd95
-from imunet.runtime.preprocess import resample_to_spacing
+from imunet.runtime.imaging.io import image_suffix, read_image
+from imunet.runtime.imaging.metrics import dice, hd95
+from imunet.runtime.imaging.preprocess import resample_to_spacing
 
 
 def pair_cases(images: Path, labels: Path, only: set[str] | None = None) -> list[tuple[str, Path, Path]]:
@@ -82,7 +82,7 @@ def evaluate(
             "hd95_std": float(np.std(h)) if h else float("nan"),
             "hd95_undefined": len(d) - len(h),
         }
-    mode_used = seg.settings.mode if seg.bundle.manifest.kind == "implicit" else "dense-model"
+    mode_used = seg.bundle.manifest.kind.mode_of(seg.settings.mode)
     return {
         "model": str(model),
         "stored_as": {"orientation": orientation, "spacing": spacing},

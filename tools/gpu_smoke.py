@@ -36,7 +36,7 @@ def build_engines(folder: Path, log: list[str]) -> None:
     from imunet.export.bundle import finalize_manifest
     from imunet.export.tensorrt import build_engines as build
     from imunet.export.tensorrt import with_engine
-    from imunet.runtime.bundle import load_bundle
+    from imunet.runtime.contract.bundle import load_bundle
 
     for precision in ("fp32", "fp16"):
         bundle = load_bundle(folder)
@@ -50,9 +50,9 @@ def build_engines(folder: Path, log: list[str]) -> None:
 
 
 def probabilities(backend, bundle, patch: np.ndarray, points: np.ndarray) -> np.ndarray:
-    from imunet.runtime.inference import softmax
+    from imunet.runtime.kernels.labels import softmax
 
-    if bundle.manifest.kind == "implicit":
+    if bundle.manifest.kind.decodes_points:
         return softmax(backend.decode(backend.encode(patch), points))
     return softmax(backend.predict_dense(patch), axis=0).reshape(bundle.manifest.num_classes, -1).T
 
@@ -105,9 +105,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> int:
     from imunet.runtime import Segmenter
-    from imunet.runtime.bundle import default_bundle_path
-    from imunet.runtime.io import read_image
-    from imunet.runtime.windows import pad_to_patch
+    from imunet.runtime.contract.bundle import default_bundle_path
+    from imunet.runtime.imaging.io import read_image
+    from imunet.runtime.kernels.windows import pad_to_patch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=default_bundle_path())

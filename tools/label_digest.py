@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-
 from harness import DATA, SPLIT, emit, machine
 
 

@@ -2,7 +2,7 @@
 
 from .decoder import ImplicitDecoder, gather_features, positional_encoding
 from .encoder import Encoder
-from .network import ImplicitUNet, build_model, count_parameters
+from .network import ImplicitUNet, count_parameters
 from .unet import UNet
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "positional_encoding",
     "ImplicitUNet",
     "UNet",
-    "build_model",
     "count_parameters",
 ]

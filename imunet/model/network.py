@@ -39,15 +39,6 @@ class ImplicitUNet(nn.Module):
         return self.decode(self.encode(patch), points)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The network a :class:`ModelConfig` describes."""
-    if cfg.kind == "implicit":
-        return ImplicitUNet(cfg)
-    from .unet import UNet
-
-    return UNet(cfg)
-
-
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

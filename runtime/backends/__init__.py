@@ -8,7 +8,7 @@ from ..errors import BackendError, ImunetError
 from .base import Backend
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..bundle import Bundle
+    from ..contract.bundle import Bundle
 
 KINDS = ("auto", "ort-cpu", "openvino", "ort-cuda", "ort-trt", "tensorrt")
 
@@ -70,10 +70,10 @@ def open_backend(
         except ImunetError as exc:
             skipped.append(f"{name}: {exc}")
             continue
-        backend.skipped = skipped  # type: ignore[attr-defined]
+        backend.skipped.extend(skipped)
         return backend
     backend = _open(bundle, "ort-cpu", precision, cpu_threads)
-    backend.skipped = skipped  # type: ignore[attr-defined]
+    backend.skipped.extend(skipped)
     return backend
 
 

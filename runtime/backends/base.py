@@ -19,14 +19,20 @@ class Backend(Protocol):
 
     ``patch`` is ``(Z, Y, X)`` float32 at the bundle's patch size; ``points`` ``(N, 3)`` int32
     voxel indices ``(z, y, x)`` in that patch with ``N <= max_points``; logits are float32,
-    ``(N, C)`` from ``decode`` and ``(C, Z, Y, X)`` from ``predict_dense``. ``features_reusable``:
-    features that ``encode`` returned stay valid after later ``encode`` calls (the loop then lets
-    windows of one value, such as air, share one encoding).
+    ``(N, C)`` from ``decode`` and ``(C, Z, Y, X)`` from ``predict_dense``.
+
+    Declared by every backend: ``name`` (``ort-cpu``, ``openvino``, ...); ``max_points`` per decoder
+    call; ``features_reusable``: features that ``encode`` returned stay valid after later ``encode``
+    calls (the loop then lets windows of one value, such as air, share one encoding);
+    ``precision``: what runs at which precision, e.g. ``fp32`` or ``decoder int8``; ``skipped``:
+    for a backend that ``auto`` chose, why each backend tried before it was passed over.
     """
 
     name: str
     max_points: int
     features_reusable: bool
+    precision: str
+    skipped: list[str]
 
     def encode(self, patch: np.ndarray) -> Any: ...
 

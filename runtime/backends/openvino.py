@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..contract.bundle import Bundle
 from ..errors import BackendError
 from .ort import OrtBackend
+from .precision import OPENVINO_PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
+PRECISIONS = OPENVINO_PRECISIONS
 HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the graph's own quantisation, f32 elsewhere
 
 
@@ -62,7 +63,8 @@ class OpenVinoBackend:
         ov = import_openvino()
         core = ov.Core()
         m = bundle.manifest
-        graph = "model" if m.kind == "unet" else "encoder"
+        self.skipped: list[str] = []
+        graph = m.kind.entry_graph
         self.conv_precision = resolve_precision(
             precision, cpu_has_bf16(core), bundle.variant_for(graph, "int8") is not None
         )
@@ -85,7 +87,7 @@ class OpenVinoBackend:
         self.outputs = list(m.feature_names)  # OpenVINO keeps the ONNX names among each output's names
         self._local = threading.local()  # one infer request per thread: requests are not shared
         self.decoder: OrtBackend | None = None
-        if m.kind == "implicit":
+        if m.kind.decodes_points:
             dec = "fp32" if self.conv_precision == "fp32" and precision != "auto" else "auto"
             self.decoder = OrtBackend(bundle, "ort-cpu", threads=threads, precision=dec, graphs=("decoder",))
         self._first_call()
@@ -99,10 +101,10 @@ class OpenVinoBackend:
         for good; 3 of 20 fresh processes with 8 threads starting together hung, none of 30 after one
         call in the opening thread)."""
         zeros = np.zeros(self.manifest.patch_size, np.float32)
-        if self.manifest.kind == "unet":
-            self.predict_dense(zeros)
-        else:
+        if self.manifest.kind.decodes_points:
             self.encode(zeros)
+        else:
+            self.predict_dense(zeros)
 
     @property
     def precision(self) -> str:

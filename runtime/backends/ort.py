@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..contract.bundle import Bundle
 from ..errors import BackendError
 from .precision import PRECISIONS, graph_precisions
 
@@ -116,6 +116,7 @@ class OrtBackend:
                 f"(available: {', '.join(ort.get_available_providers())})"
             )
         self.name, self.bundle, self.manifest = kind, bundle, bundle.manifest
+        self.skipped: list[str] = []
         self.max_points = self.manifest.max_points
         self.on_device = kind != "ort-cpu"
         self.precisions = {
@@ -128,7 +129,7 @@ class OrtBackend:
             opts.intra_op_num_threads = threads
         # Encoder and decoder alternate many times per window; idle threads of one session spin-waiting
         # would take the cores from the other (docs/DESIGN-NOTES.md, "onnxruntime thread spinning").
-        spin = self.manifest.kind != "implicit"
+        spin = not self.manifest.kind.decodes_points
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         cache = trt_cache_dir(bundle, ort.__version__, tensorrt_version()) if kind == "ort-trt" else None
         self.sessions = {}

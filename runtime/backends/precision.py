@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING
 from ..errors import BackendError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..bundle import Bundle
-    from ..manifest import Variant
+    from ..contract.bundle import Bundle
+    from ..contract.manifest import Variant
 
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")  # onnxruntime and TensorRT backends
+OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+EXPORTED_PRECISIONS = ("fp32", "fp16")  # graphs the exporter writes from PyTorch (int8 ones are quantised)
+ENGINE_PRECISIONS = ("fp16", "fp32")  # TensorRT engines imunet-export builds
 GPU_KINDS = ("ort-cuda", "ort-trt", "tensorrt")
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..contract.bundle import Bundle
+from ..contract.manifest import EngineRecord
 from ..errors import BackendError
-from ..manifest import EngineRecord
 
 
 @dataclass(frozen=True)
@@ -181,10 +181,11 @@ class TensorRTBackend:
     def __init__(self, bundle: Bundle, precision: str = "auto", feature_slots: int = 1) -> None:
         trt = import_tensorrt()
         self.trt, self.bundle, self.manifest = trt, bundle, bundle.manifest
+        self.skipped: list[str] = []
         self.record = self._pick(bundle, precision)
         self.precision = self.record.precision
         profile_max = self.record.points_profile[2] if self.record.points_profile else 0
-        self.max_points = min(profile_max, self.manifest.max_points) if self.manifest.kind == "implicit" else 0
+        self.max_points = min(profile_max, self.manifest.max_points) if self.manifest.kind.decodes_points else 0
         self.cuda = Cuda()
         try:
             self._load(trt)
@@ -223,11 +224,11 @@ class TensorRTBackend:
 
     def _allocate(self, slots: int) -> None:
         c, patch = self.manifest.num_classes, self.manifest.patch_size
-        graph = "model" if self.manifest.kind == "unet" else "encoder"
+        graph = self.manifest.kind.entry_graph
         self.host_image = self.cuda.pinned(patch, np.float32)
         self.image = self.cuda.malloc(self.host_image.nbytes)
         self.contexts[graph].set_tensor_address("image", self.image)
-        if self.manifest.kind == "unet":
+        if not self.manifest.kind.decodes_points:
             self.host_logits = self.cuda.pinned((c, *patch), np.float32)
             self.logits = self.cuda.malloc(self.host_logits.nbytes)
             self.contexts["model"].set_tensor_address("logits", self.logits)

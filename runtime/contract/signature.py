@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
+from ..errors import BundleError
 
 SIGNATURE = "manifest.json.sig"
 ALGORITHM = "ed25519"

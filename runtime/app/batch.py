@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import image_suffix
+from ..errors import OutputError
+from ..imaging.formats import image_suffix
 
 CHANNEL_SUFFIX = "_0000"
 SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, for DICOM series inputs
@@ -58,11 +59,13 @@ class Job:
     scan: Path
     dest: Path
     preview: Path | None = None
-    extra: list[Path] = field(default_factory=list)  # masks, probabilities: filled in by the caller
+    masks: dict[int, Path] = field(default_factory=dict)  # per-label masks beside the label map, if asked for
+    probabilities: Path | None = None  # the class probabilities beside the label map, if asked for
 
     @property
     def outputs(self) -> list[Path]:
-        return [self.dest, *([self.preview] if self.preview else []), *self.extra]
+        extra = [*self.masks.values(), *([self.probabilities] if self.probabilities else [])]
+        return [self.dest, *([self.preview] if self.preview else []), *extra]
 
 
 def plan(scans: list[Path], out: Path | None, fmt: str, preview: Path | None) -> list[Job]:
@@ -80,3 +83,24 @@ def plan(scans: list[Path], out: Path | None, fmt: str, preview: Path | None) ->
             pv = preview.with_name(f"{dest.name[: -len(image_suffix(dest))]}_{preview.name}")
         jobs.append(Job(scan, dest, pv))
     return jobs
+
+
+def check_outputs(jobs: list[Job], others: list[tuple[Path, str]]) -> None:
+    """Before any work: every path a run writes (each job's outputs, and ``others`` such as
+    ``--stats``) is distinct from every other one and from every input, whatever ``--overwrite``
+    says. A DICOM series folder's files are inputs too. :class:`OutputError` names the clash."""
+    inputs: dict[Path, Path] = {}
+    for job in jobs:
+        inputs[job.scan.resolve()] = job.scan
+        if job.scan.is_dir():
+            for f in job.scan.iterdir():
+                inputs[f.resolve()] = f
+    written: dict[Path, str] = {}
+    named = [(p, f"the output of {job.scan.name}") for job in jobs for p in job.outputs] + others
+    for path, what in named:
+        key = path.resolve()
+        if key in inputs:
+            raise OutputError(f"{what} {path} is the input {inputs[key]}; an input is never written over")
+        if key in written:
+            raise OutputError(f"{path} would be written twice: as {written[key]} and as {what}")
+        written[key] = what

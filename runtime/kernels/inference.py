@@ -19,19 +19,34 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ..contract.kinds import IMPLICIT, ModelKind
+from ..contract.settings import InferenceSettings
 from .boxes import OwnerBox, owner_boxes
 from .constant_windows import ConstantWindows, SharedFeatures, constant_value
-from .labels import smoothed_argmax
+from .labels import smoothed_argmax, softmax
 from .lattice import refine_box
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from .parallel import ordered_map
-from .settings import InferenceSettings
 from .windows import gaussian_importance, pad_to_patch, window_slices
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backends.base import Backend
+    from ..backends.base import Backend
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Loop:
+    """What the loop runs and how: a backend for a model ``kind`` at ``patch_size`` ``(Z, Y, X)``,
+    with ``settings``; ``workers`` windows at once (the result does not depend on it) and
+    ``progress(done, total)`` called after every window."""
+
+    backend: Backend
+    patch_size: tuple[int, int, int]
+    settings: InferenceSettings
+    kind: ModelKind = IMPLICIT
+    workers: int = 1
+    progress: Progress | None = None
 
 
 @dataclass
@@ -81,15 +96,6 @@ class InferenceStats:
         }
 
 
-def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax in float32."""
-    z = logits.astype(np.float32, copy=False)
-    z = z - z.max(axis=axis, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=axis, keepdims=True)
-    return z
-
-
 class PointDecoder:
     """Decodes points in chunks of the backend's size into probabilities; keeps count and time."""
 
@@ -133,17 +139,9 @@ def window_probabilities(
     return probs
 
 
-def accumulate_blended(
-    padded: np.ndarray,
-    decode: PointDecoder,
-    patch_size: tuple[int, int, int],
-    settings: InferenceSettings,
-    dense_model: bool,
-    progress: Progress | None,
-    workers: int,
-) -> tuple[np.ndarray, np.ndarray]:
+def accumulate_blended(padded: np.ndarray, decode: PointDecoder, loop: Loop) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-weighted sums of window probabilities ``(C, *padded.shape)`` and the weight sums."""
-    stats = decode.stats
+    stats, patch_size, settings = decode.stats, loop.patch_size, loop.settings
     slices = window_slices(padded.shape, patch_size, settings.overlap)
     weight = gaussian_importance(patch_size, settings.sigma_scale)
     wsum = np.zeros(padded.shape, dtype=np.float32)
@@ -159,41 +157,34 @@ def accumulate_blended(
         patch, same_as = job
         if same_as is not None:
             return None, same_as  # the earlier window's result, taken in order below
-        if dense_model:
+        if not loop.kind.decodes_points:
             t = time.perf_counter()
             probs = softmax(decode.backend.predict_dense(patch), axis=0)
             stats.add(encode_s=time.perf_counter() - t)
             return probs, None
         return window_probabilities(decode, patch, settings, stats), None
 
-    for i, (win, (probs, same_as)) in enumerate(zip(slices, ordered_map(window, jobs(), workers))):
+    for i, (win, (probs, same_as)) in enumerate(zip(slices, ordered_map(window, jobs(), loop.workers))):
         probs = cache.resolve(i, probs, same_as, stats)
         if acc is None:
             acc = np.zeros((probs.shape[0], *padded.shape), dtype=np.float32)
         acc[(slice(None), *win)] += probs * weight
         wsum[win] += weight
         stats.windows += 1
-        if progress is not None:
-            progress(i + 1, len(slices))
+        if loop.progress is not None:
+            loop.progress(i + 1, len(slices))
     assert acc is not None  # a padded volume always has a window
     return acc, wsum
 
 
-def accumulate_owner_boxes(
-    padded: np.ndarray,
-    decode: PointDecoder,
-    patch_size: tuple[int, int, int],
-    settings: InferenceSettings,
-    progress: Progress | None,
-    workers: int,
-) -> np.ndarray:
+def accumulate_owner_boxes(padded: np.ndarray, decode: PointDecoder, loop: Loop) -> np.ndarray:
     """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume, one owner box at a
-    time (``workers`` boxes computed at once, written in order: the result does not depend on it)."""
-    stats = decode.stats
+    time (``loop.workers`` boxes computed at once, written in order: the result does not depend on it)."""
+    stats, patch_size, settings = decode.stats, loop.patch_size, loop.settings
     boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride)
     limits = tuple(s - 1 for s in padded.shape)
     cache = ConstantWindows(limit=8)
-    shared = SharedFeatures(decode.encode) if getattr(decode.backend, "features_reusable", False) else None
+    shared = SharedFeatures(decode.encode) if decode.backend.features_reusable else None
     probs: np.ndarray | None = None
 
     def window_of(box: OwnerBox) -> tuple[slice, ...]:
@@ -215,82 +206,58 @@ def accumulate_owner_boxes(
         features = shared.encode(window, value) if shared is not None else decode.encode(window)
         return refine_box(lambda pts: decode(features, pts), box, inside, settings.stride), None
 
-    for i, (box, (out, same_as)) in enumerate(zip(boxes, ordered_map(compute, jobs(), workers))):
+    for i, (box, (out, same_as)) in enumerate(zip(boxes, ordered_map(compute, jobs(), loop.workers))):
         out = cache.resolve(i, out, same_as, stats)
         if probs is None:
             probs = np.zeros((out.shape[0], *padded.shape), dtype=np.float32)
         (z, y, x), (dz, dy, dx) = box.start, box.size
         probs[:, z : z + dz, y : y + dy, x : x + dx] = out
         stats.windows += 1
-        if progress is not None:
-            progress(i + 1, len(boxes))
+        if loop.progress is not None:
+            loop.progress(i + 1, len(boxes))
     stats.features_reused = shared.shared if shared is not None else 0
     assert probs is not None  # a padded volume always has a box
     return probs
 
 
 def _accumulate(
-    volume: np.ndarray,
-    backend: Backend,
-    patch_size: tuple[int, int, int],
-    settings: InferenceSettings,
-    dense_model: bool,
-    progress: Progress | None,
-    stats: InferenceStats,
-    workers: int,
+    volume: np.ndarray, loop: Loop, stats: InferenceStats
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, ...]]:
     """Class-probability sums over the padded volume, their weights (None in adaptive mode, which
     decodes each voxel once) and the crop back to ``volume``."""
-    stats.workers = workers
-    padded, crop = pad_to_patch(np.asarray(volume, dtype=np.float32), patch_size)
-    decode = PointDecoder(backend, stats)
-    if settings.mode == "adaptive" and not dense_model:
-        return accumulate_owner_boxes(padded, decode, patch_size, settings, progress, workers), None, crop
-    acc, wsum = accumulate_blended(padded, decode, patch_size, settings, dense_model, progress, workers)
+    stats.workers = loop.workers
+    padded, crop = pad_to_patch(np.asarray(volume, dtype=np.float32), loop.patch_size)
+    decode = PointDecoder(loop.backend, stats)
+    if loop.settings.mode == "adaptive" and loop.kind.decodes_points:
+        return accumulate_owner_boxes(padded, decode, loop), None, crop
+    acc, wsum = accumulate_blended(padded, decode, loop)
     return acc, wsum, crop
 
 
-def predict_probabilities(
-    volume: np.ndarray,
-    backend: Backend,
-    patch_size: tuple[int, int, int],
-    settings: InferenceSettings,
-    dense_model: bool = False,
-    progress: Progress | None = None,
-    workers: int = 1,
-) -> tuple[np.ndarray, InferenceStats]:
+def predict_probabilities(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, InferenceStats]:
     """Smoothed class probabilities ``(C, Z, Y, X)`` of a normalised ``(Z, Y, X)`` volume.
 
-    ``dense_model`` selects the backend's ``predict_dense`` (U-Net bundles); otherwise the implicit
-    loop runs in ``settings.mode``. ``progress(done, total)`` is called after every window;
-    ``workers`` windows are computed at once (same result for any number).
+    A dense model runs the backend's ``predict_dense`` per window; a point decoder runs the loop in
+    ``loop.settings.mode``.
     """
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
-    acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats, workers)
+    acc, wsum, crop = _accumulate(volume, loop, stats)
     if wsum is not None:
         acc /= wsum
         del wsum
-    probs = box_smooth(acc[(slice(None), *crop)], settings.smoothing)
+    probs = box_smooth(acc[(slice(None), *crop)], loop.settings.smoothing)
     stats.total_s = time.perf_counter() - t0
     return probs, stats
 
 
-def predict_labels(
-    volume: np.ndarray,
-    backend: Backend,
-    patch_size: tuple[int, int, int],
-    settings: InferenceSettings,
-    dense_model: bool = False,
-    progress: Progress | None = None,
-    workers: int = 1,
-) -> tuple[np.ndarray, InferenceStats]:
+def predict_labels(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, InferenceStats]:
     """Label map ``(Z, Y, X)`` uint8: the argmax of :func:`predict_probabilities`, with the smoothing
     computed only where it can change a label (:func:`.labels.smoothed_argmax`: same labels, no
     smoothed copy of the class maps)."""
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
-    acc, wsum, crop = _accumulate(volume, backend, patch_size, settings, dense_model, progress, stats, workers)
-    labels = smoothed_argmax(acc, wsum, crop, settings.smoothing)
+    acc, wsum, crop = _accumulate(volume, loop, stats)
+    labels = smoothed_argmax(acc, wsum, crop, loop.settings.smoothing)
     stats.total_s = time.perf_counter() - t0
     return labels, stats

@@ -12,16 +12,17 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from .domain import Fingerprint
-from .orientation import check_code
-from .preprocess import Normalization
+from ..imaging.domain import Fingerprint
+from ..imaging.orientation import check_code
+from ..imaging.preprocess import Normalization
+from .kinds import ModelKind, model_kind
 from .settings import InferenceSettings
 
-SCHEMA_PATH = Path(__file__).parent / "schema" / "manifest.schema.json"
+SCHEMA_PATH = Path(__file__).parents[1] / "schema" / "manifest.schema.json"
 FORMAT = "imunet-bundle"
 FORMAT_VERSION = 1
-MODEL_KINDS = ("implicit", "unet")
-GRAPHS_OF_KIND = {"implicit": ("encoder", "decoder"), "unet": ("model",)}
+OPSET = 17  # the ONNX opset imunet-export writes
+MAX_POINTS = 65536  # decoder points per call a bundle promises unless exported otherwise
 FEATURE_LAYOUTS = ("channels_first", "channels_last")
 COORDINATES = (
     "points are voxel indices (z, y, x) in the patch; normalised inside the graph to 2 * p / (S - 1) - 1 "
@@ -54,8 +55,8 @@ class DecoderSpec:
     gather: str
     width: int
     depth: int
-    max_points: int = 65536
-    feature_layout: tuple[str, ...] = ()  # one per level; empty: channels-first throughout (older bundles)
+    max_points: int = MAX_POINTS
+    feature_layout: tuple[str, ...] = ()  # one per level: channels_first or channels_last
     points_dtype: str = "int32"
     coordinates: str = COORDINATES
 
@@ -119,7 +120,10 @@ class Manifest:
     keep_largest: tuple[int, ...] = ()  # labels reduced to their largest component (decided on validation)
     # coded concepts per label for DICOM SEG: {"category"|"type": {"scheme", "value", "meaning"}}
     label_codes: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
-    opset: int = 17
+    # measured accuracy: {"dice": {label name: mean Dice}, "mean": mean over labels, "cases": {label name:
+    # validation cases that scored it}, "note": how and on what it was measured}
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    opset: int = OPSET
     variants: dict[str, Variant] = field(default_factory=dict)
     engines: tuple[EngineRecord, ...] = ()
     tensorrt_ops_checked: bool = False
@@ -131,14 +135,13 @@ class Manifest:
     notes: tuple[str, ...] = field(default=(), compare=False, metadata={"serialise": False})
 
     def __post_init__(self) -> None:
-        if self.model_kind not in MODEL_KINDS:
-            raise ValueError(f"unknown model_kind {self.model_kind!r}")
+        kind = model_kind(self.model_kind)
         if sorted(self.labels) != list(range(len(self.labels))) or len(self.labels) < 2:
             raise ValueError(f"labels must be 0..C-1 with C >= 2, got {self.labels}")
-        missing = [g for g in GRAPHS_OF_KIND[self.model_kind] if g not in self.graphs]
+        missing = [g for g in kind.graphs if g not in self.graphs]
         if missing:
             raise ValueError(f"a {self.model_kind} bundle needs the graphs {', '.join(missing)}")
-        if self.model_kind == "implicit" and self.decoder is None:
+        if kind.decodes_points and self.decoder is None:
             raise ValueError("an implicit bundle's manifest needs its 'decoder' section")
         for name, v in self.variants.items():
             if v.replaces not in self.graphs:
@@ -154,8 +157,9 @@ class Manifest:
             raise ValueError(f"decoder.feature_layout {self.feature_layout} does not fit {self.feature_names}")
 
     @property
-    def kind(self) -> str:
-        return self.model_kind
+    def kind(self) -> ModelKind:
+        """The model kind: what the bundle holds and how a backend runs it."""
+        return model_kind(self.model_kind)
 
     @property
     def num_classes(self) -> int:
@@ -167,9 +171,8 @@ class Manifest:
 
     @property
     def feature_layout(self) -> tuple[str, ...]:
-        """How each level's feature map passes from encoder to decoder (older bundles: channels-first)."""
-        recorded = self.decoder.feature_layout if self.decoder else ()
-        return recorded or ("channels_first",) * len(self.feature_names)
+        """How each level's feature map passes from encoder to decoder."""
+        return self.decoder.feature_layout if self.decoder else ()
 
     @property
     def max_points(self) -> int:
@@ -196,11 +199,8 @@ class Manifest:
                 f"(supports {FORMAT_VERSION}); re-export it with a matching imunet-export"
             )
         data = dict(data)
-        inference, notes = InferenceSettings.from_dict(dict(_need(data, "inference", "manifest")))
-        data["inference"] = inference
-        if data.get("decoder") == {}:  # U-Net bundles from older exporters wrote an empty section
-            data.pop("decoder")
-        return _from_mapping(cls, data, "manifest", notes)
+        data["inference"] = InferenceSettings.from_dict(dict(_need(data, "inference", "manifest")))
+        return _from_mapping(cls, data, "manifest", [])
 
 
 def _to_json(value: Any) -> Any:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .io import image_suffix, read_image
-from .metrics import dice, hd95
+from ..errors import InputError
+from ..imaging.io import image_suffix, read_image
+from ..imaging.metrics import dice, hd95
 
 SUFFIXES_STRIPPED = ("_0000", "_seg")
 

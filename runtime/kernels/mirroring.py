@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend
+from ..backends.base import Backend
+from .labels import softmax
 
 TINY = np.float32(1e-30)
 
@@ -24,20 +25,14 @@ def flips(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in combinations(sorted(axes), r)]
 
 
-def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:
-    z = logits.astype(np.float32) - logits.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 class MirroredBackend:
     """Wraps ``backend`` for windows of ``patch_size``; ``axes`` are array axes ``(z, y, x) = (0, 1, 2)``."""
 
     def __init__(self, backend: Backend, axes: tuple[int, ...], patch_size: tuple[int, int, int]) -> None:
         self.backend, self.flips, self.patch = backend, flips(axes), np.asarray(patch_size)
         self.name, self.max_points = backend.name, backend.max_points
-        self.features_reusable = getattr(backend, "features_reusable", False)
-        self.precision = getattr(backend, "precision", "fp32")
+        self.features_reusable, self.precision = backend.features_reusable, backend.precision
+        self.skipped = backend.skipped
 
     def encode(self, patch: np.ndarray) -> list[Any]:
         return [self.backend.encode(np.ascontiguousarray(np.flip(patch, f)) if f else patch) for f in self.flips]
@@ -48,7 +43,7 @@ class MirroredBackend:
             pts = points.copy()
             for a in f:
                 pts[:, a] = self.patch[a] - 1 - pts[:, a]
-            probs = _softmax(self.backend.decode(feats, pts), axis=1)
+            probs = softmax(self.backend.decode(feats, pts), axis=1)
             total = probs if total.size == 0 else total + probs
         return np.log(total / len(self.flips) + TINY)
 
@@ -56,7 +51,7 @@ class MirroredBackend:
         total = None
         for f in self.flips:
             logits = self.backend.predict_dense(np.ascontiguousarray(np.flip(patch, f)) if f else patch)
-            probs = _softmax(np.flip(logits, tuple(a + 1 for a in f)) if f else logits, axis=0)
+            probs = softmax(np.flip(logits, tuple(a + 1 for a in f)) if f else logits, axis=0)
             total = probs if total is None else total + probs
         return np.log(total / len(self.flips) + TINY)  # type: ignore[operator]
 

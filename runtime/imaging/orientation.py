@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def orientation_code(image: sitk.Image) -> str:

@@ -3,6 +3,7 @@
     from imunet.runtime import Segmenter
     seg = Segmenter("hippocampus.imunet", backend="auto")
     labels = seg.predict("scan.nii.gz")          # or a SimpleITK image
+    result = seg.segment("scan.nii.gz")          # labels and this call's statistics together
 
 Steps: check the scan against the model's domain -> reorient to the training orientation ->
 resample to the bundle's spacing -> normalise -> inference -> back onto the reoriented scan's grid
@@ -12,90 +13,111 @@ resample to the bundle's spacing -> normalise -> inference -> back onto the reor
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
-from .backends import Backend, open_backend
-from .bundle import Bundle, default_bundle_path, load_bundle
-from .domain import dicom_modality, domain_warnings, summarise
-from .errors import BundleError, InputError
-from .inference import predict_labels, predict_probabilities
-from .io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_image
-from .mirroring import MirroredBackend, flips
-from .orientation import orientation_code, reorient
-from .parallel import CPU_BACKENDS, default_workers, threads_per_worker
-from .postprocess import keep_largest
-from .preprocess import normalize, resample_label_like, resample_to_spacing
-from .settings import InferenceSettings
-from .windows import window_slices
+from ..backends import Backend, open_backend
+from ..contract.bundle import Bundle, load_bundle, resolve_model
+from ..contract.kinds import ModelKind
+from ..contract.settings import InferenceSettings
+from ..errors import BundleError, InputError
+from ..imaging.domain import dicom_modality, domain_warnings, summarise
+from ..imaging.io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_image
+from ..imaging.orientation import orientation_code, reorient
+from ..imaging.postprocess import keep_largest
+from ..imaging.preprocess import normalize, resample_label_like, resample_to_spacing
+from ..kernels.inference import Loop, predict_labels, predict_probabilities
+from ..kernels.mirroring import MirroredBackend, flips
+from ..kernels.parallel import CPU_BACKENDS, default_workers, threads_per_worker
+from ..kernels.windows import window_slices
 
 BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy share, labels
 
 
-def resolve_settings(defaults: InferenceSettings, kind: str, **overrides: object) -> InferenceSettings:
+def resolve_settings(defaults: InferenceSettings, kind: ModelKind, **overrides: object) -> InferenceSettings:
     """The bundle's ``defaults`` with the options given (``None`` keeps the bundle's); ``mode`` only
-    applies to implicit bundles. Unknown names raise ``ValueError``."""
+    applies to point-decoding kinds. Unknown names raise ``ValueError``."""
     known = {f.name for f in fields(InferenceSettings)}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown inference settings: {', '.join(sorted(unknown))}")
-    given = {k: v for k, v in overrides.items() if v is not None and not (k == "mode" and kind != "implicit")}
+    given = {k: v for k, v in overrides.items() if v is not None and (k != "mode" or kind.decodes_points)}
     return replace(defaults, **given)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What a :class:`Segmenter` checks before it segments a scan.
+
+    ``max_memory_gb``: refuse scans whose estimated working memory exceeds it. ``allow_modality``:
+    run a DICOM scan whose modality is not the model's (refused otherwise). ``refuse_out_of_domain``:
+    refuse a scan the domain check flags (field of view or intensities far outside the training
+    data) instead of segmenting it with warnings. ``verify``: hash every bundle file on load (graphs
+    are hashed as they are read either way)."""
+
+    max_memory_gb: float | None = None
+    allow_modality: bool = False
+    refuse_out_of_domain: bool = False
+    verify: bool = True
+
+
+CHECKS = {f.name for f in fields(Checks)}
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One call's result: the label map on the scan's grid, that call's statistics (seconds per
+    stage, backend, precision, mode, label volumes in ml, warnings) and, when asked for, the class
+    probabilities ``(C, Z, Y, X)`` float32 on the scan's grid."""
+
+    labels: sitk.Image
+    stats: dict = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
 
 
 class Segmenter:
     """Segments scans with one bundle on one backend; reuse it for many scans.
 
-    ``bundle``: a bundle folder (None: the model shipped with the package). ``mode``, ``overlap``,
-    ``stride``, ``tta`` and the other :class:`InferenceSettings` fields given by keyword override
-    the bundle's inference defaults. ``precision``: ``auto``, ``fp32``, ``fp16`` or ``int8``
-    (:func:`.backends.precision.graph_precisions`). ``max_memory_gb`` refuses scans whose estimated
-    working memory exceeds it before any work. ``workers``: windows computed at once, each on its
-    own thread (None: two on a CPU backend with two or more cores; GPUs run one); the labels do not
-    depend on it. ``trusted_keys``: a folder of public keys; the bundle must be signed by one.
-    ``allow_modality``: run a DICOM scan whose modality is not the model's (refused otherwise).
-    ``refuse_out_of_domain``: refuse a scan the domain check flags (field of view or intensities far
-    outside the training data) instead of segmenting it with warnings.
+    ``bundle``: a bundle folder, or the name of a model shipped with the package (an existing path
+    wins; None: the default shipped model, ``hippocampus``). ``precision``:
+    ``auto``, ``fp32``, ``fp16``, ``int8`` or ``bf16`` (:func:`.backends.precision.graph_precisions`).
+    ``workers``: windows computed at once, each on its own thread (None: two on a CPU backend with two
+    or more cores; GPUs run one); the labels do not depend on it. ``trusted_keys``: a folder of
+    public keys; the bundle must be signed by one. Keyword ``options``: any
+    :class:`InferenceSettings` field (``mode``, ``overlap``, ``stride``, ``tta``, ...; overriding
+    the bundle's defaults, None keeping them) and any :class:`Checks` field (``max_memory_gb``,
+    ``allow_modality``, ``refuse_out_of_domain``, ``verify``).
+
+    :meth:`segment` returns the labels with that call's statistics; ``last_stats`` is a
+    convenience for one thread at a time: the statistics of the calling thread's last call.
     """
 
     def __init__(
         self,
         bundle: str | Path | Bundle | None = None,
         backend: str = "auto",
-        mode: str | None = None,
-        overlap: float | None = None,
-        stride: int | None = None,
-        max_memory_gb: float | None = None,
-        verify: bool = True,
         precision: str = "auto",
         workers: int | None = None,
         trusted_keys: str | Path | None = None,
-        allow_modality: bool = False,
-        refuse_out_of_domain: bool = False,
-        tta: bool | None = None,
-        **inference: object,
+        **options: object,
     ) -> None:
-        if bundle is None:
-            bundle = default_bundle_path()
-            if bundle is None:
-                raise BundleError("no --model given and this installation ships no default bundle")
+        checks = Checks(**{k: v for k, v in options.items() if k in CHECKS})  # type: ignore[arg-type]
         if isinstance(bundle, Bundle):
             if trusted_keys is not None:
                 raise BundleError("pass the bundle's folder, not a loaded Bundle, to check it against trusted keys")
             self.bundle = bundle
         else:
-            self.bundle = load_bundle(bundle, verify=verify, trusted_keys=trusted_keys)
+            self.bundle = load_bundle(resolve_model(bundle), verify=checks.verify, trusted_keys=trusted_keys)
         m = self.bundle.manifest
-        self.settings = resolve_settings(
-            m.inference, m.kind, mode=mode, overlap=overlap, stride=stride, tta=tta, **inference
-        )
-        self.max_memory_gb, self.allow_modality = max_memory_gb, allow_modality
-        self.refuse_out_of_domain = refuse_out_of_domain
+        settings = {k: v for k, v in options.items() if k not in CHECKS}
+        self.settings = resolve_settings(m.inference, m.kind, **settings)
+        self.checks = checks
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         cpu_workers = workers if workers is not None else default_workers("ort-cpu")
@@ -106,16 +128,19 @@ class Segmenter:
         self.backend = self._open(backend)
         self.workers = cpu_workers if self.backend.name in CPU_BACKENDS else 1
         self._pool_backend: Backend | None = None
-        self.last_stats: dict = {}
+        self._local = threading.local()
+
+    @property
+    def last_stats(self) -> dict:
+        """The statistics of this thread's last call (empty before one); :meth:`segment` returns them."""
+        return getattr(self._local, "stats", {})
 
     def _open(self, kind: str, threads: int = 0, callers: int = 1) -> Backend:
         m = self.bundle.manifest
         slots = len(flips(m.mirror_axes)) if self.settings.tta else 1
         backend = open_backend(self.bundle, kind, self._precision, threads, slots, callers)
         if self.settings.tta:
-            wrapped = MirroredBackend(backend, m.mirror_axes, m.patch_size)
-            wrapped.skipped = getattr(backend, "skipped", [])  # type: ignore[attr-defined]
-            return wrapped  # type: ignore[return-value]
+            return MirroredBackend(backend, m.mirror_axes, m.patch_size)
         return backend
 
     def _backend_for(self, shape: tuple[int, ...]) -> tuple[Backend, int]:
@@ -148,44 +173,55 @@ class Segmenter:
         m = self.bundle.manifest
         have = image.GetMetaData(MODALITY_TAG).strip().upper() if image.HasMetaDataKey(MODALITY_TAG) else None
         want = dicom_modality(m.fingerprint.modality if m.fingerprint else m.modality)
-        if have and want and have != want and not self.allow_modality:
+        if have and want and have != want and not self.checks.allow_modality:
             raise InputError(
                 f"the scan is {have} but the model is for {want} ({m.describe()}); "
                 "pass --allow-modality to run it anyway"
             )
 
+    def segment(
+        self,
+        image: sitk.Image | str | os.PathLike,
+        progress: Callable[[int, int], None] | None = None,
+        probabilities: bool = False,
+    ) -> Segmentation:
+        """Segment a 3D scan (a SimpleITK image, or a path that :func:`.io.read_image` reads): the
+        label map (uint8) on exactly its grid (size, origin, spacing, direction), this call's
+        statistics, and with ``probabilities`` the class probabilities on that grid (resampled
+        linearly where the spacing differs; holds every class map in memory)."""
+        result = self._run(image, progress, probabilities)
+        self._local.stats = result.stats
+        return result
+
     def predict(
         self, image: sitk.Image | str | os.PathLike, progress: Callable[[int, int], None] | None = None
     ) -> sitk.Image:
-        """Label map (uint8) of a 3D scan (a SimpleITK image, or a path that :func:`.io.read_image`
-        reads) on exactly its grid: size, origin, spacing, direction."""
-        return self._run(image, progress, False)[0]
+        """The label map of :meth:`segment`."""
+        return self.segment(image, progress).labels
 
     def predict_with_probabilities(
         self, image: sitk.Image | str | os.PathLike, progress: Callable[[int, int], None] | None = None
     ) -> tuple[sitk.Image, np.ndarray]:
-        """The label map, and the class probabilities ``(C, Z, Y, X)`` float32 on the scan's grid
-        (resampled linearly where the spacing differs). Holds every class map in memory."""
-        labels, probs = self._run(image, progress, True)
-        return labels, probs  # type: ignore[return-value]
+        """The label map and the class probabilities ``(C, Z, Y, X)`` float32 of :meth:`segment`."""
+        result = self.segment(image, progress, probabilities=True)
+        return result.labels, result.probabilities  # type: ignore[return-value]
 
     def _run(
         self, image: sitk.Image | str | os.PathLike, progress: Callable[[int, int], None] | None, with_probs: bool
-    ) -> tuple[sitk.Image, np.ndarray | None]:
+    ) -> Segmentation:
         t_read = time.perf_counter()
         image = read_image(image) if isinstance(image, str | os.PathLike) else as_3d_scalar(image, "image")
-        if self.max_memory_gb is not None:
+        limit = self.checks.max_memory_gb
+        if limit is not None:
             need = self.estimate_memory_gb(image)
-            if need > self.max_memory_gb:
-                raise InputError(
-                    f"needs about {need:.1f} GiB of working memory, over --max-memory {self.max_memory_gb:g} GiB"
-                )
+            if need > limit:
+                raise InputError(f"needs about {need:.1f} GiB of working memory, over --max-memory {limit:g} GiB")
         self.check_modality(image)
         m = self.bundle.manifest
         t0 = time.perf_counter()
         oriented = reorient(image, m.orientation) if m.orientation else image
         warnings = domain_warnings(m.fingerprint, summarise(oriented, m.normalization)) if m.fingerprint else []
-        if warnings and self.refuse_out_of_domain:
+        if warnings and self.checks.refuse_out_of_domain:
             raise InputError("outside the model's domain: " + "; ".join(warnings) + " (--refuse-out-of-domain)")
         resampled = resample_to_spacing(oriented, m.spacing)
         volume = normalize(sitk.GetArrayViewFromImage(resampled), m.normalization)
@@ -200,8 +236,7 @@ class Segmenter:
         labels.CopyInformation(image)
         arrays = np.stack([sitk.GetArrayViewFromImage(p) for p in probs]) if probs is not None else None
         t3 = time.perf_counter()
-        self.last_stats = self._stats(image, labels, stats, warnings, (t_read, t0, t1, t2, t3))
-        return labels, arrays
+        return Segmentation(labels, self._stats(image, labels, stats, warnings, (t_read, t0, t1, t2, t3)), arrays)
 
     def _infer(
         self,
@@ -216,14 +251,14 @@ class Segmenter:
         better: docs/DESIGN-NOTES.md); with ``with_probs`` also each class's probabilities (linear)."""
         m = self.bundle.manifest
         backend, workers = self._backend_for(volume.shape)
-        args = (volume, backend, m.patch_size, self.settings, m.kind == "unet", progress, workers)
+        loop = Loop(backend, m.patch_size, self.settings, m.kind, workers, progress)
         probs = None
         if with_probs:
-            maps, stats = predict_probabilities(*args)
+            maps, stats = predict_probabilities(volume, loop)
             labels = maps.argmax(0).astype(np.uint8)  # smoothed probabilities: the labels predict_labels gives
             probs = [class_map_on(maps[c], resampled, grid) for c in range(maps.shape[0])]
         else:
-            labels, stats = predict_labels(*args)
+            labels, stats = predict_labels(volume, loop)
         out = from_array(labels, Geometry.of(resampled))
         if resampled is not grid:
             out = resample_label_like(out, grid)
@@ -241,8 +276,8 @@ class Segmenter:
             "resample_back_s": round(t[4] - t[3], 4),
             "total_s": round(t[4] - t[0], 4),
             "backend": self.backend.name,
-            "precision": getattr(self.backend, "precision", "fp32"),
-            "mode": self.settings.mode if m.kind == "implicit" else "dense-model",
+            "precision": self.backend.precision,
+            "mode": m.kind.mode_of(self.settings.mode),
             "tta": self.settings.tta,
             "volumes_ml": {m.labels[k]: round(float(counts[k]) * voxel_ml, 3) for k in range(1, m.num_classes)},
             "warnings": warnings,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_output
-from .errors import InputError
-from .io import write_image_atomic
+from ..errors import InputError
+from ..imaging.atomic import atomic_output
+from ..imaging.io import write_image_atomic
 
 
 def roi_labels(names: list[str], labels: dict[int, str]) -> set[int]:
@@ -72,7 +72,7 @@ def write_label(label: sitk.Image, dest: Path, scan: Path, series: str | None, b
     if not dest.name.lower().endswith(".dcm"):
         write_image_atomic(label, dest, overwrite)
         return
-    from .dicom_seg import segmentation, write_segmentation
-    from .io import series_files
+    from ..dicom.dicom_seg import segmentation, write_segmentation
+    from ..imaging.io import series_files
 
     write_segmentation(segmentation(label, series_files(scan, series), bundle), dest, overwrite)

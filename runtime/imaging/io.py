@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import InputError, OutputError
 from .atomic import atomic_output
-from .errors import InputError, OutputError
 from .formats import WRITABLE_SUFFIXES, image_suffix
 
 sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's and GDCM's warnings never reach the user raw

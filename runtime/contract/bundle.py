@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import BundleError
+from ..errors import BundleError
 from .manifest import Manifest, Variant
 from .onnx_refs import MalformedGraph, external_data_refs
 from .signature import SIGNATURE, SignatureInfo, read_signature, verify_signature
@@ -180,8 +180,34 @@ def load_bundle(path: str | Path, verify: bool = True, trusted_keys: str | Path 
     return Bundle(path, manifest, signature)
 
 
+SHIPPED = Path(__file__).parents[1] / "default"
+DEFAULT_MODEL = "hippocampus"  # what imunet-run and Segmenter() use without a model
+
+
+def shipped_bundles() -> dict[str, Path]:
+    """The bundles shipped inside the package, by name (``runtime/default/NAME.imunet``)."""
+    found = sorted(SHIPPED.glob("*.imunet")) if SHIPPED.is_dir() else []
+    return {p.name[: -len(".imunet")]: p for p in found if p.is_dir()}
+
+
 def default_bundle_path() -> Path | None:
-    """The bundle shipped inside the package, if this installation has one."""
-    root = Path(__file__).parent / "default"
-    found = sorted(root.glob("*.imunet")) if root.is_dir() else []
-    return found[0] if found else None
+    """The default shipped bundle (:data:`DEFAULT_MODEL`), if this installation has it."""
+    return shipped_bundles().get(DEFAULT_MODEL)
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """The bundle folder ``model`` names: an existing path wins, else the name of a shipped bundle,
+    else (None) the default one. :class:`BundleError` for anything else, naming what is shipped."""
+    if model is None:
+        path = default_bundle_path()
+        if path is None:
+            raise BundleError("no --model given and this installation ships no default bundle")
+        return path
+    path = Path(model)
+    if path.exists():
+        return path
+    shipped = shipped_bundles()
+    if str(model) in shipped:
+        return shipped[str(model)]
+    names = ", ".join(shipped) or "none"
+    raise BundleError(f"{model}: no such bundle folder, and not a shipped model (shipped: {names})")

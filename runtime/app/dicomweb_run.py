@@ -5,21 +5,34 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
+from ..errors import ImunetError
 from .batch import SEG_SUFFIX
-from .errors import ImunetError
+from .failures import failure_message
 
 
-def run_dicomweb(seg, url: str, study: str, series: str | None, store: bool, out: Path | None, options: dict,
-                 quiet: bool) -> dict:  # fmt: skip
+@dataclass(frozen=True)
+class StudyRequest:
+    """Which study to segment on which server: ``series`` None takes its one image series;
+    ``store`` sends the DICOM SEG back to the server."""
+
+    url: str
+    study: str
+    series: str | None = None
+    store: bool = False
+
+
+def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: dict, quiet: bool) -> dict:
     """Segment one series of a DICOMweb study; a failure is reported in one line, never raised."""
-    from .dicom_seg import segmentation, write_segmentation
-    from .dicomweb import connect, fetch_series, pick_series
-    from .dicomweb import store as store_instance
-    from .io import read_image, series_files, write_image_atomic
+    url, study, series, store = request.url, request.study, request.series, request.store
+    from ..dicom.dicom_seg import segmentation, write_segmentation
+    from ..dicom.dicomweb import connect, fetch_series, pick_series
+    from ..dicom.dicomweb import store as store_instance
+    from ..imaging.io import read_image, series_files, write_image_atomic
     from .outputs import keep_labels
 
     where = f"{url} study {study}"
@@ -33,7 +46,8 @@ def run_dicomweb(seg, url: str, study: str, series: str | None, store: bool, out
             fetch_series(client, url, study, uid, Path(tmp))
             image, files = read_image(Path(tmp), series=uid), series_files(Path(tmp), uid)
             fetch_s = round(time.perf_counter() - t, 4)
-            label = keep_labels(seg.predict(image), options["keep"])
+            result = seg.segment(image)
+            label = keep_labels(result.labels, options["keep"])
             t = time.perf_counter()
             dataset = segmentation(label, files, seg.bundle)  # built in full before anything is written or stored
             seg_s = round(time.perf_counter() - t, 4)
@@ -45,11 +59,10 @@ def run_dicomweb(seg, url: str, study: str, series: str | None, store: bool, out
         if store:
             store_instance(client, url, dataset)
     except Exception as exc:  # one study's failure is one line, never a traceback
-        known = isinstance(exc, ImunetError | ValueError | OSError)
-        msg = str(exc) if known else f"{where}: unexpected {type(exc).__name__}: {exc}"
+        msg = failure_message(where, exc)
         typer.echo(f"FAILED {msg}", err=True)
         return {"input": where, "ok": False, "error": msg}
-    stats = {**seg.last_stats, "fetch_s": fetch_s, "seg_s": seg_s}
+    stats = {**result.stats, "fetch_s": fetch_s, "seg_s": seg_s}
     for w in stats["warnings"]:
         typer.echo(f"WARNING {where}: {w}", err=True)
     if not quiet:

@@ -119,3 +119,12 @@ def _neighbourhood_argmax(
         out[better] = c
         best = np.maximum(best, sums[c])
     return out
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float32."""
+    z = logits.astype(np.float32, copy=False)
+    z = z - z.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z

@@ -31,14 +31,14 @@ def evaluate(
 ) -> None:
     from dataclasses import asdict
 
-    from .atomic import write_text_atomic
-    from .errors import ImunetError
+    from ..errors import ImunetError
+    from ..imaging.atomic import write_text_atomic
     from .evaluation import evaluate_folders, summary, to_csv
 
     try:
         names = None
         if model is not None:
-            from .bundle import load_bundle
+            from ..contract.bundle import load_bundle
 
             names = load_bundle(model, verify=False).manifest.labels
         scores = evaluate_folders(references, predictions, names)

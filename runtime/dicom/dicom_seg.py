@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_output
-from .bundle import Bundle
-from .errors import InputError
+from ..contract.bundle import Bundle
+from ..errors import InputError
+from ..imaging.atomic import atomic_output
 
 SERIES_NUMBER = 9101  # where viewers list the SEG among the study's series
 

@@ -10,10 +10,6 @@ from typing import Any
 
 MODES = ("adaptive", "sparse", "dense")
 
-#: Keys that bundles written by older exporters may carry; they are read and ignored, with a note.
-#: The options were measured and removed (docs/DESIGN-NOTES.md, "Adaptive mode: rejected options").
-RETIRED_KEYS = ("halo", "confidence", "min_stride", "refine", "seam", "seam_rule", "boxes")
-
 
 @dataclass(frozen=True)
 class InferenceSettings:
@@ -58,14 +54,10 @@ class InferenceSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> tuple[InferenceSettings, list[str]]:
-        """Settings from a manifest's ``inference`` mapping, and a note per retired key it carries.
-
-        Unknown keys other than the retired ones raise ``ValueError``."""
+    def from_dict(cls, data: dict[str, Any]) -> InferenceSettings:
+        """Settings from a manifest's ``inference`` mapping; unknown keys raise ``ValueError``."""
         names = {f.name for f in fields(cls)}
-        retired = sorted(k for k in data if k in RETIRED_KEYS)
-        unknown = sorted(k for k in data if k not in names and k not in RETIRED_KEYS)
+        unknown = sorted(k for k in data if k not in names)
         if unknown:
             raise ValueError(f"unknown inference settings: {', '.join(unknown)}")
-        notes = [f"inference setting '{k}' is no longer supported and was ignored" for k in retired]
-        return cls(**{k: v for k, v in data.items() if k in names}), notes
+        return cls(**data)

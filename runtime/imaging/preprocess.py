@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..errors import InputError
 
 SCHEMES = ("zscore", "ct")
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from ..errors import InputError
 
 NON_IMAGE = {"SEG", "SR", "RTSTRUCT", "PR", "KO", "DOC", "REG", "RTPLAN", "RTDOSE", "RTRECORD", "OT-NOIMAGE"}
 MODALITY, SERIES_UID = "00080060", "0020000E"

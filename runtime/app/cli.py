@@ -10,9 +10,9 @@ from typing import Optional
 
 import typer
 
-from .batch import SEG_SUFFIX, Job, collect_inputs, output_suffix, plan
-from .errors import ImunetError, InputError
-from .formats import WRITABLE_SUFFIXES
+from ..errors import ImunetError, InputError
+from ..imaging.formats import WRITABLE_SUFFIXES
+from .batch import SEG_SUFFIX, Job, check_outputs, collect_inputs, output_suffix, plan
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 BUNDLE_DEFAULT = "Default: the bundle's."
@@ -26,6 +26,28 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _list_models() -> None:
+    """One block per shipped bundle: name, what it is for, labels and measured accuracy."""
+    from ..contract.bundle import DEFAULT_MODEL, load_bundle, shipped_bundles
+
+    for name, path in shipped_bundles().items():
+        try:
+            m = load_bundle(path, verify=False).manifest
+        except ImunetError as exc:
+            typer.echo(f"{name}: cannot be loaded ({exc})")
+            continue
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        labels = ", ".join(m.labels[k] for k in sorted(m.labels) if k)
+        typer.echo(f"{name}{default}: {m.describe()}; {m.kind.name}")
+        typer.echo(f"  labels: {labels}")
+        acc = m.accuracy
+        if acc.get("dice"):
+            per = ", ".join(f"{k} {v:.4f}" for k, v in acc["dice"].items() if v is not None)
+            typer.echo(f"  validation Dice: mean {acc['mean']:.4f} ({per}); {acc.get('note', '')}".rstrip("; "))
+        else:
+            typer.echo("  validation Dice: not recorded in the bundle")
+
+
 def _fail(msg: str) -> None:
     typer.echo(f"imunet-run: error: {msg}", err=True)
     raise typer.Exit(2)
@@ -36,7 +58,10 @@ def run(
     inputs: Optional[list[Path]] = typer.Argument(
         None, help="Scans, folders or DICOM directories.", show_default=False
     ),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Bundle directory. Default: the shipped model."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Bundle folder, or a shipped model's name (--list-models). Default: hippocampus."
+    ),
+    list_models: bool = typer.Option(False, "--list-models", help="List the shipped models and exit."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output file (one scan) or folder, created if missing. Default: the current folder."
     ),
@@ -87,6 +112,9 @@ def run(
 ) -> None:
     from .pipeline import Segmenter
 
+    if list_models:
+        _list_models()
+        return
     if fmt not in (*WRITABLE_SUFFIXES, SEG_SUFFIX):
         _fail(f"--format must be one of {', '.join(WRITABLE_SUFFIXES)}, {SEG_SUFFIX}; got {fmt!r}")
     if overwrite and skip_existing:
@@ -113,11 +141,17 @@ def run(
         _header(seg, notes)
     options = {"overwrite": overwrite, "skip": skip_existing, "keep": keep, "masks": masks, "probs": save_probabilities}
     if dicomweb:
-        from .dicomweb_run import run_dicomweb
+        from .dicomweb_run import StudyRequest, run_dicomweb
 
-        report = [run_dicomweb(seg, dicomweb, study, series, store, out, options, quiet)]  # type: ignore[arg-type]
+        request = StudyRequest(dicomweb, study, series, store)  # type: ignore[arg-type]
+        report = [run_dicomweb(seg, request, out, options, quiet)]
     else:
-        jobs = plan(scans, out, fmt, preview)
+        jobs = [_with_extras(job, seg.bundle.manifest.labels, options) for job in plan(scans, out, fmt, preview)]
+        try:
+            check_outputs(jobs, [(stats, "--stats")] if stats is not None else [])
+        except ImunetError as exc:
+            seg.close()
+            _fail(str(exc))
         report = [_one(seg, job, i, len(scans), quiet, options, series, channel) for i, job in enumerate(jobs)]
     seg.close()
     _finish(seg, report, stats, quiet)
@@ -153,30 +187,38 @@ def _header(seg, notes: list[str]) -> None:
     sig = seg.bundle.signature
     labels = ", ".join(v for k, v in m.labels.items() if k)
     windows = f"up to {seg.workers} windows at a time" if seg.workers > 1 else "one window at a time"
-    mode = seg.settings.mode if m.kind == "implicit" else "dense model"
-    typer.echo(f"model {seg.bundle.path.name}: {m.describe()}; {m.kind}, labels {labels}")
+    mode = m.kind.mode_of(seg.settings.mode)
+    typer.echo(f"model {seg.bundle.path.name}: {m.describe()}; {m.kind.name}, labels {labels}")
     typer.echo(
         f"bundle {sig.describe() if sig else 'unsigned'}; backend {seg.backend_name} ({seg.backend.precision}), "
         f"mode {mode}{', mirrored' if seg.settings.tta else ''}, {windows}"
     )
-    for note in [*m.notes, *(f"passed over {s}" for s in getattr(seg.backend, "skipped", [])), *notes]:
+    for note in [*m.notes, *(f"passed over {s}" for s in seg.backend.skipped), *notes]:
         typer.echo(f"note: {note}", err=True)
+
+
+def _with_extras(job: Job, labels: dict[int, str], options: dict) -> Job:
+    """``job`` with the masks and probabilities it writes beside its label map, when asked for."""
+    from .outputs import mask_paths
+
+    suffix = output_suffix(job.dest)
+    if not suffix:
+        return job
+    if options["masks"]:
+        job.masks = mask_paths(job.dest, suffix, labels, options["keep"])
+    if options["probs"]:
+        job.probabilities = job.dest.with_name(job.dest.name[: -len(suffix)] + "_probabilities.npz")
+    return job
 
 
 def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, channel) -> dict:
     """Segment one scan and write its outputs; a failure is reported, never raised."""
-    from .io import read_image
-    from .outputs import keep_labels, mask_paths, write_label, write_masks, write_probabilities
+    from ..imaging.io import read_image
+    from .outputs import keep_labels, write_label, write_masks, write_probabilities
 
     labels = seg.bundle.manifest.labels
     timings: dict = {}
     try:
-        if job.dest.resolve() == job.scan.resolve():
-            raise InputError(f"{job.scan}: output path equals the input; choose another --out")
-        suffix = output_suffix(job.dest)
-        masks = mask_paths(job.dest, suffix, labels, options["keep"]) if options["masks"] else {}
-        probs_path = job.dest.with_name(job.dest.name[: -len(suffix)] + "_probabilities.npz")
-        job.extra = [*masks.values(), *([probs_path] if options["probs"] else [])]
         if options["skip"] and job.dest.exists():
             if not quiet:
                 typer.echo(f"[{i + 1}/{total}] {job.scan.name}: skipped, {job.dest} exists")
@@ -187,15 +229,16 @@ def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, 
         t = time.perf_counter()
         image = read_image(job.scan, series=series, channel=channel)
         timings["read_s"] = round(time.perf_counter() - t, 4)
-        label, probs = _predict(seg, image, job.scan, quiet, options["probs"])
+        result = _segment(seg, image, job.scan, quiet, options["probs"])
+        label, probs = result.labels, result.probabilities
         t = time.perf_counter()
         label = keep_labels(label, options["keep"])
         if not job.dest.parent.exists() and not quiet:
             typer.echo(f"creating the output folder {job.dest.parent}")
         write_label(label, job.dest, job.scan, series, seg.bundle, options["overwrite"])
-        write_masks(label, masks, options["overwrite"])
+        write_masks(label, job.masks, options["overwrite"])
         if probs is not None:
-            write_probabilities(probs, image, labels, probs_path, options["overwrite"])
+            write_probabilities(probs, image, labels, job.probabilities, options["overwrite"])
         if job.preview is not None:
             from .preview import write_preview
 
@@ -203,7 +246,7 @@ def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, 
         timings["write_s"] = round(time.perf_counter() - t, 4)
     except Exception as exc:  # one scan's failure must never stop the batch or print a traceback
         return _failure(job.scan, exc)
-    stats = {**seg.last_stats, **timings}
+    stats = {**result.stats, **timings}
     for w in stats["warnings"]:
         typer.echo(f"WARNING {job.scan}: {w}", err=True)
     if not quiet:
@@ -214,18 +257,19 @@ def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, 
 
 
 def _failure(scan: Path, exc: Exception) -> dict:
-    known = isinstance(exc, ImunetError | ValueError | OSError)
-    text = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError):
-        text = "out of memory; try --max-memory to refuse such scans up front"
-    msg = text if str(scan) in text else f"{scan}: {text}"
+    from .failures import failure_message
+
+    msg = failure_message(str(scan), exc)
     typer.echo(f"FAILED {msg}", err=True)
     return {"input": str(scan), "ok": False, "error": msg}
 
 
-def _predict(seg, image, scan: Path, quiet: bool, probs: bool):
-    """Labels (and probabilities), with a progress bar on a terminal."""
-    call = seg.predict_with_probabilities if probs else (lambda im, progress=None: (seg.predict(im, progress), None))
+def _segment(seg, image, scan: Path, quiet: bool, probs: bool):
+    """The scan's :class:`Segmentation` (with probabilities if asked), a progress bar on a terminal."""
+
+    def call(im, progress=None):
+        return seg.segment(im, progress, probabilities=probs)
+
     if quiet or not sys.stderr.isatty():
         return call(image)
     from rich.progress import Progress
@@ -239,7 +283,7 @@ def _finish(seg, report: list[dict], stats: Path | None, quiet: bool) -> None:
     failed = [r["input"] for r in report if not r["ok"]]
     skipped = sum(1 for r in report if r.get("skipped"))
     if stats is not None:
-        from .atomic import write_text_atomic
+        from ..imaging.atomic import write_text_atomic
 
         sig = seg.bundle.signature
         payload = {
