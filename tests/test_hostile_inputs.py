@@ -54,3 +54,72 @@ def test_masks_that_clash_with_the_label_map_are_refused(scan, tmp_path):
     out = tmp_path / "o.nii.gz"
     res = runner.invoke(app, [str(scan), "--out", str(out), "--masks", "--stats", str(tmp_path / "o_anterior.nii.gz")])
     assert res.exit_code == 2 and "would be written twice" in res.stderr
+
+
+def crafted_bundle(tmp_path, edit_text):
+    """A copy of the shipped bundle whose manifest text ``edit_text`` rewrites."""
+    b = shutil.copytree(ROOT / "runtime" / "default" / "hippocampus.imunet", tmp_path / "b.imunet")
+    m = b / "manifest.json"
+    m.write_text(edit_text(m.read_text()))
+    return b
+
+
+def one_line_exit_2(args, timeout_message=""):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr[-500:])
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr[-500:]
+    return res.stderr
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: "[" * 100_000 + "]" * 100_000, "nested 100000 deep"),
+        (lambda t: t.replace('"patch_size": [', '"patch_size": [Infinity, ', 1), "malformed manifest"),
+        (lambda t: t.replace('"patch_size": [', '"patch_size": [1e400, ', 1), "malformed manifest"),
+        (lambda t: "[" + t + "]", "must be a JSON object, not a list"),
+        (lambda t: t.replace('"patch_size": [\n    40,\n    56,\n    40\n  ]', '"patch_size": [4000, 4000, 4000]'),
+         "each side 1..1024"),
+        (lambda t: " " * (2 << 20), "over the 1048576 bytes"),
+    ],
+    ids=["deep", "infinity", "1e400", "list", "huge-patch", "huge-file"],
+)
+def test_hostile_manifests_are_one_line_and_exit_2(scan, tmp_path, edit, message):
+    b = crafted_bundle(tmp_path, edit)
+    err = one_line_exit_2([scan, "--model", b, "--out", tmp_path / "o.nii.gz"])
+    assert message in err, err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_file_name_too_long_is_one_line(scan, tmp_path):
+    err = one_line_exit_2([scan, "--model", "x" * 5000, "--out", tmp_path / "o.nii.gz"])
+    assert "not a usable path" in err or "cannot be read" in err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "nested"])
+def test_hostile_signatures_are_answered_at_once(scan, tmp_path, kind):
+    import os
+    import time
+
+    b = crafted_bundle(tmp_path, lambda t: t)
+    sig = b / "manifest.json.sig"
+    if kind == "fifo":
+        os.mkfifo(sig)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", sig)
+    else:
+        sig.write_text("{" * 50_000 + "}" * 50_000)
+    t = time.perf_counter()
+    for extra in ([], ["--trusted-keys", tmp_path]):
+        err = one_line_exit_2([scan, "--model", b, "--out", tmp_path / "o.nii.gz", *extra])
+        assert "manifest.json.sig" in err, err
+    assert time.perf_counter() - t < 20
+
+
+def test_a_fifo_given_as_the_scan_is_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "scan.nii.gz"
+    os.mkfifo(fifo)
+    res = runner.invoke(app, [str(fifo), "--out", str(tmp_path / "o.nii.gz")])
+    assert res.exit_code == 1 and "not a regular file" in res.stderr

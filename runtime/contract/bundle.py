@@ -13,13 +13,13 @@ against trusted keys when the caller gives them (:mod:`.signature`).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import BundleError
 from .manifest import Manifest, Variant
 from .onnx_refs import MalformedGraph, external_data_refs
+from .safe_json import load_object
 from .signature import SIGNATURE, SignatureInfo, read_signature, verify_signature
 
 MANIFEST = "manifest.json"
@@ -156,22 +156,26 @@ def load_bundle(path: str | Path, verify: bool = True, trusted_keys: str | Path 
     still hashed as they are read); ``trusted_keys`` (a folder of public keys) requires a valid
     signature by one of them."""
     path = Path(path)
+    try:
+        return _load(path, verify, trusted_keys)
+    except OSError as exc:  # a name too long, a permission, a loop of links: one line, never a traceback
+        raise BundleError(f"{str(path)[:200]}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _load(path: Path, verify: bool, trusted_keys: str | Path | None) -> Bundle:
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle directory")
     mpath = inside(path, MANIFEST, "manifest")
-    if not mpath.is_file():
+    if not mpath.exists():
         raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
-    text = mpath.read_bytes()
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
+    raw, _ = load_object(mpath, "the manifest")  # a regular file, bounded in size and depth
     try:
         manifest = Manifest.from_dict(raw)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, AttributeError, KeyError) as exc:
         raise BundleError(f"{path}: malformed manifest ({exc})") from None
     check_contained(path, manifest)
-    signature = read_signature(path / SIGNATURE) if (path / SIGNATURE).exists() else None
+    sig_path = path / SIGNATURE
+    signature = read_signature(sig_path) if sig_path.exists() or sig_path.is_symlink() else None
     if trusted_keys is not None:
         signature = verify_signature(path, raw, signature, Path(trusted_keys))
     check_graphs(path, manifest)
@@ -204,7 +208,11 @@ def resolve_model(model: str | Path | None) -> Path:
             raise BundleError("no --model given and this installation ships no default bundle")
         return path
     path = Path(model)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:
+        raise BundleError(f"{str(model)[:200]}...: not a usable path ({exc.strerror})") from None
+    if exists:
         return path
     shipped = shipped_bundles()
     if str(model) in shipped:

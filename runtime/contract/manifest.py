@@ -7,6 +7,7 @@ SimpleITK's ``(x, y, z)`` in mm. Nothing here imports an inference loop.
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ SCHEMA_PATH = Path(__file__).parents[1] / "schema" / "manifest.schema.json"
 FORMAT = "imunet-bundle"
 FORMAT_VERSION = 1
 OPSET = 17  # the ONNX opset imunet-export writes
+MAX_PATCH_SIDE, MAX_PATCH = 1024, 1 << 26  # bounds on a manifest's patch: 64 M voxels, 256 MB in float32
 MAX_POINTS = 65536  # decoder points per call a bundle promises unless exported otherwise
 FEATURE_LAYOUTS = ("channels_first", "channels_last")
 COORDINATES = (
@@ -136,8 +138,14 @@ class Manifest:
 
     def __post_init__(self) -> None:
         kind = model_kind(self.model_kind)
-        if sorted(self.labels) != list(range(len(self.labels))) or len(self.labels) < 2:
-            raise ValueError(f"labels must be 0..C-1 with C >= 2, got {self.labels}")
+        if sorted(self.labels) != list(range(len(self.labels))) or not 2 <= len(self.labels) <= 256:
+            raise ValueError(f"labels must be 0..C-1 with 2 <= C <= 256 (uint8 label maps), got {self.labels}")
+        if any(not 1 <= p <= MAX_PATCH_SIDE for p in self.patch_size) or math.prod(self.patch_size) > MAX_PATCH:
+            raise ValueError(
+                f"patch_size {self.patch_size}: each side 1..{MAX_PATCH_SIDE} and at most {MAX_PATCH} voxels"
+            )
+        if any(not (math.isfinite(s) and 1e-3 <= s <= 1e3) for s in self.spacing):
+            raise ValueError(f"spacing {self.spacing}: each between 0.001 and 1000 mm")
         missing = [g for g in kind.graphs if g not in self.graphs]
         if missing:
             raise ValueError(f"a {self.model_kind} bundle needs the graphs {', '.join(missing)}")

@@ -55,8 +55,10 @@ def _cryptography() -> Any:
 
 def read_signature(path: Path) -> SignatureInfo:
     """Parse a signature file; :class:`BundleError` when it is not one."""
+    from .safe_json import load_object
+
+    data, _ = load_object(path, "signature")
     try:
-        data = json.loads(path.read_text())
         if data.get("algorithm") != ALGORITHM:
             raise ValueError(f"algorithm {data.get('algorithm')!r}, not {ALGORITHM}")
         public, sig = base64.b64decode(data["public_key"]), base64.b64decode(data["signature"])

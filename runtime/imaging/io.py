@@ -147,8 +147,13 @@ def read_image(path: str | os.PathLike, series: str | None = None, channel: int 
     readable 3D scalar volume. ``channel`` picks one volume of a 4D file.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or directory")
+        if not path.is_dir() and not path.is_file():  # a FIFO, a socket, a device: reading could block
+            raise InputError(f"{path}: not a regular file or a DICOM folder")
+    except OSError as exc:
+        raise InputError(f"{str(path)[:200]}: cannot be read ({exc.strerror})") from None
     try:
         if path.is_dir():
             image = _read_dicom(path, series)
