@@ -148,3 +148,17 @@ def test_grouped_encoder_windows_cover_the_axis_with_fewer_voxels():
         assert len(grouped) == -(-len(one) // k)
         assert all(e % 8 == 0 or e == 512 for e in grouped) and all(56 <= e <= 512 for e in grouped)
         assert sum(grouped) < sum(one)
+
+
+def test_evaluate_scores_a_label_only_where_it_was_annotated(bundle_dir, phantom_dir):
+    from evaluate import evaluate
+
+    only = {"phantom_001", "phantom_003"}
+    annotated = {"phantom_001": ["organ"], "phantom_003": ["organ", "lesion"]}
+    res = evaluate(bundle_dir, phantom_dir / "imagesTr", phantom_dir / "labelsTr", only=only, annotated=annotated,
+                   agreement=("dense", 1))  # fmt: skip
+    assert res["labels"]["organ"]["cases"] == 2 and res["labels"]["lesion"]["cases"] == 1
+    assert "lesion" not in res["per_case"]["phantom_001"]
+    assert res["labels"]["lesion"]["dice_mean"] == res["per_case"]["phantom_003"]["lesion"]["dice"]
+    assert list(res["agreement"]["foreground_agreement"]) == ["phantom_001"]
+    assert 0.9 < res["agreement"]["foreground_agreement"]["phantom_001"] <= 1.0

@@ -6,6 +6,11 @@ Images are matched to labels by the nnU-Net naming (``CASE_0000.nii.gz`` <-> ``C
 by identical names. Prints per-label Dice and HD95 (mm), mean and standard deviation, and the
 median seconds per scan. HD95 is undefined when a label is missing from prediction or reference
 and such cases are left out of its mean (counted in ``hd95_undefined``).
+
+``--annotated annotated.json`` (partially annotated data: per case, the label names contoured)
+scores each label only on the cases that annotated it. ``--agreement MODE`` also runs the bundle in
+``MODE`` (e.g. ``dense``) on the first ``--agreement-cases`` cases and reports the fraction of the
+voxels that either run labels as foreground on which both agree.
 """
 
 from __future__ import annotations
@@ -51,33 +56,42 @@ def evaluate(
     settings: dict | None = None,
     orientation: str | None = None,
     spacing: tuple[float, float, float] | None = None,
+    annotated: dict[str, list[str]] | None = None,
+    agreement: tuple[str, int] | None = None,
 ) -> dict:
     """Dice and HD95 per label and case. ``orientation`` stores every scan (and its labels) in that
     axis order first (SimpleITK's ``DICOMOrient``: the same voxels, permuted and flipped, with a
     direction matrix that keeps them in place); ``spacing`` (x, y, z mm) resamples both first."""
     seg = Segmenter(model, backend=backend, mode=mode, precision=precision, **(settings or {}))
     names = seg.bundle.manifest.labels
-    per_case, seconds = {}, []
-    for case, img_path, lbl_path in pair_cases(images, labels, only):
+    other = Segmenter(model, backend=backend, mode=agreement[0], precision=precision) if agreement else None
+    per_case, seconds, agree = {}, [], {}
+    for i, (case, img_path, lbl_path) in enumerate(pair_cases(images, labels, only)):
         image, label = stored_as(read_image(img_path), read_image(lbl_path), orientation, spacing)
         t = time.perf_counter()
         pred = sitk.GetArrayFromImage(seg.predict(image))
         seconds.append(time.perf_counter() - t)
         ref = sitk.GetArrayFromImage(label).astype(np.int64)
         spacing_zyx = image.GetSpacing()[::-1]
+        contoured = set(annotated.get(case, names.values())) if annotated else set(names.values())
+        scored = [k for k in range(1, len(names)) if names[k] in contoured]
         per_case[case] = {
-            names[k]: {"dice": dice(pred, ref, k), "hd95": hd95(pred, ref, k, spacing_zyx)}
-            for k in range(1, len(names))
+            names[k]: {"dice": dice(pred, ref, k), "hd95": hd95(pred, ref, k, spacing_zyx)} for k in scored
         }
+        if other is not None and i < agreement[1]:  # type: ignore[index]
+            second = sitk.GetArrayFromImage(other.predict(image))
+            either = (pred > 0) | (second > 0)
+            agree[case] = float((pred[either] == second[either]).mean()) if either.any() else 1.0
     if not per_case:
         raise SystemExit(f"no image in {images} has a label in {labels}")
     summary = {}
     for k in range(1, len(names)):
-        d = [c[names[k]]["dice"] for c in per_case.values()]
-        h = [c[names[k]]["hd95"] for c in per_case.values() if np.isfinite(c[names[k]]["hd95"])]
+        d = [c[names[k]]["dice"] for c in per_case.values() if names[k] in c]
+        h = [c[names[k]]["hd95"] for c in per_case.values() if names[k] in c and np.isfinite(c[names[k]]["hd95"])]
         summary[names[k]] = {
-            "dice_mean": float(np.mean(d)),
-            "dice_std": float(np.std(d)),
+            "cases": len(d),
+            "dice_mean": float(np.mean(d)) if d else float("nan"),
+            "dice_std": float(np.std(d)) if d else float("nan"),
             "hd95_mean": float(np.mean(h)) if h else float("nan"),
             "hd95_std": float(np.std(h)) if h else float("nan"),
             "hd95_undefined": len(d) - len(h),
@@ -92,7 +106,9 @@ def evaluate(
         "settings": settings or {},
         "cases": len(per_case),
         "median_s_per_scan": statistics.median(seconds),
+        "mean_dice": float(np.nanmean([s["dice_mean"] for s in summary.values()])),
         "labels": summary,
+        "agreement": {"mode": agreement[0], "foreground_agreement": agree} if agreement else None,
         "per_case": per_case,
     }
 
@@ -146,21 +162,31 @@ def main() -> None:
     )
     ap.add_argument("--orientation", default=None, help="store every scan in this axis order first, e.g. PIL")
     ap.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="resample first")
+    ap.add_argument("--annotated", type=Path, default=None, help="annotated.json: score labels where annotated")
+    ap.add_argument("--agreement", default=None, help="also run this mode and compare foreground labels")
+    ap.add_argument("--agreement-cases", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     settings = {k: _setting(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     only = set(case_names(a.cases)) if a.cases else None
+    annotated = json.loads(a.annotated.read_text()) if a.annotated else None
+    agreement = (a.agreement, a.agreement_cases) if a.agreement else None
     res = evaluate(
-        a.model, a.images, a.labels, a.backend, a.mode, only, a.precision, settings, a.orientation, a.spacing
+        a.model, a.images, a.labels, a.backend, a.mode, only, a.precision, settings, a.orientation, a.spacing,
+        annotated, agreement,
     )
     print(
         f"{res['model']}: {res['cases']} cases, backend {res['backend']}, mode {res['mode']} ({res['precision']}) "
         f"{' '.join(a.set)}, "
         f"median {res['median_s_per_scan']:.3f} s per scan"
     )
+    print(f"  mean Dice over labels {res['mean_dice']:.4f}")
+    if res["agreement"]:
+        values = list(res["agreement"]["foreground_agreement"].values())
+        print(f"  foreground agreement with {res['agreement']['mode']}: min {min(values):.4f} over {len(values)} cases")
     for name, s in res["labels"].items():
         print(
-            f"  {name:12s} Dice {s['dice_mean']:.4f} +- {s['dice_std']:.4f}   "
+            f"  {name:12s} ({s['cases']} cases) Dice {s['dice_mean']:.4f} +- {s['dice_std']:.4f}   "
             f"HD95 {s['hd95_mean']:.2f} +- {s['hd95_std']:.2f} mm ({s['hd95_undefined']} undefined)"
         )
     if a.json:
