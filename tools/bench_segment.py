@@ -112,9 +112,19 @@ def child(path: str, options: str, inputs: str, out: str) -> None:
 def volumes(args: argparse.Namespace, work: Path) -> tuple[list[str], list[np.ndarray]]:
     """Input files for the children and their true labels."""
     if args.scans:
-        cases = case_names(f"@{SPLIT}:val")[: args.scans]
-        inputs = [str(DATA / "imagesTr" / f"{c}_0000.nii.gz") for c in cases]
-        truth = [sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "labelsTr" / f"{c}.nii.gz"))) for c in cases]
+        data = args.data or DATA
+        cases = case_names(args.cases or f"@{SPLIT}:val")[: args.scans]
+        inputs = [str(data / "imagesTr" / f"{c}_0000.nii.gz") for c in cases]
+        truth = [sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labelsTr" / f"{c}.nii.gz"))) for c in cases]
+        if args.resample:  # as another scanner would store it: linear image, nearest labels
+            from imunet.runtime.imaging.preprocess import resample_label_like, resample_to_spacing
+
+            for i, c in enumerate(cases):
+                image = resample_to_spacing(sitk.ReadImage(inputs[i]), tuple(args.resample))
+                label = resample_label_like(sitk.ReadImage(str(data / "labelsTr" / f"{c}.nii.gz")), image)
+                inputs[i] = str(work / f"{c}_resampled.nii.gz")
+                sitk.WriteImage(image, inputs[i])
+                truth[i] = sitk.GetArrayFromImage(label)
         return inputs, truth
     from volumes import held_out_volume
 
@@ -127,6 +137,13 @@ def volumes(args: argparse.Namespace, work: Path) -> tuple[list[str], list[np.nd
         image, label = sitk.GetImageFromArray(frame), framed
     sitk.WriteImage(image, str(work / "volume.nii"))
     return [str(work / "volume.nii")], [label]
+
+
+def describe_volumes(args: argparse.Namespace, count: int) -> str:
+    if not args.scans:
+        return f"{args.size} packed, seed {args.phantom_seed}"
+    resampled = f" resampled to {args.resample} mm" if args.resample else ""
+    return f"{count} held-out scans of {args.data or DATA}{resampled}"
 
 
 def score(labels: list[np.ndarray], truth: list[np.ndarray], reference: list[np.ndarray] | None) -> dict:
@@ -152,6 +169,11 @@ def main() -> None:
         nargs=3,
         metavar=("Z", "Y", "X"),
         help="with --size: pack crops into a centred block of this size only; the rest is air (a constant)",
+    )
+    ap.add_argument("--data", type=Path, default=None, help="with --scans: a dataset folder (default: hippocampus)")
+    ap.add_argument("--cases", default=None, help="with --scans: case names, or @split.json:val (default: ours)")
+    ap.add_argument(
+        "--resample", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="with --scans: resample first"
     )
     ap.add_argument("--phantom-seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
@@ -192,7 +214,7 @@ def main() -> None:
             f"{n}_over_{args.baseline}": round(report[n]["median_wall_s"] / base, 3) for n, _, _ in configs
         }
     report["setup"] = {
-        "volume": f"{len(inputs)} held-out scans" if args.scans else f"{args.size} packed, seed {args.phantom_seed}",
+        "volume": describe_volumes(args, len(inputs)),
         "repeats": args.repeats,
         "machine": machine(),
         "command": " ".join(["python", *sys.argv]),
