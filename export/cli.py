@@ -105,17 +105,11 @@ def _labels_option(text: str | None, run: Path) -> tuple[int, ...] | None:
         return ()
     from imunet.config import RunConfig
     from imunet.run_dir import RunDir
+    from imunet.runtime.contract.label_names import label_indices
 
     cfg_path = RunDir(run).config
     names = RunConfig.load(cfg_path).extra.get("labels", {}) if cfg_path.is_file() else {}
-    by_name = {v.lower(): int(k) for k, v in names.items()}
-    out = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        k = int(item) if item.isdigit() else by_name.get(item.lower())
-        if k is None or k == 0:
-            raise ValueError(f"--keep-largest {item}: not a foreground label of the run ({', '.join(names.values())})")
-        out.append(k)
-    return tuple(out)
+    return label_indices([text], {int(k): v for k, v in names.items()}, "--keep-largest")
 
 
 def _signing_key(path: Path | None) -> bytes | None:

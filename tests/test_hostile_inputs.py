@@ -123,3 +123,58 @@ def test_a_fifo_given_as_the_scan_is_refused(tmp_path):
     os.mkfifo(fifo)
     res = runner.invoke(app, [str(fifo), "--out", str(tmp_path / "o.nii.gz")])
     assert res.exit_code == 1 and "not a regular file" in res.stderr
+
+
+def nifti_bomb(path, shape_xyz=(1500, 1500, 1500)):
+    """A .nii.gz whose header claims ``shape_xyz`` uint8 voxels of zeros: the header and the first
+    megabyte of its zeros, compressed (a whole 1500^3 bomb is 3.3 MB of gzip for 3.4 GB of voxels;
+    the refusal must come from the header, before any of them is read)."""
+    import gzip
+    import struct
+
+    header = bytearray(348)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, *shape_xyz, 1, 1, 1, 1)
+    struct.pack_into("<hh", header, 70, 2, 8)  # datatype uint8, bitpix 8
+    struct.pack_into("<8f", header, 76, 1.0, 1.0, 1.0, 1.0, 0, 0, 0, 0)
+    struct.pack_into("<f", header, 108, 352.0)
+    header[344:348] = b"n+1\0"
+    with gzip.open(path, "wb") as fh:
+        fh.write(bytes(header) + bytes(4) + bytes(1 << 20))
+    return path
+
+
+def peak_rss_of(args, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\nfrom imunet.runtime.app.cli import main\ntry:\n    main()\nfinally:\n"
+        "    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+    )
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)  # fmt: skip
+    peak_kb = int(next(line.split()[1] for line in res.stderr.splitlines() if line.startswith("PEAK_KB")))
+    return res, peak_kb / 2**20  # GiB
+
+
+def test_a_zero_bomb_is_refused_from_its_header_without_max_memory(tmp_path):
+    bomb = nifti_bomb(tmp_path / "bomb_0000.nii.gz")
+    res, peak = peak_rss_of([bomb, "--out", tmp_path / "out"], tmp_path)
+    assert res.returncode == 1 and "needs about" in res.stderr and "GiB of working memory" in res.stderr
+    assert "Traceback" not in res.stderr and peak < 2.0, (res.stderr, peak)
+    assert not (tmp_path / "out" / "bomb.nii.gz").exists()
+
+
+def test_an_extreme_spacing_is_refused_before_resampling(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.zeros((40, 50, 39), np.float32))
+    image.SetSpacing((7.5e5, 1.0, 1e-6))
+    sitk.WriteImage(image, str(tmp_path / "odd_0000.nii.gz"))
+    res, peak = peak_rss_of([tmp_path / "odd_0000.nii.gz", "--out", tmp_path / "out", "--max-memory", "1"], tmp_path)
+    assert res.returncode == 1 and "needs about" in res.stderr and "over 1.0 GiB (--max-memory)" in res.stderr
+    res, peak = peak_rss_of([tmp_path / "odd_0000.nii.gz", "--out", tmp_path / "out"], tmp_path)
+    assert res.returncode == 1 and "needs about" in res.stderr and "Traceback" not in res.stderr
+    assert peak < 2.0

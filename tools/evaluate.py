@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from harness import case_names, machine
 
 from imunet.runtime import Segmenter
+from imunet.runtime.imaging.formats import case_name
 from imunet.runtime.imaging.io import image_suffix, read_image
 from imunet.runtime.imaging.metrics import dice, hd95
 from imunet.runtime.imaging.preprocess import resample_to_spacing
@@ -36,10 +37,8 @@ def pair_cases(images: Path, labels: Path, only: set[str] | None = None) -> list
     """``(case, image, label)`` for every image with a label."""
     pairs = []
     for img in sorted(p for p in images.iterdir() if image_suffix(p)):
-        suffix = image_suffix(img)
-        stem = img.name[: -len(suffix)]
-        case = stem[:-5] if stem.endswith("_0000") else stem
-        label = labels / f"{case}{suffix}"
+        case = case_name(img)
+        label = labels / f"{case}{image_suffix(img)}"
         if label.exists() and (only is None or case in only):
             pairs.append((case, img, label))
     return pairs

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OutputError
-from ..imaging.formats import image_suffix
+from ..imaging.formats import SEG_STEM_SUFFIX, case_name, image_suffix
 
-CHANNEL_SUFFIX = "_0000"
 SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, for DICOM series inputs
 
 
@@ -45,11 +44,9 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
 
 def output_name(scan: Path, fmt: str) -> str:
     """The label map's file name for ``scan`` in an output folder (nnU-Net's convention)."""
-    suffix = image_suffix(scan)
-    stem = scan.name[: -len(suffix)] if suffix else scan.name
-    if stem.endswith(CHANNEL_SUFFIX) and len(stem) > len(CHANNEL_SUFFIX):
-        return stem[: -len(CHANNEL_SUFFIX)] + fmt
-    return f"{stem}_seg{fmt}"
+    case = case_name(scan)
+    named = case_name(scan, ()) != case  # an nnU-Net case image: CASE_0000
+    return f"{case}{fmt}" if named else f"{case}{SEG_STEM_SUFFIX}{fmt}"
 
 
 @dataclass

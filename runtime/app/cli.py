@@ -213,7 +213,7 @@ def _with_extras(job: Job, labels: dict[int, str], options: dict) -> Job:
 
 def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, channel) -> dict:
     """Segment one scan and write its outputs; a failure is reported, never raised."""
-    from ..imaging.io import read_image
+    from ..imaging.io import read_header, read_image
     from .outputs import keep_labels, write_label, write_masks, write_probabilities
 
     labels = seg.bundle.manifest.labels
@@ -227,6 +227,7 @@ def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, 
         if existing and not options["overwrite"]:
             raise InputError(f"{existing[0]}: exists; pass --overwrite to replace it (or --skip-existing)")
         t = time.perf_counter()
+        seg.check_memory(*read_header(job.scan, series))  # before any voxel is read or decompressed
         image = read_image(job.scan, series=series, channel=channel)
         timings["read_s"] = round(time.perf_counter() - t, 4)
         result = _segment(seg, image, job.scan, quiet, options["probs"])

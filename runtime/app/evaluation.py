@@ -16,19 +16,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..imaging import formats
+from ..imaging.formats import CHANNEL_SUFFIX, SEG_STEM_SUFFIX
 from ..imaging.io import image_suffix, read_image
 from ..imaging.metrics import dice, hd95
-
-SUFFIXES_STRIPPED = ("_0000", "_seg")
 
 
 def case_name(path: Path) -> str:
     """``CASE`` for ``CASE.nii.gz``, ``CASE_0000.nii.gz`` and ``CASE_seg.nii.gz``."""
-    stem = path.name[: -len(image_suffix(path))] if image_suffix(path) else path.name
-    for s in SUFFIXES_STRIPPED:
-        if stem.endswith(s):
-            return stem[: -len(s)]
-    return stem
+    return formats.case_name(path, (CHANNEL_SUFFIX, SEG_STEM_SUFFIX))
 
 
 def pair_folders(references: Path, predictions: Path) -> list[tuple[str, Path, Path]]:

@@ -9,22 +9,19 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..contract.label_names import label_indices
 from ..errors import InputError
 from ..imaging.atomic import atomic_output
 from ..imaging.io import write_image_atomic
 
 
 def roi_labels(names: list[str], labels: dict[int, str]) -> set[int]:
-    """Label indices named by ``names`` (label names or indices); :class:`InputError` for unknown ones."""
-    by_name = {v.lower(): k for k, v in labels.items() if k}
-    out = set()
-    for n in names:
-        k = int(n) if n.isdigit() else by_name.get(n.lower())
-        if k is None or k not in labels or k == 0:
-            known = ", ".join(f"{v} ({k})" for k, v in labels.items() if k)
-            raise InputError(f"--roi {n}: the model has no such label; it has {known}")
-        out.add(k)
-    return out
+    """Label indices named by ``names`` (label names or indices, commas allowed); :class:`InputError`
+    for unknown ones."""
+    try:
+        return set(label_indices(names, labels, "--roi"))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def keep_labels(label: sitk.Image, keep: set[int] | None) -> sitk.Image:

@@ -12,10 +12,12 @@ resample to the bundle's spacing -> normalise -> inference -> back onto the reor
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
+from itertools import permutations
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +30,7 @@ from ..contract.kinds import ModelKind
 from ..contract.settings import InferenceSettings
 from ..errors import BundleError, InputError
 from ..imaging.domain import dicom_modality, domain_warnings, summarise
-from ..imaging.io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_image
+from ..imaging.io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_header, read_image
 from ..imaging.orientation import orientation_code, reorient
 from ..imaging.postprocess import keep_largest
 from ..imaging.preprocess import normalize, resample_label_like, resample_to_spacing
@@ -36,6 +38,7 @@ from ..kernels.inference import Loop, predict_labels, predict_probabilities
 from ..kernels.mirroring import MirroredBackend, flips
 from ..kernels.parallel import CPU_BACKENDS, default_workers, threads_per_worker
 from ..kernels.windows import window_slices
+from .memory import default_cap_gib
 
 BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy share, labels
 
@@ -160,13 +163,31 @@ class Segmenter:
     def backend_name(self) -> str:
         return self.backend.name
 
-    def estimate_memory_gb(self, image: sitk.Image) -> float:
-        """Working memory of one scan: resampled volume and per-class accumulators, in GiB."""
+    def estimate_memory_gb(self, size: tuple[int, ...], spacing: tuple[float, ...]) -> float:
+        """Working memory of one scan of ``size`` voxels at ``spacing`` mm (a header's ``(x, y, z)``),
+        in GiB: the scan as read, and the resampled volume with its per-class accumulators. The
+        resampled grid is taken at its largest over the ways the scan's axes can map to the model's
+        (reorientation may permute them), each axis at least one voxel."""
         m = self.bundle.manifest
-        resampled = np.prod([n * s for n, s in zip(image.GetSize(), image.GetSpacing())]) / np.prod(m.spacing)
-        voxels = float(max(resampled, np.prod(m.patch_size)))  # the axis order does not change the count
+        dims = [float(n) * float(s) for n, s in zip(size[:3], spacing[:3])]
+        grids = [
+            math.prod(max(1.0, round(d / t)) for d, t in zip(order, m.spacing)) for order in permutations(dims)
+        ]
+        voxels = max(max(grids), float(math.prod(m.patch_size)))
         per_voxel = BYTES_PER_VOXEL_BASE + 3 * 4 * m.num_classes  # accumulators, normalised and smoothed maps
-        return (voxels * per_voxel + float(np.prod(image.GetSize())) * 8) / 2**30
+        return (voxels * per_voxel + float(math.prod(int(n) for n in size)) * 8) / 2**30
+
+    def check_memory(self, size: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+        """Refuse, before its voxels are read, a scan whose working memory would exceed ``max_memory_gb``
+        or, where none was set, the share of this process's available memory (:mod:`.memory`)."""
+        limit, why = self.checks.max_memory_gb, "--max-memory"
+        if limit is None:
+            limit, why = default_cap_gib(), "the memory this process may use; --max-memory sets another limit"
+        if any(not (math.isfinite(s) and s > 0) for s in spacing[:3]):
+            raise InputError(f"spacing {tuple(spacing[:3])} mm: not positive and finite")
+        need = self.estimate_memory_gb(size, spacing)
+        if limit is not None and need > limit:
+            raise InputError(f"needs about {need:.1f} GiB of working memory, over {limit:.1f} GiB ({why})")
 
     def check_modality(self, image: sitk.Image) -> None:
         """Refuse a DICOM scan whose modality is not the model's (unless ``allow_modality``)."""
@@ -210,12 +231,12 @@ class Segmenter:
         self, image: sitk.Image | str | os.PathLike, progress: Callable[[int, int], None] | None, with_probs: bool
     ) -> Segmentation:
         t_read = time.perf_counter()
-        image = read_image(image) if isinstance(image, str | os.PathLike) else as_3d_scalar(image, "image")
-        limit = self.checks.max_memory_gb
-        if limit is not None:
-            need = self.estimate_memory_gb(image)
-            if need > limit:
-                raise InputError(f"needs about {need:.1f} GiB of working memory, over --max-memory {limit:g} GiB")
+        if isinstance(image, str | os.PathLike):
+            self.check_memory(*read_header(image))  # before any voxel is read or decompressed
+            image = read_image(image)
+        else:
+            image = as_3d_scalar(image, "image")
+        self.check_memory(image.GetSize(), image.GetSpacing())
         self.check_modality(image)
         m = self.bundle.manifest
         t0 = time.perf_counter()

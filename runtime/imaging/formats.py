@@ -17,3 +17,18 @@ def image_suffix(path: Path) -> str:
         if name.endswith(suffix):
             return suffix
     return ""
+
+
+CHANNEL_SUFFIX = "_0000"  # nnU-Net's name for the first (only) channel of a case's image
+SEG_STEM_SUFFIX = "_seg"  # imunet's name for a label map that is not named after an nnU-Net case
+
+
+def case_name(path: Path, strip: tuple[str, ...] = (CHANNEL_SUFFIX,)) -> str:
+    """The case a file belongs to: its name without the image suffix and without one of ``strip``
+    (``CASE_0000.nii.gz`` -> ``CASE``; pass ``(CHANNEL_SUFFIX, SEG_STEM_SUFFIX)`` for outputs too)."""
+    suffix = image_suffix(path)
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    for s in strip:
+        if stem.endswith(s) and len(stem) > len(s):
+            return stem[: -len(s)]
+    return stem

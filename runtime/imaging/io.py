@@ -224,3 +224,22 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bo
     with atomic_output(path, overwrite) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
+
+
+def read_header(path: str | os.PathLike, series: str | None = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Size and spacing ``(x, y, z, ...)`` of a scan from its header alone: no voxel is read or
+    decompressed (a DICOM folder: the first file's header and the number of files)."""
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    try:
+        if path.is_dir():
+            files = series_files(path, series)
+            reader.SetFileName(str(files[0]))
+            reader.ReadImageInformation()
+            size = (*reader.GetSize()[:2], len(files))
+            return size, tuple(reader.GetSpacing())
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputError(f"{path}: cannot read as an image (unreadable header)") from None
+    return tuple(reader.GetSize()), tuple(reader.GetSpacing())

@@ -15,22 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _filter(labels: np.ndarray, radius: int, reduce: np.ufunc) -> np.ndarray:
-    """Separable min or max filter of a 3-D array over a ``(2 radius + 1)``^3 box clipped at the borders."""
-    out = labels.copy()
-    for axis in range(3):
-        src = out.copy()
-        n = out.shape[axis]
-        for d in range(1, radius + 1):
-            if d >= n:
-                break
-            hi = [slice(None)] * 3
-            lo = [slice(None)] * 3
-            hi[axis], lo[axis] = slice(d, None), slice(0, n - d)
-            reduce(out[tuple(hi)], src[tuple(lo)], out=out[tuple(hi)])
-            reduce(out[tuple(lo)], src[tuple(hi)], out=out[tuple(lo)])
-    return out
+from .mesh import box_filter
 
 
 def smoothed_argmax(
@@ -59,7 +44,7 @@ def smoothed_argmax(
     r = kernel // 2
     if r == 0:
         return labels
-    mixed = _filter(labels, r, np.minimum) != _filter(labels, r, np.maximum)
+    mixed = box_filter(labels, r, np.minimum) != box_filter(labels, r, np.maximum)
     centre = np.nonzero(mixed)
     del mixed
     if len(centre[0]) == 0:

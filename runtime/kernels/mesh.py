@@ -46,33 +46,42 @@ def nearest_fill(values: np.ndarray, axes: list[np.ndarray], patch: tuple[int, i
     return values[:, iz][:, :, iy][:, :, :, ix]
 
 
+def shifted(ndim: int, axis: int, d: int, n: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Index tuples ``(hi, lo)`` that pair each voxel with its neighbour ``d`` further along ``axis``
+    (of length ``n``): ``a[hi]`` and ``a[lo]`` are the same array shifted by ``d``."""
+    hi, lo = [slice(None)] * ndim, [slice(None)] * ndim
+    hi[axis], lo[axis] = slice(d, None), slice(0, n - d)
+    return tuple(hi), tuple(lo)
+
+
+def box_filter(array: np.ndarray, radius: int, reduce: np.ufunc) -> np.ndarray:
+    """Separable ``reduce`` (maximum, minimum, logical or) over a ``(2 radius + 1)`` box per axis,
+    clipped at the borders."""
+    out = array.copy()
+    for axis in range(array.ndim):
+        src = out.copy()
+        n = out.shape[axis]
+        for d in range(1, min(radius, n - 1) + 1):
+            hi, lo = shifted(array.ndim, axis, d, n)
+            reduce(out[hi], src[lo], out=out[hi])
+            reduce(out[lo], src[hi], out=out[lo])
+    return out
+
+
 def label_boundary(labels: np.ndarray) -> np.ndarray:
     """Voxels of a ``(Z, Y, X)`` label map with a 6-neighbour of another label."""
     edge = np.zeros(labels.shape, dtype=bool)
     for axis in range(labels.ndim):
-        lo = [slice(None)] * labels.ndim
-        hi = [slice(None)] * labels.ndim
-        lo[axis] = slice(0, -1)
-        hi[axis] = slice(1, None)
-        diff = labels[tuple(lo)] != labels[tuple(hi)]
-        edge[tuple(lo)] |= diff
-        edge[tuple(hi)] |= diff
+        hi, lo = shifted(labels.ndim, axis, 1, labels.shape[axis])
+        diff = labels[lo] != labels[hi]
+        edge[lo] |= diff
+        edge[hi] |= diff
     return edge
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary dilation of a ``(Z, Y, X)`` mask by a cube of half-width ``radius`` (separable)."""
-    out = mask.copy()
-    for axis in range(mask.ndim):
-        src = out.copy()
-        n = mask.shape[axis]
-        for r in range(1, min(radius, n - 1) + 1):
-            a = [slice(None)] * mask.ndim
-            b = [slice(None)] * mask.ndim
-            a[axis], b[axis] = slice(r, None), slice(0, n - r)
-            out[tuple(a)] |= src[tuple(b)]
-            out[tuple(b)] |= src[tuple(a)]
-    return out
+    return box_filter(mask, radius, np.logical_or)
 
 
 def boundary_band(labels: np.ndarray, radius: int) -> np.ndarray:
