@@ -160,7 +160,7 @@ def test_extreme_integer_and_float_ranges_are_segmented(bundle_dir, tmp_path, dt
 
 def test_max_memory_refuses_before_work(bundle_dir, phantom_dir, tmp_path):
     code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--max-memory", "0.0001", "--out", tmp_path / "o")
-    assert code == 1 and "over --max-memory 0.0001 GiB" in err and not (tmp_path / "o").exists()
+    assert code == 1 and "over 0.0001 GiB (--max-memory)" in err and not (tmp_path / "o").exists()
 
 
 def test_unknown_backend_and_missing_bundle_are_one_line_errors(bundle_dir, phantom_dir, tmp_path):

@@ -187,7 +187,7 @@ class Segmenter:
             raise InputError(f"spacing {tuple(spacing[:3])} mm: not positive and finite")
         need = self.estimate_memory_gb(size, spacing)
         if limit is not None and need > limit:
-            raise InputError(f"needs about {need:.1f} GiB of working memory, over {limit:.1f} GiB ({why})")
+            raise InputError(f"needs about {need:.2g} GiB of working memory, over {limit:.2g} GiB ({why})")
 
     def check_modality(self, image: sitk.Image) -> None:
         """Refuse a DICOM scan whose modality is not the model's (unless ``allow_modality``)."""

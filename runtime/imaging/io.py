@@ -146,14 +146,7 @@ def read_image(path: str | os.PathLike, series: str | None = None, channel: int 
     Raises :class:`InputError` with the file name and the problem for anything that is not a
     readable 3D scalar volume. ``channel`` picks one volume of a 4D file.
     """
-    path = Path(path)
-    try:
-        if not path.exists():
-            raise InputError(f"{path}: no such file or directory")
-        if not path.is_dir() and not path.is_file():  # a FIFO, a socket, a device: reading could block
-            raise InputError(f"{path}: not a regular file or a DICOM folder")
-    except OSError as exc:
-        raise InputError(f"{str(path)[:200]}: cannot be read ({exc.strerror})") from None
+    path = check_scan_path(path)
     try:
         if path.is_dir():
             image = _read_dicom(path, series)
@@ -226,10 +219,24 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bo
     return path
 
 
+def check_scan_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it is a regular file or a folder; :class:`InputError` otherwise (missing,
+    a FIFO, a socket or a device, whose reading could block; a name the system refuses)."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or directory")
+        if not path.is_dir() and not path.is_file():
+            raise InputError(f"{path}: not a regular file or a DICOM folder")
+    except OSError as exc:
+        raise InputError(f"{str(path)[:200]}: cannot be read ({exc.strerror})") from None
+    return path
+
+
 def read_header(path: str | os.PathLike, series: str | None = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Size and spacing ``(x, y, z, ...)`` of a scan from its header alone: no voxel is read or
     decompressed (a DICOM folder: the first file's header and the number of files)."""
-    path = Path(path)
+    path = check_scan_path(path)
     reader = sitk.ImageFileReader()
     try:
         if path.is_dir():
@@ -241,5 +248,7 @@ def read_header(path: str | os.PathLike, series: str | None = None) -> tuple[tup
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
     except RuntimeError:
+        if not path.is_dir():
+            check_nifti_complete(path)  # a truncated or corrupt NIfTI says so, in its own words
         raise InputError(f"{path}: cannot read as an image (unreadable header)") from None
     return tuple(reader.GetSize()), tuple(reader.GetSpacing())
