@@ -178,3 +178,21 @@ def test_an_extreme_spacing_is_refused_before_resampling(tmp_path):
     res, peak = peak_rss_of([tmp_path / "odd_0000.nii.gz", "--out", tmp_path / "out"], tmp_path)
     assert res.returncode == 1 and "needs about" in res.stderr and "Traceback" not in res.stderr
     assert peak < 2.0
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "auto"])
+def test_a_run_writes_nothing_outside_its_outputs(tmp_path, backend):
+    """No telemetry database or usage counter of onnxruntime or OpenVINO lands in the home folder."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    res = subprocess.run([sys.executable, "-m", "imunet.runtime.app.cli", str(SAMPLE), "--backend", backend,
+                          "--out", str(tmp_path / "o.nii.gz")], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
