@@ -289,7 +289,9 @@ def _finish(seg, report: list[dict], stats: Path | None, quiet: bool) -> None:
         sig = seg.bundle.signature
         payload = {
             "model": str(seg.bundle.path),
-            "signature": {"key": sig.fingerprint, "verified": sig.verified} if sig else None,
+            "signature": ({"key": sig.fingerprint, "verified": True} if sig.verified else {"verified": False})
+            if sig
+            else None,
             "backend": seg.backend_name,
             "scans": report,
         }

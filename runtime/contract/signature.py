@@ -32,8 +32,11 @@ class SignatureInfo:
     verified: bool = False
 
     def describe(self) -> str:
-        state = "verified against the trusted keys" if self.verified else "not checked: no --trusted-keys"
-        return f"signed by {self.fingerprint} ({state})"
+        """The run header's words. An unchecked signature names no key: the key in an unchecked
+        ``.sig`` is only a claim, which anyone can write."""
+        if self.verified:
+            return f"signed by {self.fingerprint} (verified against the trusted keys)"
+        return "carries a signature (not checked: no --trusted-keys)"
 
 
 def canonical_bytes(manifest: dict[str, Any]) -> bytes:
