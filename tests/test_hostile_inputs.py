@@ -196,3 +196,44 @@ def test_a_run_writes_nothing_outside_its_outputs(tmp_path, backend):
                          timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+
+def test_of_two_writers_of_one_output_exactly_one_wins(tmp_path):
+    """The exclusive create behind every output: the second writer gets an error, the first's
+    file stays, and no temporary file is left."""
+    from imunet.runtime.errors import OutputError
+    from imunet.runtime.imaging.atomic import atomic_output
+
+    target = tmp_path / "case01.nii.gz"
+    with pytest.raises(OutputError, match="another run wrote it first"):
+        with atomic_output(target) as first:
+            first.write_bytes(b"first")
+            with atomic_output(target) as second:  # both passed the existence check
+                second.write_bytes(b"second")
+    assert target.read_bytes() == b"second"  # the inner writer finished first and won
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case01.nii.gz"]
+
+
+def test_sigterm_during_a_run_leaves_no_temporary_files(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scans = tmp_path / "in"
+    scans.mkdir()
+    for i in range(30):
+        shutil.copy(SAMPLE, scans / f"c{i:02d}_0000.nii.gz")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "imunet.runtime.app.cli", str(scans), "--out", str(out),
+                             "--backend", "ort-cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and len(list(out.glob("*.nii.gz"))) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    left = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert left == [], left
+    assert all(os.path.getsize(p) > 0 for p in out.glob("*.nii.gz"))

@@ -304,7 +304,16 @@ def _finish(seg, report: list[dict], stats: Path | None, quiet: bool) -> None:
     typer.echo(line)
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM (a scheduler stopping the job) ends the run as an interruption does: temporary files
+    and fetched series are removed on the way out instead of being left behind."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="imunet-run")
 
 

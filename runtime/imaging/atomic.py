@@ -53,10 +53,28 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     try:
         yield tmp
         os.chmod(tmp, (0o777 if directory else 0o666) & ~current_umask())
-        _replace(tmp, path, directory)
+        if overwrite or directory:
+            _replace(tmp, path, directory)
+        else:
+            _create(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if directory else tmp.unlink(missing_ok=True)
         raise
+
+
+def _create(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path`` only if nothing is there, atomically: a hard link fails when the name
+    exists, so of two runs writing one output exactly one wins and the other gets an error (no lock
+    to go stale when a process dies). Where the file system has no hard links, rename after a check."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{path}: exists (another run wrote it first); pass --overwrite to replace it") from None
+    except OSError:  # no hard links here (some network and FUSE file systems)
+        refuse_existing(path, False)
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _replace(tmp: Path, path: Path, directory: bool) -> None:
