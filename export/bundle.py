@@ -29,8 +29,7 @@ from imunet.runtime.contract.manifest import (
 from imunet.runtime.contract.settings import InferenceSettings
 from imunet.runtime.errors import BundleError
 from imunet.runtime.imaging.atomic import atomic_output, refuse_existing
-from imunet.runtime.imaging.domain import Fingerprint
-from imunet.runtime.imaging.preprocess import Normalization
+from imunet.runtime.imaging.prepare import Preprocessing
 
 from .onnx import (
     DEFAULT_OPSET,
@@ -153,19 +152,20 @@ def build_manifest(
         decoder = DecoderSpec(
             m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, options.max_points, layouts
         )
+    pre = Preprocessing.from_dict(stats)  # the run's description of its input, as the manifest carries it
     names = extra.get("labels") or {str(i): f"label_{i}" for i in range(m.num_classes)}
     labels = {int(k): v for k, v in names.items()}
     return Manifest(
         model_kind=m.kind,
         labels=labels,
         modality=extra.get("modality", "unknown"),
-        spacing=tuple(stats["spacing"]),  # type: ignore[arg-type]
+        spacing=pre.spacing,
         patch_size=m.patch_size,
-        normalization=Normalization.from_dict(stats["normalization"]),
+        normalization=pre.normalization,
         encoder=EncoderSpec(m.channels, (1,) + (2,) * (m.levels - 1), m.convs_per_block),
         decoder=decoder,
-        orientation=stats.get("orientation"),
-        fingerprint=Fingerprint(**stats["fingerprint"]) if stats.get("fingerprint") else None,
+        orientation=pre.orientation,
+        fingerprint=pre.fingerprint,
         graphs=graph_specs(m, graphs, layouts),
         opset=options.opset,
         inference=inference,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,10 +16,11 @@ import SimpleITK as sitk
 
 from imunet.runtime.errors import InputError
 from imunet.runtime.imaging.atomic import atomic_output
-from imunet.runtime.imaging.domain import Fingerprint, fingerprint, summarise
+from imunet.runtime.imaging.domain import fingerprint, summarise
 from imunet.runtime.imaging.io import read_image, to_array
 from imunet.runtime.imaging.orientation import dominant_orientation, reorient
-from imunet.runtime.imaging.preprocess import Normalization, ct_statistics, normalize, resample_to_spacing
+from imunet.runtime.imaging.prepare import Preprocessing, prepare, prepare_label
+from imunet.runtime.imaging.preprocess import Normalization, ct_statistics
 
 
 @dataclass(frozen=True)
@@ -149,35 +150,9 @@ def split_cases(cases: tuple[Case, ...], val_fraction: float, seed: int) -> tupl
     return sorted(names[n_val:]), sorted(names[:n_val])
 
 
-@dataclass(frozen=True)
-class DatasetStats:
-    """Computed once per run; they travel to the checkpoint and the bundle manifest.
-
-    ``orientation``: the dataset's dominant axis order and directions (every case is reoriented to
-    it); ``fingerprint``: what the model is for (ranges of spacing, extent and intensity)."""
-
-    spacing: tuple[float, float, float]  # target spacing, SimpleITK (x, y, z) order, mm
-    normalization: Normalization
-    orientation: str | None = None
-    fingerprint: Fingerprint | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"spacing": list(self.spacing), "normalization": self.normalization.to_dict()}
-        if self.orientation:
-            out["orientation"] = self.orientation
-        if self.fingerprint:
-            out["fingerprint"] = asdict(self.fingerprint)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DatasetStats:
-        fp = data.get("fingerprint")
-        return cls(
-            tuple(data["spacing"]),  # type: ignore[arg-type]
-            Normalization.from_dict(data["normalization"]),
-            data.get("orientation"),
-            Fingerprint(**{k: tuple(v) if isinstance(v, list) else v for k, v in fp.items()}) if fp else None,
-        )
+#: What a run computes from its training data and the bundle carries: one description, shared with
+#: the runtime (``runtime/imaging/prepare.py``).
+DatasetStats = Preprocessing
 
 
 def _orientation_of(path: Path) -> str:
@@ -210,16 +185,13 @@ def compute_stats(info: DatasetInfo, cases: list[Case], seed: int = 0, samples_p
 
 
 def preprocess_case(case: Case, stats: DatasetStats) -> tuple[np.ndarray, np.ndarray]:
-    """Reoriented, resampled, normalised image (float32) and label map (uint8), both ``(Z, Y, X)``."""
+    """The runtime's preprocessing of the image (float32) and its labels taken along (uint8), both
+    ``(Z, Y, X)``."""
     image = read_image(case.image)
     label = read_image(case.label)
     if image.GetSize() != label.GetSize():
         raise InputError(f"{case.name}: image size {image.GetSize()} != label size {label.GetSize()}")
-    if stats.orientation:
-        image, label = reorient(image, stats.orientation), reorient(label, stats.orientation)
-    image = resample_to_spacing(image, stats.spacing)
-    label = resample_to_spacing(sitk.Cast(label, sitk.sitkUInt8), stats.spacing, is_label=True)
-    return normalize(to_array(image, np.float32), stats.normalization), to_array(label, np.uint8)
+    return prepare(image, stats).volume, prepare_label(label, stats)
 
 
 class PreprocessedCache:

@@ -96,7 +96,7 @@ CLI_LIBRARIES = ("typer", "click", "rich")
 LAYERS = {
     "kernels": {"may": ("kernels", "contract.settings", "contract.kinds", "backends.base"),
                 "never": IO_LIBRARIES + BACKEND_LIBRARIES + CLI_LIBRARIES},
-    "contract": {"may": ("contract", "imaging.domain", "imaging.orientation", "imaging.preprocess"),
+    "contract": {"may": ("contract", "imaging.domain", "imaging.orientation", "imaging.preprocess", "imaging.prepare"),
                  "never": BACKEND_LIBRARIES + CLI_LIBRARIES},
     "imaging": {"may": ("imaging",), "never": BACKEND_LIBRARIES + CLI_LIBRARIES},
     "backends": {"may": ("backends", "contract"), "never": CLI_LIBRARIES + IO_LIBRARIES},

@@ -32,8 +32,7 @@ from ..errors import BundleError, InputError
 from ..imaging.domain import dicom_modality, domain_warnings, summarise
 from ..imaging.io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_header, read_image
 from ..imaging.orientation import orientation_code, reorient
-from ..imaging.postprocess import keep_largest
-from ..imaging.preprocess import normalize, resample_label_like, resample_to_spacing
+from ..imaging.prepare import Prepared, orient, prepare, restore
 from ..kernels.inference import Loop, predict_labels, predict_probabilities
 from ..kernels.mirroring import MirroredBackend, flips
 from ..kernels.parallel import CPU_BACKENDS, default_workers, threads_per_worker
@@ -238,39 +237,33 @@ class Segmenter:
             image = as_3d_scalar(image, "image")
         self.check_memory(image.GetSize(), image.GetSpacing())
         self.check_modality(image)
-        m = self.bundle.manifest
+        m, p = self.bundle.manifest, self.bundle.manifest.preprocessing
         t0 = time.perf_counter()
-        oriented = reorient(image, m.orientation) if m.orientation else image
+        oriented = orient(image, p)
         warnings = domain_warnings(m.fingerprint, summarise(oriented, m.normalization)) if m.fingerprint else []
         if warnings and self.checks.refuse_out_of_domain:
             raise InputError("outside the model's domain: " + "; ".join(warnings) + " (--refuse-out-of-domain)")
-        resampled = resample_to_spacing(oriented, m.spacing)
-        volume = normalize(sitk.GetArrayViewFromImage(resampled), m.normalization)
+        prepared = prepare(image, p, oriented)
         t1 = time.perf_counter()
-        labels, stats, probs = self._infer(volume, resampled, oriented, progress, with_probs)
+        labels, stats, probs = self._infer(prepared, progress, with_probs)
         t2 = time.perf_counter()
-        labels = keep_largest(labels, m.keep_largest)
-        if oriented is not image:
+        labels = restore(labels, prepared, image, m.keep_largest)
+        if probs is not None and oriented is not image:
             code = orientation_code(image)
-            labels = reorient(labels, code)
-            probs = [reorient(p, code) for p in probs] if probs is not None else None
-        labels.CopyInformation(image)
-        arrays = np.stack([sitk.GetArrayViewFromImage(p) for p in probs]) if probs is not None else None
+            probs = [reorient(c, code) for c in probs]
+        arrays = np.stack([sitk.GetArrayViewFromImage(c) for c in probs]) if probs is not None else None
         t3 = time.perf_counter()
         return Segmentation(labels, self._stats(image, labels, stats, warnings, (t_read, t0, t1, t2, t3)), arrays)
 
     def _infer(
-        self,
-        volume: np.ndarray,
-        resampled: sitk.Image,
-        grid: sitk.Image,
-        progress: Callable[[int, int], None] | None,
-        with_probs: bool,
+        self, prepared: Prepared, progress: Callable[[int, int], None] | None, with_probs: bool
     ) -> tuple[sitk.Image, dict, list[sitk.Image] | None]:
-        """Labels on ``grid`` (the reoriented scan) from the normalised ``volume`` on ``resampled``: the
-        label map goes back by nearest neighbour (resampling class probabilities linearly measured no
-        better: docs/DESIGN-NOTES.md); with ``with_probs`` also each class's probabilities (linear)."""
+        """Labels on the network's grid from the prepared scan (:func:`.prepare.restore` takes them back
+        by nearest neighbour: resampling class probabilities linearly measured no better,
+        docs/DESIGN-NOTES.md); with ``with_probs`` also each class's probabilities on the reoriented
+        scan's grid (linear)."""
         m = self.bundle.manifest
+        volume, resampled, grid = prepared.volume, prepared.resampled, prepared.oriented
         backend, workers = self._backend_for(volume.shape)
         loop = Loop(backend, m.patch_size, self.settings, m.kind, workers, progress)
         probs = None
@@ -280,10 +273,7 @@ class Segmenter:
             probs = [class_map_on(maps[c], resampled, grid) for c in range(maps.shape[0])]
         else:
             labels, stats = predict_labels(volume, loop)
-        out = from_array(labels, Geometry.of(resampled))
-        if resampled is not grid:
-            out = resample_label_like(out, grid)
-        return sitk.Cast(out, sitk.sitkUInt8), stats.as_dict(), probs
+        return from_array(labels, Geometry.of(resampled)), stats.as_dict(), probs
 
     def _stats(self, image: sitk.Image, labels: sitk.Image, stats: dict, warnings: list[str], t: tuple) -> dict:
         m = self.bundle.manifest

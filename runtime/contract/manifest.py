@@ -15,6 +15,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ..imaging.domain import Fingerprint
 from ..imaging.orientation import check_code
+from ..imaging.prepare import Preprocessing
 from ..imaging.preprocess import Normalization
 from .kinds import ModelKind, model_kind
 from .settings import InferenceSettings
@@ -185,6 +186,11 @@ class Manifest:
     @property
     def max_points(self) -> int:
         return self.decoder.max_points if self.decoder else 0
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the model expects of its input, as training described it (one object for both)."""
+        return Preprocessing(self.spacing, self.normalization, self.orientation, self.fingerprint)
 
     def describe(self) -> str:
         """What the model is for, in a few words (the run header's line)."""

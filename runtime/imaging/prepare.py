@@ -1,0 +1,94 @@
+"""One preprocessing, and its inverse, for training and inference alike.
+
+:class:`Preprocessing` is what a model expects of its input (spacing, normalisation, orientation)
+and what its training data looked like (the fingerprint): computed once from the training data,
+stored with the run, copied into the bundle's manifest. :func:`prepare` takes a scan to the
+network's input; :func:`prepare_label` takes its reference labels along (training);
+:func:`restore` takes a label map on the network's grid back to the scan's own grid (inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .domain import Fingerprint
+from .orientation import orientation_code, reorient
+from .postprocess import keep_largest
+from .preprocess import Normalization, normalize, resample_label_like, resample_to_spacing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """``spacing``: the network's grid, SimpleITK ``(x, y, z)`` mm; ``normalization``: how
+    intensities become inputs; ``orientation``: the axis order and directions every scan is turned
+    to first (None: none); ``fingerprint``: the training data's ranges (None: no domain checks)."""
+
+    spacing: tuple[float, float, float]
+    normalization: Normalization
+    orientation: str | None = None
+    fingerprint: Fingerprint | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"spacing": list(self.spacing), "normalization": self.normalization.to_dict()}
+        if self.orientation:
+            out["orientation"] = self.orientation
+        if self.fingerprint:
+            out["fingerprint"] = asdict(self.fingerprint)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        fp = data.get("fingerprint")
+        return cls(
+            tuple(data["spacing"]),  # type: ignore[arg-type]
+            Normalization.from_dict(data["normalization"]),
+            data.get("orientation"),
+            Fingerprint(**{k: tuple(v) if isinstance(v, list) else v for k, v in fp.items()}) if fp else None,
+        )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A scan on its way in: ``oriented`` (the scan turned to the training orientation, on its own
+    voxels), ``resampled`` (on the network's grid) and ``volume`` (normalised ``(Z, Y, X)`` float32)."""
+
+    oriented: sitk.Image
+    resampled: sitk.Image
+    volume: np.ndarray
+
+
+def orient(image: sitk.Image, p: Preprocessing) -> sitk.Image:
+    """``image`` turned to the training orientation (the same voxels, permuted and flipped)."""
+    return reorient(image, p.orientation) if p.orientation else image
+
+
+def prepare(image: sitk.Image, p: Preprocessing, oriented: sitk.Image | None = None) -> Prepared:
+    """Reorient, resample to the network's spacing, normalise. ``oriented``: :func:`orient`'s result
+    when the caller already has it."""
+    oriented = orient(image, p) if oriented is None else oriented
+    resampled = resample_to_spacing(oriented, p.spacing)
+    return Prepared(oriented, resampled, normalize(sitk.GetArrayViewFromImage(resampled), p.normalization))
+
+
+def prepare_label(label: sitk.Image, p: Preprocessing) -> np.ndarray:
+    """A reference label map taken along as :func:`prepare` takes its scan (nearest neighbour), uint8."""
+    resampled = resample_to_spacing(sitk.Cast(orient(label, p), sitk.sitkUInt8), p.spacing, is_label=True)
+    return sitk.GetArrayFromImage(resampled).astype(np.uint8, copy=False)
+
+
+def restore(
+    labels: sitk.Image, prepared: Prepared, image: sitk.Image, largest: tuple[int, ...] = ()
+) -> sitk.Image:
+    """The inverse of :func:`prepare` for a label map on the network's grid: back onto the
+    reoriented scan's voxels (nearest neighbour), ``largest`` labels reduced to their largest
+    component, back to the scan's own orientation, with its exact geometry. uint8."""
+    out = labels if prepared.resampled is prepared.oriented else resample_label_like(labels, prepared.oriented)
+    out = keep_largest(sitk.Cast(out, sitk.sitkUInt8), largest)
+    if prepared.oriented is not image:
+        out = reorient(out, orientation_code(image))
+    out.CopyInformation(image)
+    return out
