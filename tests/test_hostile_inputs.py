@@ -148,9 +148,11 @@ def peak_rss_of(args, tmp_path):
     import subprocess
     import sys
 
+    # VmHWM: this process image's own peak (ru_maxrss would include the forking parent's RSS)
     code = (
-        "import resource, sys\nfrom imunet.runtime.app.cli import main\ntry:\n    main()\nfinally:\n"
-        "    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+        "import sys\nfrom imunet.runtime.app.cli import main\ntry:\n    main()\nfinally:\n"
+        "    hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
+        "    print('PEAK_KB', hwm, file=sys.stderr)"
     )
     res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)  # fmt: skip
