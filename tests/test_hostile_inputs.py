@@ -239,3 +239,20 @@ def test_sigterm_during_a_run_leaves_no_temporary_files(tmp_path):
     left = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert left == [], left
     assert all(os.path.getsize(p) > 0 for p in out.glob("*.nii.gz"))
+
+
+def test_largest_component_on_a_planning_ct_sized_map():
+    """keep_largest read a freed image through a numpy view; at 622 x 622 x 128 that crashed the
+    process (a segmentation fault in numpy) on every planning-resolution CT."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from imunet.runtime.imaging.postprocess import keep_largest
+
+    arr = np.zeros((128, 622, 622), np.uint8)
+    arr[10:60, 100:300, 100:300] = 1  # the largest component of label 1
+    arr[80:90, 500:510, 500:510] = 1  # a small one, removed
+    arr[70:75, 10:20, 10:20] = 2  # label 2 is not post-processed
+    out = sitk.GetArrayFromImage(keep_largest(sitk.GetImageFromArray(arr), (1,)))
+    assert out[85, 505, 505] == 0 and out[30, 200, 200] == 1 and out[72, 15, 15] == 2
+    assert int((out == 1).sum()) == 50 * 200 * 200

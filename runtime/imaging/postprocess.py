@@ -15,7 +15,9 @@ def keep_largest(label: sitk.Image, labels: tuple[int, ...]) -> sitk.Image:
     arr = sitk.GetArrayFromImage(label)
     for k in labels:
         mask = sitk.GetImageFromArray((arr == k).astype(np.uint8))
-        cc = sitk.GetArrayViewFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(mask, True)))
+        # A copy, not a view: a view does not keep the temporary image alive, and reading it after the
+        # image is freed crashed the process on a 622 x 622 x 128 planning CT.
+        cc = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(mask, True)))
         arr[(arr == k) & (cc != 1)] = 0
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(label)
