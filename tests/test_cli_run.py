@@ -164,14 +164,17 @@ def test_max_memory_refuses_before_work(bundle_dir, phantom_dir, tmp_path):
 
 
 def test_unknown_backend_and_missing_bundle_are_one_line_errors(bundle_dir, phantom_dir, tmp_path):
+    from imunet.runtime.contract.bundle import shipped_bundles
+
     code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--backend", "magic")
     assert code == 2 and err.strip() == (
         "imunet-run: error: unknown backend 'magic'; choose from auto, ort-cpu, openvino, ort-cuda, ort-trt, tensorrt"
     )
     code, _, err = run(phantom(phantom_dir), "--model", tmp_path / "none.imunet")
+    shipped = ", ".join(shipped_bundles())
     assert code == 2 and err.strip() == (
         f"imunet-run: error: {tmp_path / 'none.imunet'}: no such bundle folder, and not a shipped model "
-        "(shipped: hippocampus)"
+        f"(shipped: {shipped})"
     )
     code, _, err = run(phantom(phantom_dir), "--model", bundle_dir, "--precision", "int4")
     assert (
