@@ -18,7 +18,9 @@ from conftest import ROOT, SHARED
 
 runner = CliRunner()
 ORGANS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"]
-pytestmark = pytest.mark.skipif("headneck-ct" not in shipped_bundles(), reason="headneck-ct bundle not shipped")
+pytestmark = pytest.mark.skipif(
+    "headneck-ct" not in shipped_bundles(), reason="headneck-ct bundle not placed in runtime/default (see its README)"
+)
 
 
 def test_the_bundle_names_and_codes_its_seven_organs():
