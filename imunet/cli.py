@@ -48,7 +48,12 @@ def train(
     ),
     batch: int = typer.Option(8, help="Patches per step (per process)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run in --out where it stopped, with its stored configuration; --steps and "
+        "--minutes set how far it goes now.",
+    ),
     val_fraction: float = typer.Option(0.2, help="Fraction of cases held out for validation."),
     val_every: int = typer.Option(0, help="Validate every N steps (0: only at the end)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation and sampling."),
@@ -100,7 +105,7 @@ def train(
             from .data import auto_patch_size
 
             patch = auto_patch_size(info)
-            if init is None and init_encoder is None:
+            if init is None and init_encoder is None and not resume:
                 typer.echo(f"patch size {patch[0]} {patch[1]} {patch[2]} (median case shape; set --patch to change)")
         if points is None:
             points = int(min(30000, 0.05 * patch[0] * patch[1] * patch[2]))

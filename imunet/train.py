@@ -209,9 +209,7 @@ class RunData:
     val_known: dict[str, np.ndarray]
 
 
-def resolve_config(
-    run: RunDir, cfg: RunConfig, start: StartFrom
-) -> tuple[RunConfig, dict[str, torch.Tensor] | None]:
+def resolve_config(run: RunDir, cfg: RunConfig, start: StartFrom) -> tuple[RunConfig, dict[str, torch.Tensor] | None]:
     """The run's configuration (a resumed run keeps its stored one; ``start.init`` brings the source
     run's model configuration) and the weights to start from, if any."""
     ckpt_path = run.checkpoint
@@ -219,9 +217,10 @@ def resolve_config(
         raise ValueError(f"--resume: no {ckpt_path} to resume from")
     if not start.resume and ckpt_path.exists():
         raise ValueError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
-    if start.resume:  # the stored configuration wins: a resumed run is the same run
+    if start.resume:  # the stored configuration wins, but for how far this continuation goes
         stored = RunConfig.load(run.config)
-        return RunConfig(stored.model, replace(stored.train, steps=cfg.train.steps), stored.dataset, stored.extra), None
+        train = replace(stored.train, steps=cfg.train.steps, minutes=cfg.train.minutes)
+        return RunConfig(stored.model, train, stored.dataset, stored.extra), None
     if start.init is None:
         return cfg, None
     cfg, state, digest = init_weights(Path(start.init), cfg, start.encoder_only)
