@@ -64,6 +64,8 @@ class ExportOptions:
     overlap: float | None = None
     keep_largest: tuple[int, ...] | None = None
     int8_convolutions: bool = False
+
+
 FP16_BACKENDS = "tensorrt,ort-trt,ort-cuda,ort-cpu"  # onnxruntime's CPU runs them too (slowly): checks, tests
 
 
@@ -149,9 +151,7 @@ def build_manifest(
         inference = replace(inference, overlap=options.overlap)
     decoder = None
     if kind.decodes_points:
-        decoder = DecoderSpec(
-            m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, options.max_points, layouts
-        )
+        decoder = DecoderSpec(m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, options.max_points, layouts)
     pre = Preprocessing.from_dict(stats)  # the run's description of its input, as the manifest carries it
     names = extra.get("labels") or {str(i): f"label_{i}" for i in range(m.num_classes)}
     labels = {int(k): v for k, v in names.items()}
@@ -176,6 +176,7 @@ def build_manifest(
             run=run_dir.name,
             commit=_git_commit(),
             train_steps=cfg.train.steps,
+            training_cases=training_cases(run_dir),
         ),
         parity=parity,
         accuracy=run_accuracy(run_dir),
@@ -222,6 +223,30 @@ def run_accuracy(run_dir: Path) -> dict[str, Any]:
         "note": f"the run's validation split ({len(data.get('per_case', {}))} cases), through the runtime's loop "
         f"in PyTorch after {data.get('steps', '?')} steps",
     }
+
+
+def training_cases(run_dir: Path) -> tuple[str, ...]:
+    """The case names the run trained on (its split's training part), sorted."""
+    split = RunDir(run_dir).split
+    if not split.is_file():
+        return ()
+    return tuple(sorted(str(c) for c in json.loads(split.read_text()).get("train", [])))
+
+
+NEAR_ZERO_DICE = 0.05
+
+
+def accuracy_warnings(accuracy: dict[str, Any]) -> list[str]:
+    """What an exporter must hear about a run's validation Dice (:func:`run_accuracy`): a model that
+    found nothing, or labels it never learnt to find."""
+    mean, dice = accuracy.get("mean"), accuracy.get("dice") or {}
+    if mean is not None and mean < NEAR_ZERO_DICE:
+        return [f"the run's validation Dice is {mean:.3f}: the model has not learnt to segment, and its bundle "
+                "will label little or nothing"]  # fmt: skip
+    weak = [f"{k} {v:.3f}" for k, v in dice.items() if v is not None and v < NEAR_ZERO_DICE]
+    if weak:
+        return [f"validation Dice near zero for {', '.join(weak)}: the bundle will rarely find these labels"]
+    return []
 
 
 def validation_decision(run_dir: Path) -> list[int]:

@@ -65,7 +65,7 @@ def export(
 ) -> None:
     from imunet.runtime.errors import ImunetError
 
-    from .bundle import ExportOptions, write_bundle
+    from .bundle import ExportOptions, accuracy_warnings, run_accuracy, write_bundle
 
     if trt is not None and trt not in ("fp16", "fp32"):
         _fail(f"--trt must be fp16 or fp32, got {trt!r}")
@@ -88,6 +88,8 @@ def export(
     except (ImunetError, ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {bundle}")
+    for warning in accuracy_warnings(run_accuracy(run)):
+        typer.echo(f"WARNING: {warning}", err=True)
     code = _engines(bundle, trt, (1, opt_points, max_points)) if trt else 0
     if key is not None:
         from .signing import sign_bundle

@@ -9,11 +9,12 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
+from imunet.runtime.contract.label_names import dataset_labels
 from imunet.runtime.errors import InputError
 from imunet.runtime.imaging.atomic import atomic_output
 from imunet.runtime.imaging.domain import fingerprint, summarise
@@ -80,22 +81,6 @@ def _annotated(root: Path, labels: dict[int, str], cases: list[Case]) -> dict[st
     return out
 
 
-def _labels(meta: dict[str, Any]) -> dict[int, str]:
-    raw = meta.get("labels")
-    if not isinstance(raw, dict) or not raw:
-        raise InputError("dataset.json has no 'labels' mapping")
-    try:
-        if all(str(k).isdigit() for k in raw):  # v1: {"0": "background", "1": "tumour"}
-            labels = {int(k): str(v) for k, v in raw.items()}
-        else:  # v2: {"background": 0, "tumour": 1}
-            labels = {int(v): str(k) for k, v in raw.items()}
-    except (TypeError, ValueError):
-        raise InputError(f"dataset.json: cannot read labels {raw}") from None
-    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
-        raise InputError(f"dataset.json: labels must be 0..C-1 with background 0 and at least one class, got {labels}")
-    return labels
-
-
 def read_dataset(root: str | Path) -> DatasetInfo:
     """Read an MSD (v1 ``training`` list) or nnU-Net v2 (``_0000`` naming) dataset folder."""
     root = Path(root)
@@ -130,7 +115,7 @@ def read_dataset(root: str | Path) -> DatasetInfo:
         raise InputError(f"{root}: {len(missing)} images missing, e.g. {missing[0]}")
     if not cases:
         raise InputError(f"{root}: no training cases found in labelsTr/")
-    labels = _labels(meta)
+    labels = dataset_labels(meta)
     return DatasetInfo(
         str(meta.get("name", root.name)), root, labels, modality, tuple(cases), _annotated(root, labels, cases)
     )

@@ -58,13 +58,17 @@ def test_outputs_follow_the_umask(bundle_dir, scans, tmp_path):
 
 
 def test_stats_and_preview_are_never_replaced_without_overwrite(bundle_dir, scans, tmp_path):
-    scan = scans / "phantom_000_0000.nii.gz"
-    for option in ("--stats", "--preview"):
-        kept = tmp_path / f"kept{option}"
-        kept.write_text("precious")
-        code, _, err = run(scan, "--model", bundle_dir, "--out", tmp_path / "x.nii.gz", option, kept)
-        assert code == 2 and f"{option} {kept} exists; pass --overwrite" in err
-        assert kept.read_text() == "precious" and not (tmp_path / "x.nii.gz").exists()
+    scan, dest = scans / "phantom_000_0000.nii.gz", tmp_path / "x.nii.gz"
+    kept = tmp_path / "kept.json"
+    kept.write_text("precious")
+    code, _, err = run(scan, "--model", bundle_dir, "--out", dest, "--stats", kept)
+    assert code == 2 and f"--stats {kept}: exists and cannot be read as imunet-run statistics" in err
+    assert kept.read_text() == "precious" and not dest.exists()
+    picture = tmp_path / "kept.png"
+    picture.write_text("precious")
+    code, _, err = run(scan, "--model", bundle_dir, "--out", dest, "--preview", picture)
+    assert code == 1 and f"{picture}: exists; pass --overwrite" in err
+    assert picture.read_text() == "precious" and not dest.exists()  # a scan's outputs come all or none
 
 
 def test_nightly_reruns_skip_what_exists(bundle_dir, scans, tmp_path):
@@ -75,7 +79,7 @@ def test_nightly_reruns_skip_what_exists(bundle_dir, scans, tmp_path):
     code, _, err = run(scans, "--model", bundle_dir, "--out", out)
     assert code == 1 and err.count("exists; pass --overwrite") == 3
     code, stdout, _ = run(scans, scans / "plain.nii.gz", "--model", bundle_dir, "--out", out, "--skip-existing")
-    assert code == 0 and "0 of 3 scans segmented, 3 skipped (output exists)" in stdout
+    assert code == 0 and "0 of 3 scans segmented, 3 skipped (outputs exist)" in stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     code, _, err = run(scans, "--model", bundle_dir, "--out", out, "--skip-existing", "--overwrite")
     assert code == 2 and "contradict" in err

@@ -166,11 +166,17 @@ def test_a_nightly_job_can_refuse_what_would_be_flagged(bundle_dir, phantom_dir,
         Segmenter(bundle_dir, backend="ort-cpu", refuse_out_of_domain=True).predict(big)
 
 
-def test_predict_array_needs_a_spacing(bundle_dir):
+def test_predict_array_needs_the_arrays_grid(bundle_dir):
     seg = Segmenter(bundle_dir, backend="ort-cpu")
     arr = np.zeros((20, 30, 30), np.float32)
-    with pytest.raises(TypeError):
-        seg.predict_array(arr)  # type: ignore[call-arg]
+    for call in (lambda: seg.predict_array(arr), lambda: seg.predict_array(arr, (3.0, 1.5, 1.5))):
+        with pytest.raises(InputError, match="needs the array's grid: reference=IMAGE, or spacing_zyx"):
+            call()  # no guessed direction
+    identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)
     with pytest.raises(InputError, match="spacing_zyx must be three positive numbers"):
-        seg.predict_array(arr, (3.0, 0.0, 1.5))
-    assert seg.predict_array(arr, (3.0, 1.5, 1.5)).shape == arr.shape
+        seg.predict_array(arr, (3.0, 0.0, 1.5), direction=identity)
+    with pytest.raises(InputError, match="direction must be nine numbers forming a rotation"):
+        seg.predict_array(arr, (3.0, 1.5, 1.5), direction=(2, 0, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(InputError, match="is not the reference's"):
+        seg.predict_array(arr, reference=sitk.Image(30, 30, 21, sitk.sitkFloat32))
+    assert seg.predict_array(arr, (3.0, 1.5, 1.5), direction=identity).shape == arr.shape

@@ -38,10 +38,9 @@ def test_stats_naming_the_label_map_is_refused(scan, tmp_path):
     refused([scan, "--out", out, "--stats", out, "--overwrite"], scan, out, message="would be written twice")
 
 
-@pytest.mark.parametrize("option", ["--stats", "--preview"])
-def test_an_input_is_never_written_over_even_with_overwrite(scan, tmp_path, option):
-    refused([scan, "--out", tmp_path / "o.nii.gz", option, scan, "--overwrite"], scan,
-            message="is the input")  # fmt: skip
+@pytest.mark.parametrize(("option", "message"), [("--stats", "is the input"), ("--preview", "previews are PNG")])
+def test_an_input_is_never_written_over_even_with_overwrite(scan, tmp_path, option, message):
+    refused([scan, "--out", tmp_path / "o.nii.gz", option, scan, "--overwrite"], scan, message=message)
     assert not (tmp_path / "o.nii.gz").exists()
 
 
@@ -78,8 +77,10 @@ def one_line_exit_2(args, timeout_message=""):
         (lambda t: t.replace('"patch_size": [', '"patch_size": [Infinity, ', 1), "malformed manifest"),
         (lambda t: t.replace('"patch_size": [', '"patch_size": [1e400, ', 1), "malformed manifest"),
         (lambda t: "[" + t + "]", "must be a JSON object, not a list"),
-        (lambda t: t.replace('"patch_size": [\n    40,\n    56,\n    40\n  ]', '"patch_size": [4000, 4000, 4000]'),
-         "each side 1..1024"),
+        (
+            lambda t: t.replace('"patch_size": [\n    40,\n    56,\n    40\n  ]', '"patch_size": [4000, 4000, 4000]'),
+            "each side 1..1024",
+        ),
         (lambda t: " " * (2 << 20), "over the 1048576 bytes"),
     ],
     ids=["deep", "infinity", "1e400", "list", "huge-patch", "huge-file"],

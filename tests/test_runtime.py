@@ -139,13 +139,19 @@ def test_unet_bundle_runs_through_the_same_loop(unet_bundle_dir, phantom_dir):
     assert seg.last_stats["mode"] == "dense-model" and seg.last_stats["points_decoded"] == 0
 
 
-def test_numpy_api(bundle_dir, phantom_dir):
+def test_numpy_api_takes_the_arrays_grid(bundle_dir, phantom_dir):
+    """An array from a scan stored with a flipped direction gets that scan's labels, not those of
+    the array read as if it were in LPS order."""
     seg = Segmenter(bundle_dir, backend="ort-cpu")
     image = phantom_scan(phantom_dir, 2)
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
     arr = sitk.GetArrayFromImage(image)
-    labels = seg.predict_array(arr, spacing_zyx=image.GetSpacing()[::-1])
-    assert labels.shape == arr.shape and labels.dtype == np.uint8
-    np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(seg.predict(image)))
+    want = sitk.GetArrayFromImage(seg.predict(image))
+    by_reference = seg.predict_array(arr, reference=image)
+    by_grid = seg.predict_array(arr, spacing_zyx=image.GetSpacing()[::-1], direction=image.GetDirection())
+    assert by_reference.shape == arr.shape and by_reference.dtype == np.uint8
+    np.testing.assert_array_equal(by_reference, want)
+    np.testing.assert_array_equal(by_grid, want)
 
 
 def test_shipped_default_model_segments_the_shipped_sample():

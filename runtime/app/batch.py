@@ -1,12 +1,15 @@
 """Which scans ``imunet-run`` segments and where each one's outputs go.
 
-Inputs are files, folders of image files, and DICOM series folders. Outputs in a folder follow
-nnU-Net's naming: ``CASE_0000.nii.gz`` -> ``CASE.nii.gz``; any other ``NAME.nii.gz`` ->
-``NAME_seg.nii.gz``; a DICOM series folder ``DIR`` -> ``DIR_seg.nii.gz``.
+Inputs are files, folders of image files, and DICOM series folders; an empty folder holds no scans.
+Outputs in a folder follow nnU-Net's naming: ``CASE_0000.nii.gz`` -> ``CASE.nii.gz``; any other
+``NAME.nii.gz`` -> ``NAME_seg.nii.gz``; a DICOM series folder ``DIR`` -> ``DIR_seg.nii.gz``.
+Previews: ``--preview FILE.png`` for one scan, ``--preview FOLDER`` for one ``CASE.png`` per scan
+(``CASE`` as in the label map's name).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from ..errors import OutputError
 from ..imaging.formats import SEG_STEM_SUFFIX, case_name, image_suffix
 
 SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, for DICOM series inputs
+PREVIEW_SUFFIX = ".png"
 
 
 def output_suffix(path: Path) -> str:
@@ -22,13 +26,15 @@ def output_suffix(path: Path) -> str:
 
 
 def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
-    """Scans in the order given (folders expanded into their image files; a folder without image
-    files is a DICOM series), each once, and a note per scan given more than once."""
+    """Scans in the order given (folders expanded into their image files; a folder with other files
+    but no image files is a DICOM series; an empty folder, hidden files aside, holds none), each once,
+    and a note per scan given more than once."""
     found: list[Path] = []
     for p in inputs:
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and image_suffix(f) and not f.name.startswith("."))
-            found.extend(files if files else [p])
+            entries = [f for f in p.iterdir() if not f.name.startswith(".")]
+            files = sorted(f for f in entries if f.is_file() and image_suffix(f))
+            found.extend(files if files else [p] if entries else [])
         else:
             found.append(p)
     seen: dict[Path, Path] = {}
@@ -67,7 +73,8 @@ class Job:
 
 def plan(scans: list[Path], out: Path | None, fmt: str, preview: Path | None) -> list[Job]:
     """A :class:`Job` per scan: ``--out`` itself for one scan and a file name, else a file in the folder
-    ``--out`` (default: the current folder); several previews get the case name as a prefix."""
+    ``--out`` (default: the current folder); the preview ``--preview`` itself if it names a PNG, else
+    ``CASE.png`` in that folder."""
     many = len(scans) > 1
     jobs = []
     for scan in scans:
@@ -76,10 +83,49 @@ def plan(scans: list[Path], out: Path | None, fmt: str, preview: Path | None) ->
         else:
             dest = (out if out is not None else Path.cwd()) / output_name(scan, fmt)
         pv = preview
-        if preview is not None and many:
-            pv = preview.with_name(f"{dest.name[: -len(image_suffix(dest))]}_{preview.name}")
+        if preview is not None and preview.suffix.lower() != PREVIEW_SUFFIX:
+            pv = preview / f"{dest.name[: -len(output_suffix(dest))]}{PREVIEW_SUFFIX}"
         jobs.append(Job(scan, dest, pv))
     return jobs
+
+
+def check_destinations(inputs: list[Path], scans: list[Path], out: Path | None, preview: Path | None) -> None:
+    """Before any work: ``--out`` and ``--preview`` name things this run can write, and no output
+    folder is an input folder (its label maps would be read as scans on the next run).
+    :class:`OutputError` says what is wrong."""
+    many = len(scans) > 1
+    if preview is not None:
+        if preview.suffix.lower() == PREVIEW_SUFFIX and many:
+            raise OutputError(f"--preview {preview} names one file but {len(scans)} scans were given; "
+                              "pass a folder for one CASE.png per scan")  # fmt: skip
+        if preview.suffix and preview.suffix.lower() != PREVIEW_SUFFIX:
+            raise OutputError(f"--preview {preview}: previews are PNG; name a .png file or a folder")
+    folders = {p.resolve() for p in inputs if p.is_dir()}
+    out_dir = out if out is not None and not (output_suffix(out) and not many) else None
+    for path, what in ((out_dir, "--out"), (preview if preview is not None and not preview.suffix else None,
+                                            "--preview")):  # fmt: skip
+        if path is not None and path.resolve() in folders:
+            raise OutputError(f"{what} {path} is an input folder; its outputs would be read as scans on the "
+                              "next run: choose another folder")  # fmt: skip
+    targets = [(out_dir or (out.parent if out is not None else Path.cwd()), "--out")]
+    if preview is not None:
+        targets.append((preview.parent if preview.suffix else preview, "--preview"))
+    for folder, what in targets:
+        writable_folder(folder, what)
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """``folder`` exists as a folder this process may create files in, or can be made where its
+    nearest existing parent is one; :class:`OutputError` naming ``what`` otherwise. Nothing is created."""
+    nearest = folder
+    while not nearest.exists() and nearest.parent != nearest:
+        if nearest.is_symlink():
+            raise OutputError(f"{what} {folder}: {nearest} is a broken link")
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise OutputError(f"{what} {folder}: {nearest} exists and is not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {folder}: no permission to write in {nearest}")
 
 
 def check_outputs(jobs: list[Job], others: list[tuple[Path, str]]) -> None:

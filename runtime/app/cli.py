@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..errors import ImunetError, InputError
-from ..imaging.formats import WRITABLE_SUFFIXES
-from .batch import SEG_SUFFIX, Job, check_outputs, collect_inputs, output_suffix, plan
+from ..errors import ImunetError
+from ..imaging.formats import WRITABLE_SUFFIXES, case_name
+from .batch import SEG_SUFFIX, Job, check_destinations, check_outputs, collect_inputs, output_suffix, plan
+from .stats_file import add_run, read_ledger, write_ledger
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _argument_type(self, ctx) -> str | None:
+    """Typer prints an argument's Python type beside its metavar (``SCAN|FOLDER... <list[Path]>``);
+    an argument that has a metavar says enough."""
+    return None if self.metavar else _typer_argument_type(self, ctx)
+
+
+_typer_argument_type = typer.core.TyperArgument.display_type_rich
+typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign]
 BUNDLE_DEFAULT = "Default: the bundle's."
 
 
@@ -56,7 +65,7 @@ def _fail(msg: str) -> None:
 @app.command(help="Segment INPUT scans (NIfTI, NRRD, MHA files, folders of them, or DICOM series directories).")
 def run(
     inputs: Optional[list[Path]] = typer.Argument(
-        None, help="Scans, folders or DICOM directories.", show_default=False
+        None, help="Scans, folders or DICOM directories.", show_default=False, metavar="SCAN|FOLDER"
     ),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", help="Bundle folder, or a shipped model's name (--list-models). Default: hippocampus."
@@ -74,18 +83,35 @@ def run(
     overlap: Optional[float] = typer.Option(None, help=f"Sliding-window overlap in [0, 1). {BUNDLE_DEFAULT}"),
     stride: Optional[int] = typer.Option(None, help=f"Broad-mesh stride in voxels. {BUNDLE_DEFAULT}"),
     tta: bool = typer.Option(False, "--tta", help="Average over the scan's mirror images (8x the time)."),
-    stats: Optional[Path] = typer.Option(None, "--stats", help="Write per-scan timings, volumes, warnings as JSON."),
-    preview: Optional[Path] = typer.Option(None, "--preview", help="PNG of three slices through the largest label."),
+    stats: Optional[Path] = typer.Option(
+        None,
+        "--stats",
+        metavar="FILE.json",
+        help="Per-scan timings, volumes and warnings as JSON. An existing file from an earlier run is added to "
+        "(one entry per scan, every run listed), so a nightly job can keep one path.",
+    ),
+    preview: Optional[Path] = typer.Option(
+        None,
+        "--preview",
+        metavar="FILE.png|FOLDER",
+        help="PNG of three slices through the largest label: FILE.png for one scan, or a FOLDER for CASE.png per scan.",
+    ),
     fmt: str = typer.Option(
         ".nii.gz", "--format", help="Output format in folders: .nii.gz | .nii | .nrrd | .mha | .dcm (DICOM SEG)."
     ),
-    roi: Optional[list[str]] = typer.Option(None, "--roi", help="Write only these labels (names or numbers)."),
+    roi: Optional[list[str]] = typer.Option(
+        None, "--roi", metavar="LABEL[,LABEL]", help="Write only these labels (names or numbers)."
+    ),
     masks: bool = typer.Option(False, "--masks", help="Also one binary mask file per label: CASE_<label>."),
     save_probabilities: bool = typer.Option(
         False, "--save-probabilities", help="Also CASE_probabilities.npz: float16 class probabilities, scan's grid."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip scans whose output exists (nightly runs)."),
+    skip_existing: bool = typer.Option(
+        False,
+        "--skip-existing",
+        help="Skip scans whose outputs all exist, make only the missing ones otherwise (nightly runs).",
+    ),
     series: Optional[str] = typer.Option(None, help="DICOM series instance UID (a folder's, or with --dicomweb)."),
     dicomweb: Optional[str] = typer.Option(None, "--dicomweb", help="DICOMweb server URL to read --study from."),
     study: Optional[str] = typer.Option(None, "--study", help="Study instance UID on the --dicomweb server."),
@@ -111,6 +137,7 @@ def run(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     from .pipeline import Segmenter
+    from .scan_job import RunOptions, with_extras
 
     if list_models:
         _list_models()
@@ -121,12 +148,11 @@ def run(
         _fail("--overwrite and --skip-existing contradict each other; pass one")
     _check_dicom_options(inputs, out, fmt, dicomweb, study, store, masks or save_probabilities)
     scans, notes = collect_inputs(inputs or [])
-    if len(scans) > 1 and out is not None and output_suffix(out):
-        _fail(f"--out {out} names a file but {len(scans)} scans were given; pass a folder")
-    for path, what in ((stats, "--stats"), (preview if len(scans) == 1 else None, "--preview")):
-        if path is not None and path.exists() and not overwrite:
-            _fail(f"{what} {path} exists; pass --overwrite to replace it")
+    if not scans and not dicomweb:
+        typer.echo(f"0 scans: nothing to segment in {', '.join(map(str, inputs or []))}")
+        return
     try:
+        check_destinations(inputs or [], scans, out, preview)
         seg = Segmenter(
             model, backend=backend, mode=mode, overlap=overlap, stride=stride, max_memory_gb=max_memory,
             precision=precision, workers=workers, trusted_keys=trusted_keys, allow_modality=allow_modality,
@@ -137,24 +163,32 @@ def run(
         keep = roi_labels(roi, seg.bundle.manifest.labels) if roi else None
     except (ImunetError, ValueError) as exc:
         _fail(str(exc))
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if not quiet:
         _header(seg, notes)
-    options = {"overwrite": overwrite, "skip": skip_existing, "keep": keep, "masks": masks, "probs": save_probabilities}
+    options = RunOptions(overwrite, skip_existing, keep, masks, save_probabilities, series, channel, quiet)
     if dicomweb:
         from .dicomweb_run import StudyRequest, run_dicomweb
 
         request = StudyRequest(dicomweb, study, series, store)  # type: ignore[arg-type]
-        report = [run_dicomweb(seg, request, out, options, quiet)]
-    else:
-        jobs = [_with_extras(job, seg.bundle.manifest.labels, options) for job in plan(scans, out, fmt, preview)]
         try:
-            check_outputs(jobs, [(stats, "--stats")] if stats is not None else [])
+            ledger = read_ledger(stats) if stats is not None else None
         except ImunetError as exc:
             seg.close()
             _fail(str(exc))
-        report = [_one(seg, job, i, len(scans), quiet, options, series, channel) for i, job in enumerate(jobs)]
+        report = [run_dicomweb(seg, request, out, options)]
+    else:
+        labels = seg.bundle.manifest.labels
+        jobs = [with_extras(job, labels, options) for job in plan(scans, out, fmt, preview)]
+        try:
+            check_outputs(jobs, [(stats, "--stats")] if stats is not None else [])
+            ledger = read_ledger(stats) if stats is not None else None
+        except ImunetError as exc:
+            seg.close()
+            _fail(str(exc))
+        report = [_one(seg, job, i, len(scans), options) for i, job in enumerate(jobs)]
     seg.close()
-    _finish(seg, report, stats, quiet)
+    _finish(seg, report, (stats, ledger, started), quiet)
 
 
 def _check_dicom_options(inputs, out, fmt, dicomweb, study, store, extras: bool) -> None:
@@ -197,64 +231,34 @@ def _header(seg, notes: list[str]) -> None:
         typer.echo(f"note: {note}", err=True)
 
 
-def _with_extras(job: Job, labels: dict[int, str], options: dict) -> Job:
-    """``job`` with the masks and probabilities it writes beside its label map, when asked for."""
-    from .outputs import mask_paths
+def _one(seg, job: Job, i: int, total: int, options) -> dict:
+    """Segment one scan and write the outputs it lacks; a failure is reported, never raised."""
+    from .scan_job import outputs_to_make, run_job
 
-    suffix = output_suffix(job.dest)
-    if not suffix:
-        return job
-    if options["masks"]:
-        job.masks = mask_paths(job.dest, suffix, labels, options["keep"])
-    if options["probs"]:
-        job.probabilities = job.dest.with_name(job.dest.name[: -len(suffix)] + "_probabilities.npz")
-    return job
-
-
-def _one(seg, job: Job, i: int, total: int, quiet: bool, options: dict, series, channel) -> dict:
-    """Segment one scan and write its outputs; a failure is reported, never raised."""
-    from ..imaging.io import read_header, read_image
-    from .outputs import keep_labels, write_label, write_masks, write_probabilities
-
-    labels = seg.bundle.manifest.labels
-    timings: dict = {}
+    where = f"[{i + 1}/{total}] {job.scan.name}"
     try:
-        if options["skip"] and job.dest.exists():
-            if not quiet:
-                typer.echo(f"[{i + 1}/{total}] {job.scan.name}: skipped, {job.dest} exists")
+        todo = outputs_to_make(job, options)
+        if not todo:
+            if not options.quiet:
+                typer.echo(f"{where}: skipped, its outputs exist ({job.dest})")
             return {"input": str(job.scan), "output": str(job.dest), "ok": True, "skipped": True}
-        existing = [p for p in job.outputs if p.exists()]
-        if existing and not options["overwrite"]:
-            raise InputError(f"{existing[0]}: exists; pass --overwrite to replace it (or --skip-existing)")
-        t = time.perf_counter()
-        seg.check_memory(*read_header(job.scan, series))  # before any voxel is read or decompressed
-        image = read_image(job.scan, series=series, channel=channel)
-        timings["read_s"] = round(time.perf_counter() - t, 4)
-        result = _segment(seg, image, job.scan, quiet, options["probs"])
-        label, probs = result.labels, result.probabilities
-        t = time.perf_counter()
-        label = keep_labels(label, options["keep"])
-        if not job.dest.parent.exists() and not quiet:
+        if not job.dest.parent.exists() and not options.quiet:
             typer.echo(f"creating the output folder {job.dest.parent}")
-        write_label(label, job.dest, job.scan, series, seg.bundle, options["overwrite"])
-        write_masks(label, job.masks, options["overwrite"])
-        if probs is not None:
-            write_probabilities(probs, image, labels, job.probabilities, options["overwrite"])
-        if job.preview is not None:
-            from .preview import write_preview
-
-            write_preview(image, label, job.preview, labels, options["overwrite"])
-        timings["write_s"] = round(time.perf_counter() - t, 4)
+        caption = f"{case_name(job.scan)} | {seg.bundle.path.name} | {time.strftime('%Y-%m-%d %H:%M')}"
+        stats = run_job(seg, job, todo, options, caption)
     except Exception as exc:  # one scan's failure must never stop the batch or print a traceback
         return _failure(job.scan, exc)
-    stats = {**result.stats, **timings}
     for w in stats["warnings"]:
         typer.echo(f"WARNING {job.scan}: {w}", err=True)
-    if not quiet:
+    if not options.quiet:
         vols = ", ".join(f"{k} {v:.2f} ml" for k, v in stats["volumes_ml"].items())
-        seconds = timings["read_s"] + stats["total_s"] + timings["write_s"]
-        typer.echo(f"[{i + 1}/{total}] {job.scan.name} -> {job.dest}  {seconds:.2f} s  ({vols})")
-    return {"input": str(job.scan), "output": str(job.dest), "ok": True, **stats}
+        seconds = stats["read_s"] + stats["total_s"] + stats["write_s"]
+        wrote = ", ".join(map(str, todo))  # the label map first
+        typer.echo(f"{where} -> {wrote}  {seconds:.2f} s  ({vols})")
+    entry = {"input": str(job.scan), "output": str(job.dest), "ok": True, **stats}
+    if job.preview is not None:
+        entry["preview"] = str(job.preview)
+    return entry
 
 
 def _failure(scan: Path, exc: Exception) -> dict:
@@ -265,39 +269,23 @@ def _failure(scan: Path, exc: Exception) -> dict:
     return {"input": str(scan), "ok": False, "error": msg}
 
 
-def _segment(seg, image, scan: Path, quiet: bool, probs: bool):
-    """The scan's :class:`Segmentation` (with probabilities if asked), a progress bar on a terminal."""
-
-    def call(im, progress=None):
-        return seg.segment(im, progress, probabilities=probs)
-
-    if quiet or not sys.stderr.isatty():
-        return call(image)
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"{scan.name}", total=None)
-        return call(image, progress=lambda done, total: bar.update(task, completed=done, total=total))
-
-
-def _finish(seg, report: list[dict], stats: Path | None, quiet: bool) -> None:
+def _finish(seg, report: list[dict], stats: tuple, quiet: bool) -> None:
+    path, ledger, started = stats
     failed = [r["input"] for r in report if not r["ok"]]
     skipped = sum(1 for r in report if r.get("skipped"))
-    if stats is not None:
-        from ..imaging.atomic import write_text_atomic
-
+    if path is not None:
         sig = seg.bundle.signature
-        payload = {
+        run = {
+            "started": started,
             "model": str(seg.bundle.path),
             "signature": ({"key": sig.fingerprint, "verified": True} if sig.verified else {"verified": False})
             if sig
             else None,
             "backend": seg.backend_name,
-            "scans": report,
         }
-        write_text_atomic(stats, json.dumps(payload, indent=2) + "\n", overwrite=True)  # refused up front if it existed
+        write_ledger(path, add_run(ledger, run, report))
     done = len(report) - len(failed) - skipped
-    line = f"{done} of {len(report)} scans segmented" + (f", {skipped} skipped (output exists)" if skipped else "")
+    line = f"{done} of {len(report)} scans segmented" + (f", {skipped} skipped (outputs exist)" if skipped else "")
     if failed:
         typer.echo(f"{line}; failed: {', '.join(failed)}", err=True)
         raise typer.Exit(1)

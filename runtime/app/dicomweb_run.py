@@ -13,6 +13,7 @@ import typer
 from ..errors import ImunetError
 from .batch import SEG_SUFFIX
 from .failures import failure_message
+from .scan_job import RunOptions
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class StudyRequest:
     store: bool = False
 
 
-def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: dict, quiet: bool) -> dict:
+def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: RunOptions) -> dict:
     """Segment one series of a DICOMweb study; a failure is reported in one line, never raised."""
     url, study, series, store = request.url, request.study, request.series, request.store
     from ..dicom.dicom_seg import segmentation, write_segmentation
@@ -37,7 +38,7 @@ def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: dict, qu
 
     where = f"{url} study {study}"
     try:
-        if out is not None and out.exists() and not options["overwrite"]:
+        if out is not None and out.exists() and not options.overwrite:
             raise ImunetError(f"{out}: exists; pass --overwrite to replace it")
         client = connect(url)
         uid = pick_series(client, url, study, series)
@@ -47,15 +48,15 @@ def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: dict, qu
             image, files = read_image(Path(tmp), series=uid), series_files(Path(tmp), uid)
             fetch_s = round(time.perf_counter() - t, 4)
             result = seg.segment(image)
-            label = keep_labels(result.labels, options["keep"])
+            label = keep_labels(result.labels, options.keep)
             t = time.perf_counter()
             dataset = segmentation(label, files, seg.bundle)  # built in full before anything is written or stored
             seg_s = round(time.perf_counter() - t, 4)
         if out is not None:
             if out.name.lower().endswith(SEG_SUFFIX):
-                write_segmentation(dataset, out, options["overwrite"])
+                write_segmentation(dataset, out, options.overwrite)
             else:
-                write_image_atomic(label, out, options["overwrite"])
+                write_image_atomic(label, out, options.overwrite)
         if store:
             store_instance(client, url, dataset)
     except Exception as exc:  # one study's failure is one line, never a traceback
@@ -65,7 +66,7 @@ def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: dict, qu
     stats = {**result.stats, "fetch_s": fetch_s, "seg_s": seg_s}
     for w in stats["warnings"]:
         typer.echo(f"WARNING {where}: {w}", err=True)
-    if not quiet:
+    if not options.quiet:
         dest = " and ".join(x for x in (str(out) if out else "", "stored on the server" if store else "") if x)
         vols = ", ".join(f"{k} {v:.2f} ml" for k, v in stats["volumes_ml"].items())
         typer.echo(f"series {uid} -> DICOM SEG {dataset.SeriesInstanceUID} ({dest})  ({vols})")

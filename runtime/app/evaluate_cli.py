@@ -25,7 +25,13 @@ def evaluate(
     predictions: Path = typer.Option(..., "--predictions", "-p", help="Folder of predicted label maps."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Write one row per case and label."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and every score as JSON."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Bundle whose label names to use."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="The bundle (folder or shipped name) that made the predictions: its label names, and a warning "
+        "when the references are its training cases. Default names: the references' dataset.json, else numbers.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --csv / --json files."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
@@ -33,15 +39,17 @@ def evaluate(
 
     from ..errors import ImunetError
     from ..imaging.atomic import write_text_atomic
-    from .evaluation import evaluate_folders, summary, to_csv
+    from .evaluation import pair_folders, reference_labels, score_pairs, summary, to_csv
 
     try:
-        names = None
+        names, trained_on = reference_labels(references), set()
         if model is not None:
-            from ..contract.bundle import load_bundle
+            from ..contract.bundle import load_bundle, resolve_model
 
-            names = load_bundle(model, verify=False).manifest.labels
-        scores = evaluate_folders(references, predictions, names)
+            manifest = load_bundle(resolve_model(model), verify=False).manifest
+            names, trained_on = manifest.labels, set(manifest.provenance.training_cases)
+        pairs, no_reference, no_prediction = pair_folders(references, predictions)
+        scores = score_pairs(pairs, names)
         if csv is not None:
             write_text_atomic(csv, to_csv(scores), overwrite)
         if json_out is not None:
@@ -50,6 +58,18 @@ def evaluate(
     except (ImunetError, ValueError, OSError) as exc:
         typer.echo(f"imunet-evaluate: error: {exc}", err=True)
         raise typer.Exit(2) from None
+    for cases, what in ((no_reference, "predictions without a reference"), (no_prediction, "references without a "
+                                                                            "prediction")):  # fmt: skip
+        if cases:
+            shown = ", ".join(cases[:5]) + (", ..." if len(cases) > 5 else "")
+            typer.echo(f"note: {len(cases)} {what}, not scored: {shown}", err=True)
+    seen = [case for case, _, _ in pairs if case in trained_on]
+    if seen:
+        typer.echo(
+            f"WARNING: {len(seen)} of {len(pairs)} cases are among the cases the model trained on: their scores "
+            "overstate its accuracy on new scans",
+            err=True,
+        )
     cases = len({s.case for s in scores})
     typer.echo(f"{cases} cases")
     for name, s in summary(scores).items():

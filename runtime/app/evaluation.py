@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..contract.label_names import dataset_labels
+from ..errors import ImunetError, InputError
 from ..imaging import formats
 from ..imaging.formats import CHANNEL_SUFFIX, SEG_STEM_SUFFIX
 from ..imaging.io import image_suffix, read_image
@@ -27,20 +29,29 @@ def case_name(path: Path) -> str:
     return formats.case_name(path, (CHANNEL_SUFFIX, SEG_STEM_SUFFIX))
 
 
-def pair_folders(references: Path, predictions: Path) -> list[tuple[str, Path, Path]]:
-    """``(case, reference, prediction)`` for every reference with a prediction; an error when none pair."""
-    for folder in (references, predictions):
-        if not folder.is_dir():
-            raise InputError(f"{folder}: no such folder")
-    preds = {case_name(p): p for p in predictions.iterdir() if image_suffix(p) and not p.name.startswith(".")}
-    pairs = [
-        (case_name(r), r, preds[case_name(r)])
-        for r in sorted(references.iterdir())
-        if image_suffix(r) and not r.name.startswith(".") and case_name(r) in preds
-    ]
+def _cases(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder")
+    return {case_name(p): p for p in sorted(folder.iterdir()) if image_suffix(p) and not p.name.startswith(".")}
+
+
+def pair_folders(references: Path, predictions: Path) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
+    """``(case, reference, prediction)`` for every reference with a prediction, the cases predicted
+    without a reference and those referenced without a prediction; an error when none pair."""
+    refs, preds = _cases(references), _cases(predictions)
+    pairs = [(case, r, preds[case]) for case, r in refs.items() if case in preds]
     if not pairs:
         raise InputError(f"no file in {predictions} pairs with a reference in {references} by case name")
-    return pairs
+    return pairs, sorted(set(preds) - set(refs)), sorted(set(refs) - set(preds))
+
+
+def reference_labels(references: Path) -> dict[int, str] | None:
+    """Label names from the ``dataset.json`` beside a ``labelsTr``-style folder, if there is a readable one."""
+    path = references.resolve().parent / "dataset.json"
+    try:
+        return dataset_labels(json.loads(path.read_text())) if path.is_file() else None
+    except (ImunetError, ValueError, OSError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -82,10 +93,11 @@ def score_case(case: str, reference: sitk.Image, prediction: sitk.Image, labels:
     ]
 
 
-def evaluate_folders(references: Path, predictions: Path, labels: dict[int, str] | None = None) -> list[CaseScore]:
-    """Score every paired case; ``labels`` ``{index: name}`` default to the values found in the references."""
+def score_pairs(pairs: list[tuple[str, Path, Path]], labels: dict[int, str] | None = None) -> list[CaseScore]:
+    """Score every ``(case, reference, prediction)`` of :func:`pair_folders`; ``labels`` ``{index: name}``
+    default to the values found in each reference."""
     out = []
-    for case, r, p in pair_folders(references, predictions):
+    for case, r, p in pairs:
         ref, pred = read_image(r), read_image(p)
         names = labels or {int(v): str(int(v)) for v in np.unique(sitk.GetArrayViewFromImage(ref))}
         out.extend(score_case(case, ref, pred, names))

@@ -1,5 +1,6 @@
-"""What ``imunet-run`` writes per scan besides the label map: per-label masks, class probabilities,
-and the label map restricted to some labels. Every file is written atomically."""
+"""What ``imunet-run`` writes per scan: the label map (an image or a DICOM SEG), per-label masks,
+class probabilities, and the label map restricted to some labels. The writers write to the path they
+are given; :mod:`.scan_job` gives them temporary names and commits a scan's files together."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import SimpleITK as sitk
 
 from ..contract.label_names import label_indices
 from ..errors import InputError
-from ..imaging.atomic import atomic_output
-from ..imaging.io import write_image_atomic
+from ..imaging.io import write_image
 
 
 def roi_labels(names: list[str], labels: dict[int, str]) -> set[int]:
@@ -42,18 +42,15 @@ def mask_paths(dest: Path, suffix: str, labels: dict[int, str], keep: set[int] |
     return {k: dest.with_name(f"{stem}_{slug[k]}{suffix}") for k in slug if keep is None or k in keep}
 
 
-def write_masks(label: sitk.Image, paths: dict[int, Path], overwrite: bool) -> None:
-    """One binary (0/1) mask per label."""
-    for k, path in paths.items():
-        write_image_atomic(sitk.Cast(label == k, sitk.sitkUInt8), path, overwrite)
+def write_mask(label: sitk.Image, k: int, path: Path) -> None:
+    """The binary (0/1) mask of label ``k``."""
+    write_image(sitk.Cast(label == k, sitk.sitkUInt8), path)
 
 
-def write_probabilities(
-    probs: np.ndarray, image: sitk.Image, labels: dict[int, str], path: Path, overwrite: bool
-) -> None:
+def write_probabilities(probs: np.ndarray, image: sitk.Image, labels: dict[int, str], path: Path) -> None:
     """Class probabilities ``(C, Z, Y, X)`` on ``image``'s grid as float16 in an ``.npz``, with the label
     names and the grid (SimpleITK's ``(x, y, z)`` spacing, origin and direction)."""
-    with atomic_output(path, overwrite) as tmp, tmp.open("wb") as fh:
+    with path.open("wb") as fh:
         np.savez_compressed(
             fh,
             probabilities=probs.astype(np.float16),
@@ -64,12 +61,12 @@ def write_probabilities(
         )
 
 
-def write_label(label: sitk.Image, dest: Path, scan: Path, series: str | None, bundle, overwrite: bool) -> None:
+def write_label(label: sitk.Image, dest: Path, scan: Path, series: str | None, bundle) -> None:
     """The label map as an image file, or as a DICOM SEG referencing the DICOM series ``scan``."""
     if not dest.name.lower().endswith(".dcm"):
-        write_image_atomic(label, dest, overwrite)
+        write_image(label, dest)
         return
-    from ..dicom.dicom_seg import segmentation, write_segmentation
+    from ..dicom.dicom_seg import save_segmentation, segmentation
     from ..imaging.io import series_files
 
-    write_segmentation(segmentation(label, series_files(scan, series), bundle), dest, overwrite)
+    save_segmentation(segmentation(label, series_files(scan, series), bundle), dest)

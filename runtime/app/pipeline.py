@@ -16,10 +16,10 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from itertools import permutations
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -169,9 +169,7 @@ class Segmenter:
         (reorientation may permute them), each axis at least one voxel."""
         m = self.bundle.manifest
         dims = [float(n) * float(s) for n, s in zip(size[:3], spacing[:3])]
-        grids = [
-            math.prod(max(1.0, round(d / t)) for d, t in zip(order, m.spacing)) for order in permutations(dims)
-        ]
+        grids = [math.prod(max(1.0, round(d / t)) for d, t in zip(order, m.spacing)) for order in permutations(dims)]
         voxels = max(max(grids), float(math.prod(m.patch_size)))
         per_voxel = BYTES_PER_VOXEL_BASE + 3 * 4 * m.num_classes  # accumulators, normalised and smoothed maps
         return (voxels * per_voxel + float(math.prod(int(n) for n in size)) * 8) / 2**30
@@ -279,6 +277,8 @@ class Segmenter:
         m = self.bundle.manifest
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=m.num_classes)
+        if not counts[1:].any():  # an untrained model, or a scan without the anatomy: never silent
+            warnings = [*warnings, "nothing found for any label: the label map is empty"]
         return {
             **stats,
             "read_s": round(t[1] - t[0], 4),
@@ -294,17 +294,47 @@ class Segmenter:
             "warnings": warnings,
         }
 
-    def predict_array(self, array: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
-        """Label map ``(Z, Y, X)`` uint8 of a ``(Z, Y, X)`` intensity array with ``spacing_zyx`` in mm
-        (required: a wrong spacing gives wrong labels, silently). Identity direction, origin 0."""
+    def predict_array(
+        self,
+        array: np.ndarray,
+        spacing_zyx: Sequence[float] | None = None,
+        *,
+        direction: Sequence[float] | None = None,
+        origin: Sequence[float] | None = None,
+        reference: sitk.Image | None = None,
+    ) -> np.ndarray:
+        """Label map ``(Z, Y, X)`` uint8 of a ``(Z, Y, X)`` intensity array. The array's grid is
+        required, because the model works in the patient's anatomy and a guessed grid gives wrong
+        labels silently: either ``reference``, the image the array's voxels come from (its spacing,
+        origin and direction are used), or ``spacing_zyx`` in mm with ``direction`` (SimpleITK's nine
+        numbers, ``image.GetDirection()``) and optionally ``origin`` (labels do not depend on it)."""
         arr = np.asarray(array)
         if arr.ndim != 3:
             raise InputError(f"array must be 3D (Z, Y, X), got shape {arr.shape}")
+        image = sitk.GetImageFromArray(arr.astype(np.float32, copy=False))
+        if reference is not None:
+            if spacing_zyx is not None or direction is not None or origin is not None:
+                raise InputError("pass reference, or spacing_zyx with direction, not both")
+            if tuple(reference.GetSize()[::-1]) != arr.shape:
+                raise InputError(f"array shape {arr.shape} is not the reference's {tuple(reference.GetSize()[::-1])}")
+            image.CopyInformation(reference)
+            return sitk.GetArrayFromImage(self.predict(image))
+        if spacing_zyx is None or direction is None:
+            raise InputError(
+                "predict_array needs the array's grid: reference=IMAGE, or spacing_zyx=... with "
+                "direction=IMAGE.GetDirection() (for an array already in LPS order, the identity "
+                "(1, 0, 0, 0, 1, 0, 0, 0, 1))"
+            )
         spacing = tuple(float(s) for s in spacing_zyx)
         if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
             raise InputError(f"spacing_zyx must be three positive numbers in mm, got {spacing_zyx!r}")
-        image = sitk.GetImageFromArray(arr.astype(np.float32, copy=False))
+        matrix = np.asarray(direction, dtype=np.float64)
+        if matrix.shape != (9,) or not np.allclose(matrix.reshape(3, 3) @ matrix.reshape(3, 3).T, np.eye(3), atol=1e-4):
+            raise InputError(f"direction must be nine numbers forming a rotation (SimpleITK order), got {direction!r}")
         image.SetSpacing(spacing[::-1])
+        image.SetDirection(tuple(matrix))
+        if origin is not None:
+            image.SetOrigin(tuple(float(o) for o in origin))
         return sitk.GetArrayFromImage(self.predict(image))
 
     def close(self) -> None:

@@ -18,7 +18,10 @@ PALETTE = np.array(
     dtype=np.float32,
 )  # fmt: skip
 MIN_PANEL = 256  # pixels: small scans are enlarged so that a person can see them
-CAPTION = 14  # pixels above each panel for its name and slice
+CAPTION = 20  # pixels above each panel for its name and slice
+LINE = 20  # pixels per line of text (caption, legend)
+TEXT, LETTER = 14, 18  # font sizes in pixels: text, orientation letters
+GAP = 4  # pixels between views
 
 
 def _centre(lab: np.ndarray) -> tuple[int, int, int]:
@@ -46,9 +49,37 @@ def _panel(
     return rgb[ri][:, ci].astype(np.uint8)
 
 
-def render(image: sitk.Image, label: sitk.Image, names: dict[int, str]) -> np.ndarray:
-    """The preview as an RGB array ``(rows, cols, 3)``."""
-    from PIL import Image, ImageDraw, ImageFont
+def _font(size: int):
+    """Pillow's bundled scalable font at ``size`` pixels (its small bitmap font where FreeType is missing)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or built without FreeType
+        return ImageFont.load_default()
+
+
+def _tile(panel: np.ndarray, height: int, title: str, letters: str):
+    """One view scaled to ``height`` pixels (square pixels kept), its orientation letters in white on a
+    dark outline at the four edges, and its name and slice above it."""
+    from PIL import Image, ImageDraw
+
+    width = max(1, round(panel.shape[1] * height / panel.shape[0]))
+    tile = Image.fromarray(panel).resize((width, height), Image.NEAREST)
+    draw, font = ImageDraw.Draw(tile), _font(LETTER)
+    left, right, top, bottom = letters
+    for text, anchor, xy in ((left, "lm", (4, height // 2)), (right, "rm", (width - 4, height // 2)),
+                             (top, "mt", (width // 2, 3)), (bottom, "mb", (width // 2, height - 3))):  # fmt: skip
+        draw.text(xy, text, fill=(255, 255, 255), font=font, anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
+    captioned = Image.new("RGB", (width, height + CAPTION), (0, 0, 0))
+    captioned.paste(tile, (0, CAPTION))
+    ImageDraw.Draw(captioned).text((4, 3), title, fill=(255, 255, 255), font=_font(TEXT))
+    return captioned
+
+
+def render(image: sitk.Image, label: sitk.Image, names: dict[int, str], caption: str = "") -> np.ndarray:
+    """The preview as an RGB array ``(rows, cols, 3)``; ``caption`` (case, model, date) heads it."""
+    from PIL import Image, ImageDraw
 
     img_lps, lab_lps = sitk.DICOMOrient(image, "LPS"), sitk.DICOMOrient(label, "LPS")
     img = sitk.GetArrayFromImage(img_lps).astype(np.float32)  # (z: I->S, y: A->P, x: R->L)
@@ -61,44 +92,46 @@ def render(image: sitk.Image, label: sitk.Image, names: dict[int, str]) -> np.nd
         (_panel(img[::-1, y], lab[::-1, y], (sz, sx), window), f"coronal {y + 1}/{img.shape[1]}", "RLSI"),
         (_panel(img[::-1, :, x], lab[::-1, :, x], (sz, sy), window), f"sagittal {x + 1}/{img.shape[2]}", "APSI"),
     ]
-    zoom = max(1, MIN_PANEL // max(v[0].shape[0] for v in views))
-    font = ImageFont.load_default()
-    tiles = []
-    for panel, title, (left, right, top, bottom) in views:
-        tile = Image.fromarray(panel).resize((panel.shape[1] * zoom, panel.shape[0] * zoom), Image.NEAREST)
-        draw = ImageDraw.Draw(tile)
-        w, h = tile.size
-        for text, (px, py) in ((left, (3, h // 2 - 5)), (right, (w - 10, h // 2 - 5)), (top, (w // 2 - 3, 2)),
-                               (bottom, (w // 2 - 3, h - 13))):  # fmt: skip
-            draw.text((px, py), text, fill=(255, 255, 0), font=font)
-        captioned = Image.new("RGB", (w, h + CAPTION), (0, 0, 0))
-        captioned.paste(tile, (0, CAPTION))
-        ImageDraw.Draw(captioned).text((3, 2), title, fill=(255, 255, 255), font=font)
-        tiles.append(captioned)
+    height = max(MIN_PANEL, max(v[0].shape[0] for v in views))  # every view as tall: no band under any
+    tiles = [_tile(panel, height, title, letters) for panel, title, letters in views]
     volumes = sitk.LabelShapeStatisticsImageFilter()
     volumes.Execute(sitk.Cast(label, sitk.sitkUInt8))
-    legend_h = 16 * max(1, len(names) - 1) + 8
-    width = sum(t.size[0] for t in tiles) + 4 * (len(tiles) - 1)
-    canvas = Image.new("RGB", (width, max(t.size[1] for t in tiles) + legend_h), (0, 0, 0))
+    entries = [(k, v) for k, v in names.items() if k]
+    head = LINE if caption else 0
+    width = sum(t.size[0] for t in tiles) + GAP * (len(tiles) - 1)
+    canvas = Image.new("RGB", (width, head + tiles[0].size[1] + LINE * max(1, len(entries)) + 8), (0, 0, 0))
+    draw, font = ImageDraw.Draw(canvas), _font(TEXT)
+    if caption:
+        draw.text((4, 3), caption, fill=(255, 255, 255), font=font)
     xpos = 0
     for t in tiles:
-        canvas.paste(t, (xpos, 0))
-        xpos += t.size[0] + 4
-    draw = ImageDraw.Draw(canvas)
-    top = max(t.size[1] for t in tiles) + 4
-    for i, (k, name) in enumerate((k, v) for k, v in names.items() if k):
+        canvas.paste(t, (xpos, head))
+        xpos += t.size[0] + GAP
+    top = head + tiles[0].size[1] + 4
+    for i, (k, name) in enumerate(entries):
         ml = volumes.GetPhysicalSize(k) / 1000.0 if volumes.HasLabel(k) else 0.0
         colour = tuple(int(c) for c in PALETTE[k % len(PALETTE)])
-        draw.rectangle((4, top + 16 * i, 14, top + 16 * i + 10), fill=colour)
-        draw.text((20, top + 16 * i), f"{name}: {ml:.2f} ml", fill=(255, 255, 255), font=font)
+        draw.rectangle((4, top + LINE * i + 2, 16, top + LINE * i + 14), fill=colour)
+        draw.text((22, top + LINE * i), f"{name}: {ml:.2f} ml", fill=(255, 255, 255), font=font)
     return np.asarray(canvas)
 
 
+def save_preview(canvas: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a :func:`render` picture to ``path`` as a PNG (not atomic by itself)."""
+    sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(path), imageIO="PNGImageIO")
+    return Path(path)
+
+
 def write_preview(
-    image: sitk.Image, label: sitk.Image, path: str | os.PathLike, names: dict[int, str], overwrite: bool = False
+    image: sitk.Image,
+    label: sitk.Image,
+    path: str | os.PathLike,
+    names: dict[int, str],
+    overwrite: bool = False,
+    caption: str = "",
 ) -> Path:
     """Write :func:`render`'s picture as a PNG, atomically."""
-    canvas = render(image, label, names)
+    canvas = render(image, label, names, caption)
     with atomic_output(path, overwrite) as tmp:
-        sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(tmp))
+        save_preview(canvas, tmp)
     return Path(path)

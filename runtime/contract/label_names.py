@@ -1,8 +1,12 @@
-"""Labels named by a user: names (any case) or numbers, comma-separated or one per argument."""
+"""Label names: as a user names them (names in any case or numbers, comma-separated or one per
+argument) and as a dataset's ``dataset.json`` lists them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+from ..errors import InputError
 
 
 def label_indices(items: Iterable[str], labels: dict[int, str], option: str) -> tuple[int, ...]:
@@ -22,3 +26,21 @@ def label_indices(items: Iterable[str], labels: dict[int, str], option: str) -> 
         if k not in out:
             out.append(k)
     return tuple(out)
+
+
+def dataset_labels(meta: dict[str, Any]) -> dict[int, str]:
+    """The ``labels`` of a ``dataset.json`` (MSD v1 ``{"1": "name"}`` or nnU-Net v2 ``{"name": 1}``)
+    as ``{index: name}``; :class:`InputError` unless they are 0..C-1 with background 0."""
+    raw = meta.get("labels")
+    if not isinstance(raw, dict) or not raw:
+        raise InputError("dataset.json has no 'labels' mapping")
+    try:
+        if all(str(k).isdigit() for k in raw):  # v1: {"0": "background", "1": "tumour"}
+            labels = {int(k): str(v) for k, v in raw.items()}
+        else:  # v2: {"background": 0, "tumour": 1}
+            labels = {int(v): str(k) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise InputError(f"dataset.json: cannot read labels {raw}") from None
+    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+        raise InputError(f"dataset.json: labels must be 0..C-1 with background 0 and at least one class, got {labels}")
+    return labels

@@ -72,6 +72,7 @@ class Provenance:
     run: str = ""
     commit: str | None = None
     train_steps: int | None = None
+    training_cases: tuple[str, ...] = ()  # the cases it trained on: scoring on them overstates accuracy
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def read_regular(path: Path, limit: int = MAX_BYTES) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise BundleError(f"{path}: not a regular file")
         if info.st_size > limit:
-            raise BundleError(f"{path}: {info.st_size} bytes, over the {limit} bytes a bundle's JSON may have")
+            raise BundleError(f"{path}: {info.st_size} bytes, over the {limit} bytes allowed")
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in now cannot block
         with os.fdopen(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
@@ -37,7 +37,7 @@ def read_regular(path: Path, limit: int = MAX_BYTES) -> bytes:
     except OSError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if len(data) > limit:
-        raise BundleError(f"{path}: over the {limit} bytes a bundle's JSON may have")
+        raise BundleError(f"{path}: over the {limit} bytes allowed")
     return data
 
 
@@ -50,9 +50,10 @@ def nesting_depth(data: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
-def load_object(path: Path, what: str) -> tuple[dict[str, Any], bytes]:
-    """The JSON object in ``path`` and its bytes; :class:`BundleError` for anything else."""
-    data = read_regular(path)
+def load_object(path: Path, what: str, limit: int = MAX_BYTES) -> tuple[dict[str, Any], bytes]:
+    """The JSON object in ``path`` (at most ``limit`` bytes) and its bytes; :class:`BundleError` for
+    anything else."""
+    data = read_regular(path, limit)
     depth = nesting_depth(data)
     if depth > MAX_DEPTH:
         raise BundleError(f"{path}: {what} nested {depth} deep, more than the {MAX_DEPTH} allowed")

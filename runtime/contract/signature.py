@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError
+from .safe_json import read_regular
 
 SIGNATURE = "manifest.json.sig"
 ALGORITHM = "ed25519"
@@ -81,6 +82,9 @@ def public_raw(pem: bytes) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+KEY_BYTES = 64 << 10  # a PEM public key is about 110 bytes
+
+
 def trusted_keys(folder: Path) -> dict[str, bytes]:
     """Public keys ``*.pem`` / ``*.pub`` in ``folder`` by fingerprint; :class:`BundleError` if none."""
     if not folder.is_dir():
@@ -88,8 +92,14 @@ def trusted_keys(folder: Path) -> dict[str, bytes]:
     keys = {}
     for f in sorted(folder.iterdir()):
         if f.suffix in (".pem", ".pub") and f.is_file():
+            text = read_regular(f, KEY_BYTES)
+            if b"PRIVATE KEY" in text:  # refused unparsed: a private key is never loaded from here
+                raise BundleError(
+                    f"--trusted-keys: {f} is a private key; only public keys belong in this folder "
+                    "(keep the private key where only its owner can read it)"
+                )
             try:
-                raw = public_raw(f.read_bytes())
+                raw = public_raw(text)
             except (ValueError, TypeError) as exc:
                 raise BundleError(f"--trusted-keys: {f} is not an ed25519 public key ({exc})") from None
             keys[fingerprint(raw)] = raw

@@ -88,10 +88,16 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     )
 
 
+def save_segmentation(dataset: Any, path: Path) -> Path:
+    """Save a SEG dataset to ``path`` (not atomic by itself)."""
+    dataset.save_as(str(path), enforce_file_format=True)
+    return path
+
+
 def write_segmentation(dataset: Any, path: Path, overwrite: bool = False) -> Path:
     """Save a SEG dataset atomically."""
     with atomic_output(path, overwrite) as tmp:
-        dataset.save_as(str(tmp), enforce_file_format=True)
+        save_segmentation(dataset, tmp)
     return path
 
 

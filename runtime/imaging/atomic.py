@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from ..errors import OutputError
@@ -60,6 +60,16 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if directory else tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Several files that appear together or not at all: yield a temporary path for each of ``paths``;
+    when the block ends without an error they are renamed into place in reverse order, so the first
+    path (a scan's label map, which ``--skip-existing`` looks at) appears last. An error anywhere,
+    a rename included, removes every temporary file not yet in place."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(atomic_output(p, overwrite)) for p in paths]
 
 
 def _create(tmp: Path, path: Path) -> None:

@@ -205,18 +205,34 @@ def from_array(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return image
 
 
+def check_writable_format(path: str | os.PathLike, what: str = "") -> str:
+    """The image format suffix of ``path``; :class:`OutputError` (naming ``what``, e.g. ``--out``) for
+    a name without a known image suffix or with a detached header, which cannot be written atomically."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    lead = f"{what} {path}" if what else str(path)
+    if not suffix:
+        raise OutputError(f"{lead}: unknown output format; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(f"{lead}: detached-header formats are not written atomically; use .mha or .nrrd")
+    return suffix
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` to ``path`` (compressed where the format allows); not atomic by itself: write
+    to a temporary name from :func:`.atomic.atomic_output` or use :func:`write_image_atomic`."""
+    check_writable_format(path)
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return Path(path)
+
+
 def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``image`` to ``path`` atomically (:func:`.atomic.atomic_output`): a reader never sees a
     half-written file, and an existing file is kept unless ``overwrite``."""
-    path = Path(path)
-    suffix = image_suffix(path)
-    if not suffix:
-        raise OutputError(f"{path}: unknown output format; use one of {', '.join(WRITABLE_SUFFIXES)}")
-    if suffix not in WRITABLE_SUFFIXES:
-        raise OutputError(f"{path}: detached-header formats are not written atomically; use .mha or .nrrd")
+    check_writable_format(path)
     with atomic_output(path, overwrite) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-    return path
+        write_image(image, tmp)
+    return Path(path)
 
 
 def check_scan_path(path: str | os.PathLike) -> Path:
