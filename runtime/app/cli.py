@@ -16,14 +16,6 @@ from .stats_file import add_run, read_ledger, write_ledger
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
-def _argument_type(self, ctx) -> str | None:
-    """Typer prints an argument's Python type beside its metavar (``SCAN|FOLDER... <list[Path]>``);
-    an argument that has a metavar says enough."""
-    return None if self.metavar else _typer_argument_type(self, ctx)
-
-
-_typer_argument_type = typer.core.TyperArgument.display_type_rich
-typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign]
 BUNDLE_DEFAULT = "Default: the bundle's."
 
 
@@ -65,7 +57,7 @@ def _fail(msg: str) -> None:
 @app.command(help="Segment INPUT scans (NIfTI, NRRD, MHA files, folders of them, or DICOM series directories).")
 def run(
     inputs: Optional[list[Path]] = typer.Argument(
-        None, help="Scans, folders or DICOM directories.", show_default=False, metavar="SCAN|FOLDER"
+        None, help="Scans, folders or DICOM directories.", show_default=False, metavar="SCAN|FOLDER..."
     ),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", help="Bundle folder, or a shipped model's name (--list-models). Default: hippocampus."

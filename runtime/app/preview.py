@@ -50,13 +50,10 @@ def _panel(
 
 
 def _font(size: int):
-    """Pillow's bundled scalable font at ``size`` pixels (its small bitmap font where FreeType is missing)."""
+    """Pillow's bundled scalable font at ``size`` pixels."""
     from PIL import ImageFont
 
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or built without FreeType
-        return ImageFont.load_default()
+    return ImageFont.load_default(size=size)
 
 
 def _tile(panel: np.ndarray, height: int, title: str, letters: str):
