@@ -3,7 +3,9 @@ another output. Each is refused before any work, in one line, with every file in
 
 import shutil
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from imunet.runtime.app.cli import app
@@ -257,3 +259,27 @@ def test_largest_component_on_a_planning_ct_sized_map():
     out = sitk.GetArrayFromImage(keep_largest(sitk.GetImageFromArray(arr), (1,)))
     assert out[85, 505, 505] == 0 and out[30, 200, 200] == 1 and out[72, 15, 15] == 2
     assert int((out == 1).sum()) == 50 * 200 * 200
+
+
+def test_a_folder_of_a_thousand_one_file_series_is_answered_fast_in_one_short_line(tmp_path):
+    """GDCM scans the folder once for the series and once for the chosen one's files; listing every
+    series' files would scan it once per series (1,000 x 0.14 s here)."""
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(1000):
+        image = sitk.GetImageFromArray(np.zeros((8, 8), np.int16))
+        for tag, value in {"0008|0060": "MR", "0020|000d": "1.2.3", "0020|000e": f"1.2.826.0.1.3680043.8.498.{i + 1}",
+                           "0008|0018": f"1.2.4.{i + 1}", "0020|0032": "0\\0\\0"}.items():  # fmt: skip
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{i:04d}.dcm"))
+        writer.Execute(image)
+    t = time.monotonic()
+    res = runner.invoke(app, [str(folder), "--out", str(tmp_path / "o.nii.gz")])
+    assert time.monotonic() - t < 60 and res.exit_code == 1
+    (failed,) = [line for line in res.stderr.splitlines() if line.startswith("FAILED")]
+    assert "holds 1000 DICOM series; pick one with --series" in failed and "and 995 more" in failed
+    assert len(failed) < 400

@@ -13,7 +13,10 @@ import typer
 from ..errors import ImunetError
 from .batch import SEG_SUFFIX
 from .failures import failure_message
+from .memory import default_cap_gib
 from .scan_job import RunOptions
+
+RESPONSE_SHARE = 0.25  # of the memory cap: the answer's bytes, its parsed instances and the image coexist
 
 
 @dataclass(frozen=True)
@@ -33,14 +36,16 @@ def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: RunOptio
     from ..dicom.dicom_seg import segmentation, write_segmentation
     from ..dicom.dicomweb import connect, fetch_series, pick_series
     from ..dicom.dicomweb import store as store_instance
+    from ..dicom.http_session import redact
     from ..imaging.io import read_image, series_files, write_image_atomic
     from .outputs import keep_labels
 
-    where = f"{url} study {study}"
+    where = f"{redact(url)} study {study}"
     try:
         if out is not None and out.exists() and not options.overwrite:
             raise ImunetError(f"{out}: exists; pass --overwrite to replace it")
-        client = connect(url)
+        cap_gib = seg.checks.max_memory_gb or default_cap_gib() or 16.0
+        client = connect(url, max_bytes=int(cap_gib * 2**30 * RESPONSE_SHARE))
         uid = pick_series(client, url, study, series)
         with tempfile.TemporaryDirectory(prefix="imunet-dicomweb-") as tmp:
             t = time.perf_counter()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import InputError
 
@@ -23,41 +24,60 @@ class DicomWebError(InputError):
     """The server said no, or did not answer."""
 
 
-def connect(url: str, timeout: float | None = None) -> Any:
-    """A DICOMweb client for ``url`` (basic authentication, and a timeout in seconds if not given,
-    from the environment: ``IMUNET_DICOMWEB_TIMEOUT``, default 60)."""
+DEFAULT_MAX_BYTES = 4 << 30
+
+
+def connect(url: str, timeout: float | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """A DICOMweb client for ``url``: basic authentication from the environment, every request
+    bounded by a deadline in seconds from start to end (``timeout``, else ``IMUNET_DICOMWEB_TIMEOUT``,
+    default 60) and by ``max_bytes``, redirects only within the server (:mod:`.http_session`)."""
     timeout = timeout if timeout is not None else float(os.environ.get("IMUNET_DICOMWEB_TIMEOUT", "60"))
     try:
-        import requests
         from dicomweb_client.api import DICOMwebClient
+
+        from .http_session import BoundedSession
     except ImportError:
         raise InputError("DICOMweb needs the dicom extra: pip install 'imunet[dicom]'") from None
-    session = requests.Session()
+    session = BoundedSession(url, timeout, max_bytes)
     user = os.environ.get("IMUNET_DICOMWEB_USER")
     if user:
         session.auth = (user, os.environ.get("IMUNET_DICOMWEB_PASSWORD", ""))
-    return DICOMwebClient(url, session=session, timeout=timeout)
+    client = DICOMwebClient(url, session=session, timeout=timeout)
+    # The client would retry any failed request up to 5 times with growing waits (about 40 s for a
+    # 2 s deadline): a study fails in one line instead, and the next run is the retry.
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 @contextmanager
 def server_errors(url: str, what: str) -> Iterator[None]:
-    """Turn the ways a DICOMweb call fails into one :class:`DicomWebError` line."""
+    """Turn the ways a DICOMweb call fails into one :class:`DicomWebError` line (credentials in
+    ``url`` never shown)."""
     import requests
 
+    from .http_session import DeadlinePassed, RedirectRefused, ResponseTooLarge, redact
+
+    where = redact(url)
     try:
         yield
     except requests.exceptions.HTTPError as exc:
         code = exc.response.status_code if exc.response is not None else 0
-        reason = {
-            401: "the server wants credentials (set IMUNET_DICOMWEB_USER and IMUNET_DICOMWEB_PASSWORD)",
-            403: "the server refused the credentials",
-            404: "not found on the server",
-        }.get(code, f"the server answered HTTP {code}")
-        raise DicomWebError(f"{url}: {what}: {reason}") from None
+        with_credentials = bool(os.environ.get("IMUNET_DICOMWEB_USER")) or "@" in urlsplit(url).netloc
+        unauthorised = (
+            "the server did not accept the credentials given"
+            if with_credentials
+            else "the server wants credentials (set IMUNET_DICOMWEB_USER and IMUNET_DICOMWEB_PASSWORD)"
+        )
+        reason = {401: unauthorised, 403: "the server refused the credentials", 404: "not found on the server"}.get(
+            code, f"the server answered HTTP {code}"
+        )
+        raise DicomWebError(f"{where}: {what}: {reason}") from None
+    except (DeadlinePassed, RedirectRefused, ResponseTooLarge) as exc:
+        raise DicomWebError(f"{where}: {what}: {exc}") from None
     except requests.exceptions.Timeout:
-        raise DicomWebError(f"{url}: {what}: no answer in time") from None
+        raise DicomWebError(f"{where}: {what}: no answer in time") from None
     except requests.exceptions.RequestException as exc:
-        raise DicomWebError(f"{url}: {what}: cannot reach the server ({type(exc).__name__})") from None
+        raise DicomWebError(f"{where}: {what}: cannot reach the server ({type(exc).__name__})") from None
 
 
 def _value(entry: dict, tag: str) -> str:

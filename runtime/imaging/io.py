@@ -47,27 +47,35 @@ class Geometry:
         image.SetDirection(self.direction)
 
 
-def dicom_series(directory: Path) -> dict[str, list[str]]:
-    """Map each DICOM series instance UID in ``directory`` to its sorted file names."""
-    reader = sitk.ImageSeriesReader
-    uids = reader.GetGDCMSeriesIDs(str(directory)) or ()
-    return {uid: list(reader.GetGDCMSeriesFileNames(str(directory), uid)) for uid in uids}
+MAX_LISTED = 5  # series named in a message; a folder of thousands of series gives one short line
 
 
 def series_files(directory: Path, series: str | None) -> list[Path]:
     """The files of ``directory``'s DICOM series (the only one, or ``series``), in slice order: the
-    order of the volume's z axis when read."""
-    found = dicom_series(directory)
-    if not found:
+    order of the volume's z axis when read. The folder is scanned twice whatever its number of
+    series (once for the series, once for the chosen one's files)."""
+    reader = sitk.ImageSeriesReader
+    uids = list(reader.GetGDCMSeriesIDs(str(directory)) or ())
+    if not uids:
         raise InputError(f"{directory}: directory holds no DICOM series and no image file")
     if series is None:
-        if len(found) > 1:
-            listing = ", ".join(f"{uid} ({len(files)} files)" for uid, files in found.items())
-            raise InputError(f"{directory}: holds {len(found)} DICOM series; pick one with --series: {listing}")
-        series = next(iter(found))
-    if series not in found:
-        raise InputError(f"{directory}: no DICOM series {series!r}; present: {', '.join(found)}")
-    return [Path(f) for f in found[series]]
+        if len(uids) > 1:
+            raise InputError(
+                f"{directory}: holds {len(uids)} DICOM series; pick one with --series: {_listing(directory, uids)}"
+            )
+        series = uids[0]
+    if series not in uids:
+        shown = series if len(series) <= 80 else series[:80] + "..."
+        raise InputError(f"{directory}: no DICOM series {shown!r}; present: {_listing(directory, uids)}")
+    return [Path(f) for f in reader.GetGDCMSeriesFileNames(str(directory), series)]
+
+
+def _listing(directory: Path, uids: list[str]) -> str:
+    """The series for a message: with their file counts when few, else the first few and a count."""
+    if len(uids) <= MAX_LISTED:
+        counts = {uid: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), uid)) for uid in uids}
+        return ", ".join(f"{uid} ({n} files)" for uid, n in counts.items())
+    return ", ".join(uids[:MAX_LISTED]) + f" and {len(uids) - MAX_LISTED} more"
 
 
 def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
