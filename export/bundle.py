@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,7 +42,7 @@ from .onnx import (
     unsupported_by_tensorrt,
     verify_parity,
 )
-from .variants import quantize_convolutions, quantize_decoder, variant_parity
+from .variants import quantize_convolutions, quantize_decoder, store_weights_fp16, variant_parity
 from .wrappers import feature_layouts, feature_names, feature_shape
 
 PARITY_TOLERANCE = 1e-4
@@ -56,7 +58,9 @@ class ExportOptions:
     runtime's default; ``--overlap`` overrides it at run time). ``keep_largest``: labels the runtime
     reduces to their largest component (None: the run's validation decision, if it made one).
     ``int8_convolutions``: add the encoder's (U-Net's) static int8 twin for OpenVINO, calibrated on
-    the run's training cases (the dataset must be where the run found it)."""
+    the run's training cases (the dataset must be where the run found it). ``fp16_weights``: store
+    the fp32 graphs' weights as float16, computed in float32 (half the size; checked against the
+    exact graphs)."""
 
     opset: int = DEFAULT_OPSET
     max_points: int = MAX_POINTS
@@ -64,6 +68,7 @@ class ExportOptions:
     overlap: float | None = None
     keep_largest: tuple[int, ...] | None = None
     int8_convolutions: bool = False
+    fp16_weights: bool = False
 
 
 FP16_BACKENDS = "tensorrt,ort-trt,ort-cuda,ort-cpu"  # onnxruntime's CPU runs them too (slowly): checks, tests
@@ -344,6 +349,25 @@ def _fp16_variants(
     }  # fmt: skip
 
 
+FP16_WEIGHTS_AGREEMENT = 0.999  # argmax agreement with the exact graphs a bundle storing fp16 weights needs
+
+
+def _store_fp16(graphs: dict[str, Path], patch: tuple[int, int, int], log: Callable) -> dict[str, Any]:
+    """Replace each fp32 graph by its twin with float16-stored weights; its parity against the exact
+    graphs (:class:`BundleError` below :data:`FP16_WEIGHTS_AGREEMENT`)."""
+    with tempfile.TemporaryDirectory(prefix="imunet-exact-") as exact_dir:
+        exact = {g: Path(shutil.copy(p, Path(exact_dir) / p.name)) for g, p in graphs.items()}
+        for g, p in graphs.items():
+            store_weights_fp16(exact[g], p)
+        check = variant_parity(exact, graphs, patch)
+    log(f"fp16-stored weights: max logit difference {check['max_abs_logit_diff']:.4f}, "
+        f"argmax {check['argmax_agreement']:.4f}")  # fmt: skip
+    if check["argmax_agreement"] < FP16_WEIGHTS_AGREEMENT:
+        changed = 1 - check["argmax_agreement"]
+        raise BundleError(f"fp16-stored weights change {changed:.2%} of the labels; bundle not written")
+    return check
+
+
 def _export_graphs(
     model: torch.nn.Module, cfg: RunConfig, folder: Path, opset: int, layout: str | Sequence[str] | None, log: Callable
 ) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -397,6 +421,9 @@ def write_bundle(
         if keep_largest is None:
             keep_largest = tuple(validation_decision(run_dir))
         manifest = replace(manifest, tensorrt_ops_checked=True, variants=variants, keep_largest=keep_largest)
+        if options.fp16_weights:
+            stored = _store_fp16(graphs, cfg.model.patch_size, log)
+            manifest = replace(manifest, parity={**manifest.parity, "fp16_weights": stored})
         finalize_manifest(tmp, manifest)
         load_bundle(tmp)  # what we wrote must load
     return out

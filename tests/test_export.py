@@ -308,3 +308,29 @@ def test_manifest_reads_the_feature_layout_and_refuses_a_decoder_without_one(bun
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"decoder.feature_layout \(\) does not fit"):
         load_bundle(old)
+
+
+def test_fp16_stored_weights_halve_the_graphs_and_keep_the_labels(trained_run, bundle_dir, phantom_dir, tmp_path):
+    """The fp32 graphs with float16-stored weights (float32 arithmetic): a smaller bundle whose labels
+    are those of the exact one, and the check recorded in the manifest."""
+    import SimpleITK as sitk
+
+    from imunet.export.bundle import ExportOptions, write_bundle
+    from imunet.runtime import Segmenter
+    from imunet.runtime.imaging.metrics import dice
+
+    small = write_bundle(
+        trained_run[0], tmp_path / "small.imunet", ExportOptions(fp16_weights=True), log=lambda _m: None
+    )
+    for graph in ("encoder.onnx", "decoder.onnx"):
+        ratio = (small / graph).stat().st_size / (bundle_dir / graph).stat().st_size
+        assert 0.45 < ratio < 0.65, (graph, ratio)
+    stored = load_bundle(small).manifest.parity["fp16_weights"]
+    assert stored["argmax_agreement"] >= 0.999 and stored["max_abs_logit_diff"] < 0.05
+    exact, half = Segmenter(bundle_dir, backend="ort-cpu", precision="fp32"), Segmenter(small, backend="ort-cpu",
+                                                                                         precision="fp32")  # fmt: skip
+    for i in range(3):
+        scan = sitk.ReadImage(str(phantom_dir / "imagesTr" / f"phantom_00{i}_0000.nii.gz"))
+        a, b = (sitk.GetArrayFromImage(s.predict(scan)) for s in (exact, half))
+        assert (a != b).mean() < 1e-3
+        assert dice(a, b, 1) > 0.99
