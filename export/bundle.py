@@ -185,25 +185,27 @@ def build_manifest(
         ),
         parity=parity,
         accuracy=run_accuracy(run_dir),
-        label_codes=anatomy_codes(labels),
+        label_codes=anatomy_codes(labels, extra.get("dataset_name", cfg.dataset)),
     )
 
 
 ANATOMY_CODES = Path(__file__).with_name("anatomy_codes.json")
 
 
-def anatomy_codes(labels: dict[int, str]) -> dict[int, dict[str, dict[str, str]]]:
-    """Coded concepts (SNOMED CT) for the labels whose names ``export/anatomy_codes.json`` knows."""
+def anatomy_codes(labels: dict[int, str], dataset: str = "") -> dict[int, dict[str, dict[str, str]]]:
+    """Coded concepts (SNOMED CT: category, type and a modifier where the name says one) for the
+    labels whose names ``export/anatomy_codes.json`` knows, ``DATASET/NAME`` before ``NAME``."""
     table = json.loads(ANATOMY_CODES.read_text())
 
     def key(name: str) -> str:
         return "".join(c for c in name.lower() if c.isalnum())
 
-    return {
-        k: {"category": dict(table["category"]), "type": dict(table["types"][key(name)])}
-        for k, name in labels.items()
-        if k and key(name) in table["types"]
-    }
+    codes = {}
+    for k, name in labels.items():
+        entry = table["types"].get(f"{key(dataset)}/{key(name)}") or table["types"].get(key(name))
+        if k and entry:
+            codes[k] = {"category": dict(table["category"]), **{part: dict(code) for part, code in entry.items()}}
+    return codes
 
 
 def run_accuracy(run_dir: Path) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def test_credentials_and_timeouts(mr_series, tmp_path, monkeypatch):
     monkeypatch.setenv("IMUNET_DICOMWEB_TIMEOUT", "1")
     code, _, err = run("--dicomweb", f"http://127.0.0.1:{silent.getsockname()[1]}", "--study", "1.2.3", "--store")
     silent.close()
-    assert code == 1 and "no answer in time" in err
+    assert code == 1 and "no complete answer within 1 s" in err
 
 
 def test_the_cli_refuses_dicomweb_mistakes_before_any_work():
@@ -270,3 +270,59 @@ def test_the_cli_refuses_dicomweb_mistakes_before_any_work():
     ]:
         code, _, err = run(*args)
         assert code == 2 and message in err, err
+
+
+def strip_attributes(files, keywords, into):
+    """Copies of ``files`` in folder ``into`` without ``keywords`` (as anonymising exports leave them)."""
+    into.mkdir()
+    for f in files:
+        ds = pydicom.dcmread(str(f))
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(str(into / f.name), enforce_file_format=True)
+    return sorted(into.iterdir())
+
+
+TYPE2 = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyID")
+
+
+def test_an_anonymised_series_without_type2_attributes_gets_a_seg_and_stays_untouched(mr_series, tmp_path):
+    import hashlib
+
+    files = strip_attributes(mr_series["files"], TYPE2, tmp_path / "anon")
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    code, _, err = run(tmp_path / "anon", "--out", tmp_path / "seg.dcm")
+    assert code == 0, err
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files} == before  # the user's files
+    ds = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    for keyword in TYPE2:
+        assert keyword in ds and ds.get(keyword) in ("", None), keyword  # present, empty (Type 2)
+
+
+def test_seg_segments_carry_anatomy_laterality_and_colour(mr_series, tmp_path):
+    code, _, err = run(mr_series["folder"], "--out", tmp_path / "seg.dcm")
+    assert code == 0, err
+    ds = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    for segment, part in zip(ds.SegmentSequence, ("Anterior", "Posterior"), strict=True):
+        category = segment.SegmentedPropertyCategoryCodeSequence[0]
+        kind = segment.SegmentedPropertyTypeCodeSequence[0]
+        assert (category.CodeValue, category.CodeMeaning) == ("123037004", "Anatomical Structure")
+        assert (kind.CodeValue, kind.CodeMeaning) == ("5366008", "Hippocampus")
+        assert kind.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == part
+        assert len(segment.RecommendedDisplayCIELabValue) == 3
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in ds.SegmentSequence]
+    assert colours[0] != colours[1]
+
+
+def test_a_series_without_its_uids_is_refused_before_inference(mr_series, tmp_path, monkeypatch):
+    from imunet.runtime.app.pipeline import Segmenter
+
+    def no_inference(*_args, **_kw):
+        raise AssertionError("inference ran for a series that cannot make a SEG")
+
+    monkeypatch.setattr(Segmenter, "segment", no_inference)
+    strip_attributes(mr_series["files"], ("SOPInstanceUID",), tmp_path / "nouid")
+    code, _, err = run(tmp_path / "nouid", "--out", tmp_path / "seg.dcm")
+    assert code == 1 and "lacks SOPInstanceUID; a DICOM SEG cannot reference it" in err
+    assert not (tmp_path / "seg.dcm").exists() and "inference ran" not in err

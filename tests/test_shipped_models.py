@@ -62,3 +62,8 @@ def test_organ_names_get_their_snomed_codes():
     assert codes[1]["type"] == {"scheme": "SCT", "value": "15926001", "meaning": "Brain stem"}
     assert codes[2]["type"]["value"] == "2748008" and codes[3]["type"]["meaning"] == "Parotid gland"
     assert codes[1]["category"]["meaning"] == "Anatomical Structure" and 4 not in codes and 0 not in codes
+    assert codes[3]["modifier"]["meaning"] == "Right" and "modifier" not in codes[1]
+    hippocampus = anatomy_codes({0: "background", 1: "anterior", 2: "posterior"}, "Hippocampus")
+    assert {k: (c["type"]["meaning"], c["modifier"]["meaning"]) for k, c in hippocampus.items()} == {
+        1: ("Hippocampus", "Anterior"), 2: ("Hippocampus", "Posterior")}  # fmt: skip
+    assert anatomy_codes({1: "anterior"}, "Prostate") == {}  # a part named alone is no anatomy

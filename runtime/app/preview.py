@@ -10,13 +10,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..contract.label_names import label_colour
 from ..imaging.atomic import atomic_output
 
-PALETTE = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-     [70, 240, 240], [240, 50, 230], [210, 245, 60]],
-    dtype=np.float32,
-)  # fmt: skip
+PALETTE = np.array([label_colour(k) for k in range(256)], dtype=np.float32)  # by label value (uint8)
 MIN_PANEL = 256  # pixels: small scans are enlarged so that a person can see them
 CAPTION = 20  # pixels above each panel for its name and slice
 LINE = 20  # pixels per line of text (caption, legend)
@@ -40,7 +37,7 @@ def _panel(
     lo, hi = window
     grey = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     rgb = np.repeat(grey[..., None], 3, axis=-1)
-    rgb = np.where((lab > 0)[..., None], 0.55 * rgb + 0.45 * PALETTE[lab % len(PALETTE)], rgb)
+    rgb = np.where((lab > 0)[..., None], 0.55 * rgb + 0.45 * PALETTE[lab], rgb)
     pixel = min(spacing_rc)
     rows = max(1, int(round(img.shape[0] * spacing_rc[0] / pixel)))
     cols = max(1, int(round(img.shape[1] * spacing_rc[1] / pixel)))
@@ -107,7 +104,7 @@ def render(image: sitk.Image, label: sitk.Image, names: dict[int, str], caption:
     top = head + tiles[0].size[1] + 4
     for i, (k, name) in enumerate(entries):
         ml = volumes.GetPhysicalSize(k) / 1000.0 if volumes.HasLabel(k) else 0.0
-        colour = tuple(int(c) for c in PALETTE[k % len(PALETTE)])
+        colour = label_colour(k)
         draw.rectangle((4, top + LINE * i + 2, 16, top + LINE * i + 14), fill=colour)
         draw.text((22, top + LINE * i), f"{name}: {ml:.2f} ml", fill=(255, 255, 255), font=font)
     return np.asarray(canvas)

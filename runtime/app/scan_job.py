@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..imaging.atomic import atomic_outputs
-from .batch import Job, output_suffix
+from .batch import SEG_SUFFIX, Job, output_suffix
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,11 @@ def run_job(seg, job: Job, todo: list[Path], options: RunOptions, caption: str) 
 
     labels = seg.bundle.manifest.labels
     t = time.perf_counter()
+    if job.dest.name.lower().endswith(SEG_SUFFIX) and job.dest in todo:  # knowable from the headers alone
+        from ..dicom.dicom_seg import check_references
+        from ..imaging.io import series_files
+
+        check_references(series_files(job.scan, options.series))
     seg.check_memory(*read_header(job.scan, options.series))  # before any voxel is read or decompressed
     image = read_image(job.scan, series=options.series, channel=options.channel)
     read_s = round(time.perf_counter() - t, 4)

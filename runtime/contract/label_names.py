@@ -1,5 +1,6 @@
-"""Label names: as a user names them (names in any case or numbers, comma-separated or one per
-argument) and as a dataset's ``dataset.json`` lists them."""
+"""Labels as people meet them: the names a user types (names in any case or numbers, comma-separated
+or one per argument), the names a dataset's ``dataset.json`` lists, and the colour each label is
+shown in (the preview and the DICOM SEG's recommended display colour agree)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import InputError
+
+# sRGB per label index (index 0, background, is never drawn): distinct, readable over grey anatomy
+LABEL_COLOURS = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60),
+)  # fmt: skip
+
+
+def label_colour(k: int) -> tuple[int, int, int]:
+    """The sRGB colour of label ``k`` (the palette repeats past its end, skipping background's black)."""
+    return LABEL_COLOURS[k] if k < len(LABEL_COLOURS) else LABEL_COLOURS[1 + (k - 1) % (len(LABEL_COLOURS) - 1)]
 
 
 def label_indices(items: Iterable[str], labels: dict[int, str], option: str) -> tuple[int, ...]:

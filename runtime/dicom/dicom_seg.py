@@ -2,9 +2,15 @@
 with highdicom (the ``dicom`` extra: highdicom, pydicom, dicomweb-client).
 
 One binary segment per foreground label, named as in the manifest and coded with the manifest's
-concepts (a generic SNOMED CT "Anatomical Structure" where it has none); the algorithm's name,
-version and provenance from the bundle; patient and study attributes copied from the source
-images, which are all referenced; frames on the source slices, empty frames left out.
+concepts (category, type and a modifier such as laterality; a generic SNOMED CT "Anatomical
+Structure" where it has none), with the label's display colour; the algorithm's name, version and
+provenance from the bundle; patient and study attributes copied from the source images, which are
+all referenced; frames on the source slices, empty frames left out.
+
+Anonymised exports routinely drop Type 2 attributes (patient's birth date and sex, referring
+physician, accession number, study ID); they are given the empty value the standard allows, on the
+in-memory copies the SEG is built from, never in the user's files. The Type 1 UIDs a SEG must
+reference are checked from the headers before any inference (:func:`check_references`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..contract.bundle import Bundle
+from ..contract.label_names import label_colour
 from ..errors import InputError
 from ..imaging.atomic import atomic_output
 
@@ -38,16 +45,43 @@ def _concept(hd: Any, entry: dict | None, default: Any) -> Any:
     return hd.sr.CodedConcept(value=entry["value"], scheme_designator=entry["scheme"], meaning=entry["meaning"])
 
 
+REFERENCED_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")  # Type 1: a SEG points at them
+PATIENT_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+
+
+def _headers(sources: list[Path]) -> list[Any]:
+    _, pydicom, _ = _dicom()
+    return [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sources]
+
+
+def check_references(sources: list[Path]) -> None:
+    """:class:`InputError` naming the UIDs a DICOM SEG must reference that the series lacks (read
+    from the headers only, before any voxel or inference)."""
+    datasets = _headers(sources)
+    missing = [k for k in REFERENCED_UIDS if any(not ds.get(k) for ds in datasets)]
+    if missing:
+        raise InputError(f"the source series lacks {', '.join(missing)}; a DICOM SEG cannot reference it")
+
+
+def _with_type2(ds: Any) -> Any:
+    """``ds`` (an in-memory copy) with every Type 2 patient and study attribute present, empty where absent."""
+    for keyword in PATIENT_STUDY_TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
 def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     """The SEG dataset of ``label`` (on the grid of the series read from ``sources``, in that order)."""
     hd, pydicom, codes = _dicom()
-    datasets = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sources]
+    check_references(sources)
+    datasets = [_with_type2(ds) for ds in _headers(sources)]
     frames = sitk.GetArrayFromImage(label).astype(np.uint8)  # (slices, rows, columns), slices in sources' order
     if frames.shape[0] != len(datasets) or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):
         raise InputError(f"the label map {frames.shape} does not lie on the source series' {len(datasets)} slices")
-    missing = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not datasets[0].get(k)]
-    if missing:
-        raise InputError(f"the source series lacks {', '.join(missing)}; a DICOM SEG cannot reference it")
     m = bundle.manifest
     version = _version()
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -56,19 +90,8 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
         version=f"{version}; {m.provenance.dataset} {m.provenance.date}"[:64],
         source=f"run {m.provenance.run}, commit {m.provenance.commit or 'unknown'}"[:64],
     )
-    generic = codes.SCT.AnatomicalStructure
-    segments = [
-        hd.seg.SegmentDescription(
-            segment_number=k,
-            segment_label=name[:64],
-            segmented_property_category=_concept(hd, m.label_codes.get(k, {}).get("category"), generic),
-            segmented_property_type=_concept(hd, m.label_codes.get(k, {}).get("type"), generic),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        )
-        for k, name in sorted(m.labels.items())
-        if k
-    ]
+    segments = [_segment(hd, codes, k, name, m.label_codes.get(k, {}), algorithm) for k, name in
+                sorted(m.labels.items()) if k]  # fmt: skip
     return hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=frames,
@@ -99,6 +122,25 @@ def write_segmentation(dataset: Any, path: Path, overwrite: bool = False) -> Pat
     with atomic_output(path, overwrite) as tmp:
         save_segmentation(dataset, tmp)
     return path
+
+
+def _segment(hd: Any, codes: Any, k: int, name: str, coded: dict, algorithm: Any) -> Any:
+    """Segment ``k``: its name, coded category, type and modifier, and its display colour."""
+    generic = codes.SCT.AnatomicalStructure
+    description = hd.seg.SegmentDescription(
+        segment_number=k,
+        segment_label=name[:64],
+        segmented_property_category=_concept(hd, coded.get("category"), generic),
+        segmented_property_type=_concept(hd, coded.get("type"), generic),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor.from_rgb(*label_colour(k)),
+    )
+    if coded.get("modifier"):
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _concept(hd, coded["modifier"], None)
+        ]
+    return description
 
 
 def _version() -> str:
