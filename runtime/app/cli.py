@@ -11,6 +11,7 @@ import typer
 from ..errors import ImunetError
 from ..imaging.formats import WRITABLE_SUFFIXES, case_name
 from .batch import SEG_SUFFIX, Job, check_destinations, check_outputs, collect_inputs, output_suffix, plan
+from .outputs import DICOM_FORMATS
 from .stats_file import add_run, read_ledger, write_ledger
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -89,7 +90,14 @@ def run(
         help="PNG of three slices through the largest label: FILE.png for one scan, or a FOLDER for CASE.png per scan.",
     ),
     fmt: str = typer.Option(
-        ".nii.gz", "--format", help="Output format in folders: .nii.gz | .nii | .nrrd | .mha | .dcm (DICOM SEG)."
+        ".nii.gz",
+        "--format",
+        help="Output format in folders: .nii.gz | .nii | .nrrd | .mha | .dcm (DICOM series: see --dicom-format).",
+    ),
+    dicom_format: str = typer.Option(
+        "seg",
+        "--dicom-format",
+        help="What a .dcm output holds: seg (DICOM Segmentation) | rtstruct (RT Structure Set).",
     ),
     roi: Optional[list[str]] = typer.Option(
         None, "--roi", metavar="LABEL[,LABEL]", help="Write only these labels (names or numbers)."
@@ -138,6 +146,8 @@ def run(
         _fail(f"--format must be one of {', '.join(WRITABLE_SUFFIXES)}, {SEG_SUFFIX}; got {fmt!r}")
     if overwrite and skip_existing:
         _fail("--overwrite and --skip-existing contradict each other; pass one")
+    if dicom_format not in DICOM_FORMATS:
+        _fail(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}; got {dicom_format!r}")
     _check_dicom_options(inputs, out, fmt, dicomweb, study, store, masks or save_probabilities)
     scans, notes = collect_inputs(inputs or [])
     if not scans and not dicomweb:
@@ -158,7 +168,9 @@ def run(
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if not quiet:
         _header(seg, notes)
-    options = RunOptions(overwrite, skip_existing, keep, masks, save_probabilities, series, channel, quiet)
+    options = RunOptions(
+        overwrite, skip_existing, keep, masks, save_probabilities, series, channel, quiet, dicom_format
+    )
     if dicomweb:
         from .dicomweb_run import StudyRequest, run_dicomweb
 

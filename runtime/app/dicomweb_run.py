@@ -33,12 +33,12 @@ class StudyRequest:
 def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: RunOptions) -> dict:
     """Segment one series of a DICOMweb study; a failure is reported in one line, never raised."""
     url, study, series, store = request.url, request.study, request.series, request.store
-    from ..dicom.dicom_seg import segmentation, write_segmentation
+    from ..dicom.dicom_seg import write_segmentation
     from ..dicom.dicomweb import connect, fetch_series, pick_series
     from ..dicom.dicomweb import store as store_instance
     from ..dicom.http_session import redact
     from ..imaging.io import read_image, series_files, write_image_atomic
-    from .outputs import keep_labels
+    from .outputs import dicom_object, keep_labels
 
     where = f"{redact(url)} study {study}"
     try:
@@ -55,7 +55,7 @@ def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: RunOptio
             result = seg.segment(image)
             label = keep_labels(result.labels, options.keep)
             t = time.perf_counter()
-            dataset = segmentation(label, files, seg.bundle)  # built in full before anything is written or stored
+            dataset = dicom_object(label, files, seg.bundle, options.dicom_format)  # whole, before writing or storing
             seg_s = round(time.perf_counter() - t, 4)
         if out is not None:
             if out.name.lower().endswith(SEG_SUFFIX):
@@ -74,5 +74,6 @@ def run_dicomweb(seg, request: StudyRequest, out: Path | None, options: RunOptio
     if not options.quiet:
         dest = " and ".join(x for x in (str(out) if out else "", "stored on the server" if store else "") if x)
         vols = ", ".join(f"{k} {v:.2f} ml" for k, v in stats["volumes_ml"].items())
-        typer.echo(f"series {uid} -> DICOM SEG {dataset.SeriesInstanceUID} ({dest})  ({vols})")
+        what = "RT Structure Set" if options.dicom_format == "rtstruct" else "DICOM SEG"
+        typer.echo(f"series {uid} -> {what} {dataset.SeriesInstanceUID} ({dest})  ({vols})")
     return {"input": where, "series": uid, "seg_series": str(dataset.SeriesInstanceUID), "ok": True, **stats}

@@ -61,12 +61,26 @@ def write_probabilities(probs: np.ndarray, image: sitk.Image, labels: dict[int, 
         )
 
 
-def write_label(label: sitk.Image, dest: Path, scan: Path, series: str | None, bundle) -> None:
-    """The label map as an image file, or as a DICOM SEG referencing the DICOM series ``scan``."""
+DICOM_FORMATS = ("seg", "rtstruct")  # what a .dcm output holds: a DICOM SEG or an RT Structure Set
+
+
+def dicom_object(label: sitk.Image, sources: list[Path], bundle, dicom_format: str):
+    """The DICOM dataset of ``label`` on the series read from ``sources``: a SEG or an RT Structure Set."""
+    if dicom_format == "rtstruct":
+        from ..dicom.rtstruct import structure_set
+
+        return structure_set(label, sources, bundle)
+    from ..dicom.dicom_seg import segmentation
+
+    return segmentation(label, sources, bundle)
+
+
+def write_label(label: sitk.Image, dest: Path, scan: Path, series: str | None, bundle, dicom_format: str) -> None:
+    """The label map as an image file, or as a DICOM object (``dicom_format``) referencing the DICOM
+    series ``scan``."""
     if not dest.name.lower().endswith(".dcm"):
         write_image(label, dest)
         return
-    from ..dicom.dicom_seg import save_segmentation, segmentation
     from ..imaging.io import series_files
 
-    save_segmentation(segmentation(label, series_files(scan, series), bundle), dest)
+    dicom_object(label, series_files(scan, series), bundle, dicom_format).save_as(str(dest), enforce_file_format=True)

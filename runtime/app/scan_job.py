@@ -27,6 +27,7 @@ class RunOptions:
     series: str | None = None
     channel: int | None = None
     quiet: bool = False
+    dicom_format: str = "seg"  # what a .dcm output holds: seg | rtstruct
 
 
 def with_extras(job: Job, labels: dict[int, str], options: RunOptions) -> Job:
@@ -63,10 +64,12 @@ def run_job(seg, job: Job, todo: list[Path], options: RunOptions, caption: str) 
     labels = seg.bundle.manifest.labels
     t = time.perf_counter()
     if job.dest.name.lower().endswith(SEG_SUFFIX) and job.dest in todo:  # knowable from the headers alone
-        from ..dicom.dicom_seg import check_references
+        from ..dicom.headers import RTSTRUCT_REFERENCES, SEG_REFERENCES, check_references
         from ..imaging.io import series_files
 
-        check_references(series_files(job.scan, options.series))
+        rt = options.dicom_format == "rtstruct"
+        what = "an RT Structure Set" if rt else "a DICOM SEG"
+        check_references(series_files(job.scan, options.series), RTSTRUCT_REFERENCES if rt else SEG_REFERENCES, what)
     seg.check_memory(*read_header(job.scan, options.series))  # before any voxel is read or decompressed
     image = read_image(job.scan, series=options.series, channel=options.channel)
     read_s = round(time.perf_counter() - t, 4)
@@ -74,7 +77,7 @@ def run_job(seg, job: Job, todo: list[Path], options: RunOptions, caption: str) 
     t = time.perf_counter()
     label = keep_labels(result.labels, options.keep)
     writers: dict[Path, Callable[[Path], object]] = {job.dest: lambda p: write_label(
-        label, p, job.scan, options.series, seg.bundle)}  # fmt: skip
+        label, p, job.scan, options.series, seg.bundle, options.dicom_format)}  # fmt: skip
     for k, path in job.masks.items():
         writers[path] = lambda p, k=k: write_mask(label, k, p)
     if job.probabilities is not None:

@@ -10,7 +10,7 @@ all referenced; frames on the source slices, empty frames left out.
 Anonymised exports routinely drop Type 2 attributes (patient's birth date and sex, referring
 physician, accession number, study ID); they are given the empty value the standard allows, on the
 in-memory copies the SEG is built from, never in the user's files. The Type 1 UIDs a SEG must
-reference are checked from the headers before any inference (:func:`check_references`).
+reference are checked from the headers before any inference (:func:`.headers.check_references`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..contract.bundle import Bundle
 from ..contract.label_names import label_colour
 from ..errors import InputError
 from ..imaging.atomic import atomic_output
+from .headers import check_references, read_headers, with_type2
 
 SERIES_NUMBER = 9101  # where viewers list the SEG among the study's series
 
@@ -45,40 +46,11 @@ def _concept(hd: Any, entry: dict | None, default: Any) -> Any:
     return hd.sr.CodedConcept(value=entry["value"], scheme_designator=entry["scheme"], meaning=entry["meaning"])
 
 
-REFERENCED_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")  # Type 1: a SEG points at them
-PATIENT_STUDY_TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)  # fmt: skip
-
-
-def _headers(sources: list[Path]) -> list[Any]:
-    _, pydicom, _ = _dicom()
-    return [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sources]
-
-
-def check_references(sources: list[Path]) -> None:
-    """:class:`InputError` naming the UIDs a DICOM SEG must reference that the series lacks (read
-    from the headers only, before any voxel or inference)."""
-    datasets = _headers(sources)
-    missing = [k for k in REFERENCED_UIDS if any(not ds.get(k) for ds in datasets)]
-    if missing:
-        raise InputError(f"the source series lacks {', '.join(missing)}; a DICOM SEG cannot reference it")
-
-
-def _with_type2(ds: Any) -> Any:
-    """``ds`` (an in-memory copy) with every Type 2 patient and study attribute present, empty where absent."""
-    for keyword in PATIENT_STUDY_TYPE2:
-        if keyword not in ds:
-            setattr(ds, keyword, "")
-    return ds
-
-
 def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     """The SEG dataset of ``label`` (on the grid of the series read from ``sources``, in that order)."""
     hd, pydicom, codes = _dicom()
     check_references(sources)
-    datasets = [_with_type2(ds) for ds in _headers(sources)]
+    datasets = [with_type2(ds) for ds in read_headers(sources)]
     frames = sitk.GetArrayFromImage(label).astype(np.uint8)  # (slices, rows, columns), slices in sources' order
     if frames.shape[0] != len(datasets) or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):
         raise InputError(f"the label map {frames.shape} does not lie on the source series' {len(datasets)} slices")

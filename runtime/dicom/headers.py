@@ -1,0 +1,51 @@
+"""The source series' headers as DICOM outputs (SEG, RT Structure Set) need them: read without pixel
+data, checked for the UIDs an output must reference before any inference, and completed on
+in-memory copies with the Type 2 patient and study attributes that anonymising exports drop (the
+standard allows them empty; the user's files are never changed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+PATIENT_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+SEG_REFERENCES = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+RTSTRUCT_REFERENCES = (*SEG_REFERENCES, "FrameOfReferenceUID")
+
+
+def pydicom_module() -> Any:
+    """pydicom, or :class:`InputError` saying which extra brings it."""
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError("DICOM outputs need the dicom extra: pip install 'imunet[dicom]'") from None
+    return pydicom
+
+
+def read_headers(sources: list[Path]) -> list[Any]:
+    """Each source file's header (no pixel data), in the order given."""
+    pydicom = pydicom_module()
+    return [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sources]
+
+
+def check_references(
+    sources: list[Path], required: tuple[str, ...] = SEG_REFERENCES, what: str = "a DICOM SEG"
+) -> None:
+    """:class:`InputError` naming the UIDs ``what`` must reference that the series lacks (headers only)."""
+    datasets = read_headers(sources)
+    missing = [k for k in required if any(not ds.get(k) for ds in datasets)]
+    if missing:
+        raise InputError(f"the source series lacks {', '.join(missing)}; {what} cannot reference it")
+
+
+def with_type2(ds: Any) -> Any:
+    """``ds`` (an in-memory copy) with every Type 2 patient and study attribute present, empty where absent."""
+    for keyword in PATIENT_STUDY_TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
