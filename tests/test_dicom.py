@@ -326,3 +326,13 @@ def test_a_series_without_its_uids_is_refused_before_inference(mr_series, tmp_pa
     code, _, err = run(tmp_path / "nouid", "--out", tmp_path / "seg.dcm")
     assert code == 1 and "lacks SOPInstanceUID; a DICOM SEG cannot reference it" in err
     assert not (tmp_path / "seg.dcm").exists() and "inference ran" not in err
+
+
+def test_a_seg_made_again_is_the_same_object(mr_series, tmp_path):
+    """UIDs derived from the source series and the bundle: a resend after a crash is stored once."""
+    for name in ("a.dcm", "b.dcm"):
+        code, _, err = run(mr_series["folder"], "--out", tmp_path / name)
+        assert code == 0, err
+    a, b = (pydicom.dcmread(str(tmp_path / n), stop_before_pixels=True) for n in ("a.dcm", "b.dcm"))
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    assert a.SOPInstanceUID != mr_series["series"]

@@ -25,7 +25,7 @@ from ..contract.bundle import Bundle
 from ..contract.label_names import label_colour
 from ..errors import InputError
 from ..imaging.atomic import atomic_output
-from .headers import check_references, read_headers, with_type2
+from .headers import check_references, derived_uid, read_headers, with_type2
 
 SERIES_NUMBER = 9101  # where viewers list the SEG among the study's series
 
@@ -69,9 +69,9 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=derived_uid(str(datasets[0].SeriesInstanceUID), m.files, "seg", "series"),
         series_number=SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=derived_uid(str(datasets[0].SeriesInstanceUID), m.files, "seg", "instance"),
         instance_number=1,
         manufacturer="imunet",
         manufacturer_model_name=bundle.path.name[:64],

@@ -5,6 +5,8 @@ standard allows them empty; the user's files are never changed)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,15 @@ def check_references(
     missing = [k for k in required if any(not ds.get(k) for ds in datasets)]
     if missing:
         raise InputError(f"the source series lacks {', '.join(missing)}; {what} cannot reference it")
+
+
+def derived_uid(source_series: str, bundle_files: dict[str, str], output: str, part: str) -> str:
+    """A UID that the same source series, bundle (its files' sha256) and output kind always give:
+    an output sent again after a crash is the same object to a PACS, stored once."""
+    from pydicom.uid import generate_uid
+
+    bundle_id = hashlib.sha256(json.dumps(sorted(bundle_files.items())).encode()).hexdigest()
+    return generate_uid(entropy_srcs=[source_series, bundle_id, output, part])
 
 
 def with_type2(ds: Any) -> Any:

@@ -15,8 +15,6 @@ part of a 2-4 voxel wide spinal cord or esophagus), and over writing marching sq
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import SimpleITK as sitk
 from ..contract.bundle import Bundle
 from ..contract.label_names import label_colour
 from ..errors import InputError
-from .headers import RTSTRUCT_REFERENCES, check_references, pydicom_module, read_headers, with_type2
+from .headers import RTSTRUCT_REFERENCES, check_references, derived_uid, pydicom_module, read_headers, with_type2
 
 RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"
 DETACHED_STUDY = "1.2.840.10008.3.1.2.3.1"  # the SOP class a structure set names its study with
@@ -98,15 +96,14 @@ def structure_set(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any
 
 def _base(pydicom: Any, first: Any, bundle: Bundle) -> Any:
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
     m = bundle.manifest
-    bundle_id = hashlib.sha256(json.dumps(sorted(m.files.items())).encode()).hexdigest()
-    identity = [str(first.SeriesInstanceUID), bundle_id, "rtstruct"]  # the source series and the bundle
+    source = str(first.SeriesInstanceUID)
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET
-    ds.SOPInstanceUID = generate_uid(entropy_srcs=[*identity, "instance"])  # a resend is the same object
+    ds.SOPInstanceUID = derived_uid(source, m.files, "rtstruct", "instance")  # a resend is the same object
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = RT_STRUCTURE_SET
@@ -115,7 +112,7 @@ def _base(pydicom: Any, first: Any, bundle: Bundle) -> Any:
             setattr(ds, keyword, first.data_element(keyword).value)
     now = _dt.datetime.now()
     ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[*identity, "series"])
+    ds.SeriesInstanceUID = derived_uid(source, m.files, "rtstruct", "series")
     ds.SeriesNumber, ds.InstanceNumber = SERIES_NUMBER, 1
     ds.SeriesDescription = f"imunet {m.describe()}"[:64]
     ds.Manufacturer, ds.ManufacturerModelName = "imunet", bundle.path.name[:64]
