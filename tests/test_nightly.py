@@ -5,6 +5,7 @@ volumes, trusted-key folders, untrained models and the evaluation's warnings."""
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,49 @@ def test_help_names_what_to_give_not_python_types():
     code, stdout, _ = run("--help")
     assert code == 0 and "SCAN|FOLDER" in stdout and "LABEL[,LABEL]" in stdout
     assert "<list[" not in stdout and "list[Path]" not in stdout
+
+
+def test_the_cohort_table_grows_as_the_run_goes_and_across_nights(bundle_dir, phantom_dir, drop, tmp_path):
+    import csv
+
+    out, table = tmp_path / "out", tmp_path / "cohort.csv"
+    (drop / "broken.nii.gz").write_bytes(b"not a scan")
+    line = [drop, "--model", bundle_dir, "--out", out, "--skip-existing", "--table", table]
+    code, _, _ = run(*line)
+    assert code == 1  # the broken scan
+    shutil.copy(phantom_dir / "imagesTr" / "phantom_002_0000.nii.gz", drop)
+    (drop / "broken.nii.gz").unlink()
+    code, _, err = run(*line)
+    assert code == 0, err
+    rows = list(csv.DictReader(table.open()))
+    assert [r["status"] for r in rows] == ["failed", "segmented", "segmented", "skipped", "skipped", "segmented"]
+    assert "broken.nii.gz" in rows[0]["input"] and rows[0]["error"]
+    assert float(rows[1]["organ_ml"]) > 0 and float(rows[1]["seconds"]) > 0 and rows[1]["node"]
+    assert rows[1]["run"] != rows[-1]["run"]  # each night's rows say which run wrote them
+    code, _, err = run(drop, "--out", tmp_path / "other", "--table", table)  # the shipped model: other labels
+    assert code == 2 and "exists with other columns" in err
+
+
+def test_a_run_killed_midway_leaves_a_table_of_what_is_done(bundle_dir, phantom_dir, tmp_path):
+    import csv
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(30):
+        shutil.copy(phantom_dir / "imagesTr" / f"phantom_00{i % 4}_0000.nii.gz", folder / f"case{i:02d}_0000.nii.gz")
+    table, out = tmp_path / "t.csv", tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "imunet.runtime.app.cli", str(folder), "--model", str(bundle_dir),
+                             "--out", str(out), "--table", str(table), "-q"])  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not table.exists() or len(table.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows = list(csv.DictReader(table.open()))
+    assert 2 <= len(rows) < 30
+    for row in rows:  # every row whole, every output it names in place
+        assert row["status"] == "segmented" and Path(row["output"]).is_file()

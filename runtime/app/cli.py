@@ -11,6 +11,7 @@ import typer
 from ..errors import ImunetError
 from ..imaging.formats import WRITABLE_SUFFIXES, case_name
 from .batch import SEG_SUFFIX, Job, check_destinations, check_outputs, collect_inputs, output_suffix, plan
+from .cohort_table import CohortTable
 from .outputs import DICOM_FORMATS
 from .stats_file import add_run, read_ledger, write_ledger
 
@@ -83,6 +84,13 @@ def run(
         help="Per-scan timings, volumes and warnings as JSON. An existing file from an earlier run is added to "
         "(one entry per scan, every run listed), so a nightly job can keep one path.",
     ),
+    table: Optional[Path] = typer.Option(
+        None,
+        "--table",
+        metavar="FILE.csv",
+        help="One CSV row per scan (input, output, status, error, seconds, node, run, volumes), written as each "
+        "scan ends; an existing table of the same model is added to.",
+    ),
     preview: Optional[Path] = typer.Option(
         None,
         "--preview",
@@ -146,6 +154,8 @@ def run(
         _fail(f"--format must be one of {', '.join(WRITABLE_SUFFIXES)}, {SEG_SUFFIX}; got {fmt!r}")
     if overwrite and skip_existing:
         _fail("--overwrite and --skip-existing contradict each other; pass one")
+    if table is not None and table.suffix.lower() != ".csv":
+        _fail(f"--table {table}: the table is CSV, written as the run goes; name a .csv file")
     if dicom_format not in DICOM_FORMATS:
         _fail(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}; got {dicom_format!r}")
     _check_dicom_options(inputs, out, fmt, dicomweb, study, store, masks or save_probabilities)
@@ -175,24 +185,46 @@ def run(
         from .dicomweb_run import StudyRequest, run_dicomweb
 
         request = StudyRequest(dicomweb, study, series, store)  # type: ignore[arg-type]
-        try:
-            ledger = read_ledger(stats) if stats is not None else None
-        except ImunetError as exc:
-            seg.close()
-            _fail(str(exc))
-        report = [run_dicomweb(seg, request, out, options)]
+        ledger, rows = _open_records(seg, stats, table, started, [])
+        report = [rows(run_dicomweb(seg, request, out, options))]
     else:
         labels = seg.bundle.manifest.labels
         jobs = [with_extras(job, labels, options) for job in plan(scans, out, fmt, preview)]
-        try:
-            check_outputs(jobs, [(stats, "--stats")] if stats is not None else [])
-            ledger = read_ledger(stats) if stats is not None else None
-        except ImunetError as exc:
-            seg.close()
-            _fail(str(exc))
-        report = [_one(seg, job, i, len(scans), options) for i, job in enumerate(jobs)]
+        ledger, rows = _open_records(seg, stats, table, started, jobs)
+        report = [rows(_one(seg, job, i, len(scans), options)) for i, job in enumerate(jobs)]
     seg.close()
+    rows.close()
     _finish(seg, report, (stats, ledger, started), quiet)
+
+
+class _Rows:
+    """Where each scan's report entry goes as it ends: the ``--table``, if one was asked for."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def __call__(self, entry: dict) -> dict:
+        if self.table is not None:
+            self.table.add(entry)
+        return entry
+
+    def close(self) -> None:
+        if self.table is not None:
+            self.table.close()
+
+
+def _open_records(seg, stats: Path | None, table: Path | None, started: str, jobs: list[Job]) -> tuple:
+    """Before any work: outputs distinct (:func:`.batch.check_outputs`), the ``--stats`` ledger read
+    and the ``--table`` opened; exit 2 with one line if any of them cannot be."""
+    others = [(p, what) for p, what in ((stats, "--stats"), (table, "--table")) if p is not None]
+    try:
+        check_outputs(jobs, others)
+        ledger = read_ledger(stats) if stats is not None else None
+        rows = _Rows(CohortTable(table, seg.bundle.manifest.labels, started) if table is not None else None)
+    except ImunetError as exc:
+        seg.close()
+        _fail(str(exc))
+    return ledger, rows
 
 
 def _check_dicom_options(inputs, out, fmt, dicomweb, study, store, extras: bool) -> None:
