@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import ImunetError
-from ..imaging.formats import WRITABLE_SUFFIXES, case_name
+from ..imaging.formats import WRITABLE_SUFFIXES
 from .batch import SEG_SUFFIX, Job, check_destinations, check_outputs, collect_inputs, output_suffix, plan
 from .cohort_table import CohortTable
 from .outputs import DICOM_FORMATS
@@ -175,7 +175,7 @@ def run(
         keep = roi_labels(roi, seg.bundle.manifest.labels) if roi else None
     except (ImunetError, ValueError) as exc:
         _fail(str(exc))
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    started = datetime.now().astimezone().isoformat(timespec="milliseconds")
     if not quiet:
         _header(seg, notes)
     options = RunOptions(
@@ -268,41 +268,31 @@ def _header(seg, notes: list[str]) -> None:
 
 
 def _one(seg, job: Job, i: int, total: int, options) -> dict:
-    """Segment one scan and write the outputs it lacks; a failure is reported, never raised."""
-    from .scan_job import outputs_to_make, run_job
+    """Segment one scan and write the outputs it lacks (:func:`.scan_job.process`), and say so."""
+    from .scan_job import process
 
-    where = f"[{i + 1}/{total}] {job.scan.name}"
-    try:
-        todo = outputs_to_make(job, options)
-        if not todo:
-            if not options.quiet:
-                typer.echo(f"{where}: skipped, its outputs exist ({job.dest})")
-            return {"input": str(job.scan), "output": str(job.dest), "ok": True, "skipped": True}
-        if not job.dest.parent.exists() and not options.quiet:
-            typer.echo(f"creating the output folder {job.dest.parent}")
-        caption = f"{case_name(job.scan)} | {seg.bundle.path.name} | {time.strftime('%Y-%m-%d %H:%M')}"
-        stats = run_job(seg, job, todo, options, caption)
-    except Exception as exc:  # one scan's failure must never stop the batch or print a traceback
-        return _failure(job.scan, exc)
-    for w in stats["warnings"]:
-        typer.echo(f"WARNING {job.scan}: {w}", err=True)
-    if not options.quiet:
-        vols = ", ".join(f"{k} {v:.2f} ml" for k, v in stats["volumes_ml"].items())
-        seconds = stats["read_s"] + stats["total_s"] + stats["write_s"]
-        wrote = ", ".join(map(str, todo))  # the label map first
-        typer.echo(f"{where} -> {wrote}  {seconds:.2f} s  ({vols})")
-    entry = {"input": str(job.scan), "output": str(job.dest), "ok": True, **stats}
-    if job.preview is not None:
-        entry["preview"] = str(job.preview)
+    if not job.dest.parent.exists() and not options.quiet:
+        typer.echo(f"creating the output folder {job.dest.parent}")
+    return report_scan(process(seg, job, options), i, total, options.quiet)
+
+
+def report_scan(entry: dict, i: int, total: int, quiet: bool) -> dict:
+    """Print one scan's lines (a FAILED line, WARNING lines, its progress line) and return its entry."""
+    where = f"[{i + 1}/{total}] {Path(entry['input']).name}"
+    if not entry["ok"]:
+        typer.echo(f"FAILED {entry['error']}", err=True)
+        return entry
+    if entry.get("skipped"):
+        if not quiet:
+            typer.echo(f"{where}: skipped, its outputs exist ({entry['output']})")
+        return entry
+    for w in entry["warnings"]:
+        typer.echo(f"WARNING {entry['input']}: {w}", err=True)
+    if not quiet:
+        vols = ", ".join(f"{k} {v:.2f} ml" for k, v in entry["volumes_ml"].items())
+        seconds = entry["read_s"] + entry["total_s"] + entry["write_s"]
+        typer.echo(f"{where} -> {', '.join(entry['written'])}  {seconds:.2f} s  ({vols})")
     return entry
-
-
-def _failure(scan: Path, exc: Exception) -> dict:
-    from .failures import failure_message
-
-    msg = failure_message(str(scan), exc)
-    typer.echo(f"FAILED {msg}", err=True)
-    return {"input": str(scan), "ok": False, "error": msg}
 
 
 def _finish(seg, report: list[dict], stats: tuple, quiet: bool) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..imaging.atomic import atomic_outputs
+from ..imaging.formats import case_name
 from .batch import SEG_SUFFIX, Job, output_suffix
 
 
@@ -53,6 +54,27 @@ def outputs_to_make(job: Job, options: RunOptions) -> list[Path]:
     if existing and not options.overwrite:
         raise InputError(f"{existing[0]}: exists; pass --overwrite to replace it (or --skip-existing)")
     return list(job.outputs)
+
+
+def process(seg, job: Job, options: RunOptions) -> dict:
+    """One scan, start to end: skipped when its outputs exist, else segmented with the outputs it
+    lacks written (``written``, the label map first); a failure is the entry's one ``error`` line,
+    never raised. The entry is what ``--stats`` and ``--table`` record, locally and on a cluster."""
+    from .failures import failure_message
+
+    head = {"input": str(job.scan), "output": str(job.dest)}
+    try:
+        todo = outputs_to_make(job, options)
+        if not todo:
+            return {**head, "ok": True, "skipped": True}
+        caption = f"{case_name(job.scan)} | {seg.bundle.path.name} | {time.strftime('%Y-%m-%d %H:%M')}"
+        stats = run_job(seg, job, todo, options, caption)
+    except Exception as exc:  # one scan's failure must never stop the batch or print a traceback
+        return {**head, "ok": False, "error": failure_message(str(job.scan), exc)}
+    entry = {**head, "ok": True, **stats, "written": [str(p) for p in todo]}
+    if job.preview is not None:
+        entry["preview"] = str(job.preview)
+    return entry
 
 
 def run_job(seg, job: Job, todo: list[Path], options: RunOptions, caption: str) -> dict:
