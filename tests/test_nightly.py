@@ -260,3 +260,15 @@ def test_a_run_killed_midway_leaves_a_table_of_what_is_done(bundle_dir, phantom_
     assert 2 <= len(rows) < 30
     for row in rows:  # every row whole, every output it names in place
         assert row["status"] == "segmented" and Path(row["output"]).is_file()
+
+
+def test_a_list_of_scans_in_a_text_file_or_a_csv(bundle_dir, drop, tmp_path):
+    (tmp_path / "list.txt").write_text(f"# tonight\n{drop / 'phantom_000_0000.nii.gz'}\n\nin/phantom_001_0000.nii.gz\n")
+    code, stdout, err = run(tmp_path / "list.txt", "--model", bundle_dir, "--out", tmp_path / "a")
+    assert code == 0 and "2 of 2 scans segmented" in stdout, err
+    (tmp_path / "list.csv").write_text(f"patient,input\np1,{drop / 'phantom_001_0000.nii.gz'}\n")
+    code, stdout, err = run(tmp_path / "list.csv", "--model", bundle_dir, "--out", tmp_path / "b")
+    assert code == 0 and "1 of 1 scans segmented" in stdout, err
+    (tmp_path / "bad.csv").write_text("path\nx.nii.gz\n")
+    code, _, err = run(tmp_path / "bad.csv", "--model", bundle_dir, "--out", tmp_path / "c")
+    assert code == 2 and "needs an 'input' column" in err

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import InputError, OutputError
 from ..imaging.formats import SEG_STEM_SUFFIX, case_name, image_suffix
 
 SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, for DICOM series inputs
@@ -30,7 +30,7 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
     but no image files is a DICOM series; an empty folder, hidden files aside, holds none), each once,
     and a note per scan given more than once."""
     found: list[Path] = []
-    for p in inputs:
+    for p in _expand_lists(inputs):
         if p.is_dir():
             entries = [f for f in p.iterdir() if not f.name.startswith(".")]
             files = sorted(f for f in entries if f.is_file() and image_suffix(f))
@@ -46,6 +46,35 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[str]]:
         else:
             seen[key] = p
     return list(seen.values()), notes
+
+
+LIST_SUFFIXES = (".txt", ".csv")
+
+
+def _expand_lists(inputs: list[Path]) -> list[Path]:
+    """``inputs`` with each list file replaced by the paths it lists: a ``.txt`` with one path per
+    line (blank lines and ``#`` comments skipped), or a ``.csv`` with an ``input`` column; relative
+    paths are taken from the list's folder."""
+    import csv
+
+    out: list[Path] = []
+    for p in inputs:
+        if p.suffix.lower() not in LIST_SUFFIXES or not p.is_file():
+            out.append(p)
+            continue
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{p}: cannot be read as a list of scans ({exc})") from None
+        if p.suffix.lower() == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+            if rows and "input" not in rows[0]:
+                raise InputError(f"{p}: a CSV list of scans needs an 'input' column")
+            listed = [r["input"] for r in rows if r.get("input")]
+        else:
+            listed = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        out.extend(path if path.is_absolute() else p.parent / path for path in map(Path, listed))
+    return out
 
 
 def output_name(scan: Path, fmt: str) -> str:

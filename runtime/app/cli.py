@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -141,6 +142,17 @@ def run(
         help="Refuse (FAILED, exit 1, no output) a scan whose field of view or intensities lie far outside "
         "the training data, instead of segmenting it with a WARNING.",
     ),
+    ray: Optional[str] = typer.Option(
+        None,
+        "--ray",
+        metavar="ADDRESS|auto",
+        help="Run the scans on a running Ray cluster (auto: the one this machine belongs to); outputs must be on a "
+        "filesystem every node sees.",
+    ),
+    ray_workers: Optional[int] = typer.Option(
+        None, "--ray-workers", help="Ray workers (each holds one model). Default: the cluster's CPUs / --ray-cpus."
+    ),
+    ray_cpus: int = typer.Option(1, "--ray-cpus", help="CPUs per Ray worker on CPU backends."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors, warnings and the summary line."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
@@ -159,9 +171,24 @@ def run(
     if dicom_format not in DICOM_FORMATS:
         _fail(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}; got {dicom_format!r}")
     _check_dicom_options(inputs, out, fmt, dicomweb, study, store, masks or save_probabilities)
-    scans, notes = collect_inputs(inputs or [])
+    try:
+        scans, notes = collect_inputs(inputs or [])
+    except ImunetError as exc:
+        _fail(str(exc))
     if not scans and not dicomweb:
         typer.echo(f"0 scans: nothing to segment in {', '.join(map(str, inputs or []))}")
+        return
+    if ray is not None:
+        if dicomweb:
+            _fail("--ray segments files and folders; --dicomweb reads one study: pass one of them")
+        segmenter_options = dict(
+            backend=backend, mode=mode, overlap=overlap, stride=stride, max_memory_gb=max_memory,
+            precision=precision, trusted_keys=trusted_keys, allow_modality=allow_modality,
+            refuse_out_of_domain=refuse_out_of_domain, tta=tta or None,
+        )  # fmt: skip
+        flags = (overwrite, skip_existing, masks, save_probabilities, series, channel, quiet, dicom_format)
+        _run_on_ray((inputs or [], scans, notes), (model, segmenter_options), (ray, ray_workers, ray_cpus),
+                    (out, fmt, preview, roi, stats, table), flags)  # fmt: skip
         return
     try:
         check_destinations(inputs or [], scans, out, preview)
@@ -265,6 +292,50 @@ def _header(seg, notes: list[str]) -> None:
     )
     for note in [*m.notes, *(f"passed over {s}" for s in seg.backend.skipped), *notes]:
         typer.echo(f"note: {note}", err=True)
+
+
+def _run_on_ray(given: tuple, model_spec: tuple, cluster_spec: tuple, outputs: tuple, flags: tuple) -> None:
+    """``imunet-run --ray``: the driver's side (:mod:`.ray_run`)."""
+    from ..contract.bundle import load_bundle, resolve_model
+    from .outputs import roi_labels
+    from .ray_run import open_cluster, run_jobs
+    from .scan_job import RunOptions, with_extras
+
+    (inputs, scans, notes), (model, seg_options), (address, workers, cpus) = given, model_spec, cluster_spec
+    out, fmt, preview, roi, stats, table = outputs
+    overwrite, skip, masks, probs, series, channel, quiet, dicom_format = flags
+    try:
+        check_destinations(inputs, scans, out, preview)
+        path = resolve_model(model).resolve()
+        bundle = load_bundle(path, trusted_keys=seg_options["trusted_keys"])
+        keep = roi_labels(roi, bundle.manifest.labels) if roi else None
+        cluster = open_cluster(address, str(path), seg_options, workers, cpus)
+    except (ImunetError, ValueError) as exc:
+        _fail(str(exc))
+    driver = _Driver(bundle, cluster.backend)
+    started = datetime.now().astimezone().isoformat(timespec="milliseconds")
+    if not quiet:
+        typer.echo(f"model {bundle.path.name}: {bundle.manifest.describe()}; Ray cluster {address}: "
+                   f"{len(cluster.actors)} workers, backend {cluster.backend} ({cluster.precision})")  # fmt: skip
+    for note in [*cluster.notes, *notes]:
+        typer.echo(f"note: {note}", err=True)
+    options = RunOptions(overwrite, skip, keep, masks, probs, series, channel, quiet, dicom_format)
+    jobs = [with_extras(job, bundle.manifest.labels, options) for job in plan(scans, out, fmt, preview)]
+    ledger, rows = _open_records(driver, stats, table, started, jobs)
+    report = [rows(report_scan(e, i, len(jobs), quiet)) for i, e in enumerate(run_jobs(cluster, jobs, options))]
+    rows.close()
+    _finish(driver, report, (stats, ledger, started), quiet)
+
+
+@dataclass
+class _Driver:
+    """What the run's records need of the model when the Segmenters live on the workers."""
+
+    bundle: object
+    backend_name: str
+
+    def close(self) -> None:
+        pass
 
 
 def _one(seg, job: Job, i: int, total: int, options) -> dict:

@@ -45,7 +45,7 @@ class CohortTable:
         seconds = sum(entry.get(k, 0.0) for k in ("read_s", "total_s", "write_s")) if status == "segmented" else ""
         volumes = entry.get("volumes_ml", {})
         row = [entry["input"], entry.get("output", ""), status, entry.get("error", ""),
-               f"{seconds:.3f}" if seconds != "" else "", self.node, self.run]  # fmt: skip
+               f"{seconds:.3f}" if seconds != "" else "", entry.get("node", self.node), self.run]  # fmt: skip
         row += [volumes.get(name[: -len("_ml")], "") for name in self.header[len(BASE_COLUMNS) :]]
         self._write(row)
 
