@@ -137,10 +137,11 @@ def test_the_readme_python_blocks_run_as_written(tmp_path):
         assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("command", ["imunet-run", "imunet-export", "imunet-train", "imunet-evaluate"])
+@pytest.mark.parametrize("command", ["imunet-run", "imunet-export", "imunet-train", "imunet-evaluate", "imunet-serve"])
 def test_every_command_has_a_version_and_plain_flags(command):
     module = {"imunet-run": "imunet.runtime.app.cli", "imunet-export": "imunet.export.cli",
-              "imunet-train": "imunet.cli", "imunet-evaluate": "imunet.runtime.app.evaluate_cli"}[command]  # fmt: skip
+              "imunet-train": "imunet.cli", "imunet-evaluate": "imunet.runtime.app.evaluate_cli",
+              "imunet-serve": "imunet.runtime.app.serve_cli"}[command]  # fmt: skip
     res = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and re.fullmatch(rf"{command} \d+\.\d+\.\d+\n", res.stdout)
     helptext = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)

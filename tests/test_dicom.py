@@ -132,13 +132,14 @@ def free_port() -> int:
 class Orthanc:
     """A real Orthanc with its DICOMweb plugin on free local ports, in a temporary folder."""
 
-    def __init__(self, folder: Path, users: dict | None = None) -> None:
+    def __init__(self, folder: Path, users: dict | None = None, modalities: dict | None = None) -> None:
         import requests
 
-        self.port = free_port()
+        self.port, self.dicom_port = free_port(), free_port()
         config = {
             "Name": "imunet-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "HttpPort": self.port, "DicomServerEnabled": False, "DicomPort": free_port(),
+            "HttpPort": self.port, "DicomServerEnabled": bool(modalities), "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC", "DicomModalities": modalities or {},
             "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
             "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }  # fmt: skip
