@@ -55,7 +55,8 @@ class ExportOptions:
     ``opset``: the ONNX opset. ``max_points``: decoder points per call. ``feature_layout``: how
     ``encoder.onnx`` hands each level's feature map to ``decoder.onnx`` (None: the default per
     level; the runtime reads any). ``overlap``: the bundle's default window overlap (None: the
-    runtime's default; ``--overlap`` overrides it at run time). ``keep_largest``: labels the runtime
+    runtime's default; ``--overlap`` overrides it at run time); ``stride`` likewise for the broad mesh
+    (small structures at coarse spacing need a finer one). ``keep_largest``: labels the runtime
     reduces to their largest component (None: the run's validation decision, if it made one).
     ``int8_convolutions``: add the encoder's (U-Net's) static int8 twin for OpenVINO, calibrated on
     the run's training cases (the dataset must be where the run found it). ``fp16_weights``: store
@@ -66,6 +67,7 @@ class ExportOptions:
     max_points: int = MAX_POINTS
     feature_layout: str | Sequence[str] | None = None
     overlap: float | None = None
+    stride: int | None = None
     keep_largest: tuple[int, ...] | None = None
     int8_convolutions: bool = False
     fp16_weights: bool = False
@@ -154,6 +156,8 @@ def build_manifest(
     inference = InferenceSettings(mode=kind.default_mode)
     if options.overlap is not None:
         inference = replace(inference, overlap=options.overlap)
+    if options.stride is not None:
+        inference = replace(inference, stride=options.stride)
     decoder = None
     if kind.decodes_points:
         decoder = DecoderSpec(m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, options.max_points, layouts)

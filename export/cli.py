@@ -49,6 +49,11 @@ def export(
         help="Default window overlap recorded in the manifest (imunet-run --overlap overrides it); "
         "default 0.3. 0.25 is the measured choice for adaptive mode on large volumes (docs/BENCHMARKS.md).",
     ),
+    stride: Optional[int] = typer.Option(
+        None,
+        help="Default broad-mesh stride in voxels recorded in the manifest (imunet-run --stride overrides it); "
+        "default 4. Structures a few voxels across need 2.",
+    ),
     keep_largest: Optional[str] = typer.Option(
         None,
         "--keep-largest",
@@ -87,6 +92,7 @@ def export(
             max_points=max_points,
             feature_layout=None if feature_layout == "auto" else feature_layout,
             overlap=overlap,
+            stride=stride,
             keep_largest=largest,
             int8_convolutions=int8_encoder,
             fp16_weights=fp16_weights,

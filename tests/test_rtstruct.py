@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("skimage")
 
+from rtstruct_check import read_back  # noqa: E402
+
 from imunet.runtime.app.cli import app  # noqa: E402
 from imunet.runtime.contract.bundle import load_bundle, resolve_model  # noqa: E402
 from imunet.runtime.dicom.rtstruct import structure_set  # noqa: E402
@@ -32,32 +34,6 @@ def mr_series(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rt") / "mr"
     study, series, files = write_series(sitk.ReadImage(str(SAMPLE)), folder, "MR", patient_id="PAT-0014")
     return {"folder": folder, "study": study, "series": series, "files": files}
-
-
-def read_back(ds, sources):
-    """``{ROI name: mask (slices, rows, cols)}`` from an RT Structure Set, by filling each contour's
-    polygon at the pixel centres of its slice (even-odd: a contour inside another is a hole)."""
-    from skimage.draw import polygon2mask
-
-    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sources]
-    index = {h.SOPInstanceUID: i for i, h in enumerate(headers)}
-    shape = (len(headers), headers[0].Rows, headers[0].Columns)
-    names = {r.ROINumber: r.ROIName for r in ds.StructureSetROISequence}
-    masks = {}
-    for roi in ds.ROIContourSequence:
-        mask = np.zeros(shape, bool)
-        for contour in roi.ContourSequence:
-            assert contour.ContourGeometricType == "CLOSED_PLANAR"
-            z = index[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
-            h = headers[z]
-            points = np.array([float(v) for v in contour.ContourData]).reshape(-1, 3)
-            iop = np.array([float(v) for v in h.ImageOrientationPatient])
-            d = points - np.array([float(v) for v in h.ImagePositionPatient])
-            rows = d @ iop[3:] / float(h.PixelSpacing[0])
-            cols = d @ iop[:3] / float(h.PixelSpacing[1])
-            mask[z] ^= polygon2mask(shape[1:], np.stack([rows, cols], 1))
-        masks[names[roi.ReferencedROINumber]] = mask
-    return masks
 
 
 def test_the_structure_set_gives_back_the_labels(mr_series, tmp_path):
