@@ -18,6 +18,7 @@ from ..imaging.formats import SEG_STEM_SUFFIX, case_name, image_suffix
 
 SEG_SUFFIX = ".dcm"  # a DICOM Segmentation object, for DICOM series inputs
 PREVIEW_SUFFIX = ".png"
+DICOM_FORMATS = ("seg", "rtstruct")  # what a .dcm output holds: a DICOM SEG or an RT Structure Set
 
 
 def output_suffix(path: Path) -> str:

@@ -11,10 +11,17 @@ import typer
 
 from ..errors import ImunetError
 from ..imaging.formats import WRITABLE_SUFFIXES
-from .batch import SEG_SUFFIX, Job, check_destinations, check_outputs, collect_inputs, output_suffix, plan
+from .batch import (
+    DICOM_FORMATS,
+    SEG_SUFFIX,
+    Job,
+    check_destinations,
+    check_outputs,
+    collect_inputs,
+    output_suffix,
+    plan,
+)
 from .cohort_table import CohortTable
-from .outputs import DICOM_FORMATS
-from .stats_file import add_run, read_ledger, write_ledger
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -243,6 +250,8 @@ class _Rows:
 def _open_records(seg, stats: Path | None, table: Path | None, started: str, jobs: list[Job]) -> tuple:
     """Before any work: outputs distinct (:func:`.batch.check_outputs`), the ``--stats`` ledger read
     and the ``--table`` opened; exit 2 with one line if any of them cannot be."""
+    from .stats_file import read_ledger
+
     others = [(p, what) for p, what in ((stats, "--stats"), (table, "--table")) if p is not None]
     try:
         check_outputs(jobs, others)
@@ -367,6 +376,8 @@ def report_scan(entry: dict, i: int, total: int, quiet: bool) -> dict:
 
 
 def _finish(seg, report: list[dict], stats: tuple, quiet: bool) -> None:
+    from .stats_file import add_run, write_ledger
+
     path, ledger, started = stats
     failed = [r["input"] for r in report if not r["ok"]]
     skipped = sum(1 for r in report if r.get("skipped"))

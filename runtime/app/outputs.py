@@ -61,9 +61,6 @@ def write_probabilities(probs: np.ndarray, image: sitk.Image, labels: dict[int, 
         )
 
 
-DICOM_FORMATS = ("seg", "rtstruct")  # what a .dcm output holds: a DICOM SEG or an RT Structure Set
-
-
 def dicom_object(label: sitk.Image, sources: list[Path], bundle, dicom_format: str):
     """The DICOM dataset of ``label`` on the series read from ``sources``: a SEG or an RT Structure Set."""
     if dicom_format == "rtstruct":
