@@ -45,7 +45,15 @@ def test_same_labels_as_smoothing_every_voxel(shape, classes, kernel, weighted, 
     crop = tuple(slice(a, s - int(rng.integers(0, max(1, (s - a) // 3)))) for a, s in zip(lo, shape))
     before = acc.copy()
     got = smoothed_argmax(acc, weights, crop, kernel)
-    np.testing.assert_array_equal(got, reference(acc, weights, crop, kernel))
+    want = reference(acc, weights, crop, kernel)
+    # Equal labels, except where the two best classes tie to float32 precision: smoothing a subset
+    # sums in another order (seen: 0.49999997 against 0.50000006 at one voxel of 4,560).
+    maps = box_smooth((acc[(slice(None), *crop)] / (weights[crop] if weights is not None else 1.0)).astype(np.float32),
+                      kernel)  # fmt: skip
+    top2 = np.sort(maps, axis=0)[-2:]
+    tie = (top2[1] - top2[0]) <= 1e-6
+    np.testing.assert_array_equal(got[~tie], want[~tie])
+    assert (got != want).mean() <= 1e-3
     np.testing.assert_array_equal(acc, before)  # the caller's maps are not changed
 
 
