@@ -62,7 +62,9 @@ def servers():
         server.shutdown()
 
 
-def test_a_dripping_server_is_cut_off_at_the_deadline(servers):
+def dripping(delay_s):
+    """A handler that promises 1,000 bytes and sends one every ``delay_s`` seconds."""
+
     def drip(handler):
         handler.send_response(200)
         handler.send_header("Content-Type", "application/dicom+json")
@@ -72,11 +74,15 @@ def test_a_dripping_server_is_cut_off_at_the_deadline(servers):
             for _ in range(1000):
                 handler.wfile.write(b" ")
                 handler.wfile.flush()
-                time.sleep(0.5)
+                time.sleep(delay_s)
         except OSError:
             pass
 
-    url = servers(drip)
+    return drip
+
+
+def test_a_dripping_server_is_cut_off_at_the_deadline(servers):
+    url = servers(dripping(0.5))
     t = time.monotonic()
     with pytest.raises(DicomWebError, match="no complete answer within 2 s"):
         pick_series(connect(url, timeout=2), url, STUDY, None)
@@ -84,19 +90,7 @@ def test_a_dripping_server_is_cut_off_at_the_deadline(servers):
 
 
 def test_the_dripping_server_through_the_command_line(servers, tmp_path, monkeypatch):
-    def drip(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Length", "1000")
-        handler.end_headers()
-        try:
-            for _ in range(1000):
-                handler.wfile.write(b" ")
-                handler.wfile.flush()
-                time.sleep(1)
-        except OSError:
-            pass
-
-    url = servers(drip)
+    url = servers(dripping(1.0))
     monkeypatch.setenv("IMUNET_DICOMWEB_TIMEOUT", "5")
     t = time.monotonic()
     res = runner.invoke(app, ["--dicomweb", url, "--study", STUDY, "--out", str(tmp_path / "o.dcm")])

@@ -14,6 +14,7 @@ pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("skimage")
 
 from rtstruct_check import read_back  # noqa: E402
+from test_dicom import mr_series  # noqa: E402, F401  (a fixture)
 
 from imunet.runtime.app.cli import app  # noqa: E402
 from imunet.runtime.contract.bundle import load_bundle, resolve_model  # noqa: E402
@@ -21,22 +22,10 @@ from imunet.runtime.dicom.rtstruct import structure_set  # noqa: E402
 from imunet.runtime.imaging.io import series_files  # noqa: E402
 from imunet.runtime.imaging.metrics import dice  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
-
 runner = CliRunner()
-SAMPLE = ROOT / "runtime" / "default" / "sample" / "hippocampus_014_0000.nii.gz"
 
 
-@pytest.fixture(scope="module")
-def mr_series(tmp_path_factory):
-    from dicom_series import write_series
-
-    folder = tmp_path_factory.mktemp("rt") / "mr"
-    study, series, files = write_series(sitk.ReadImage(str(SAMPLE)), folder, "MR", patient_id="PAT-0014")
-    return {"folder": folder, "study": study, "series": series, "files": files}
-
-
-def test_the_structure_set_gives_back_the_labels(mr_series, tmp_path):
+def test_the_structure_set_gives_back_the_labels(mr_series, tmp_path):  # noqa: F811
     out = tmp_path / "rt.dcm"
     res = runner.invoke(app, [str(mr_series["folder"]), "--out", str(out), "--dicom-format", "rtstruct"])
     assert res.exit_code == 0, res.stderr
@@ -64,7 +53,7 @@ def test_the_structure_set_gives_back_the_labels(mr_series, tmp_path):
         assert [ln for ln in (checked.stdout + checked.stderr).splitlines() if ln.startswith("Error")] == []
 
 
-def test_holes_and_islands_come_back_exactly(mr_series):
+def test_holes_and_islands_come_back_exactly(mr_series):  # noqa: F811
     sources = series_files(mr_series["folder"], None)
     reference = sitk.ReadImage([str(f) for f in sources])
     arr = np.zeros(sitk.GetArrayViewFromImage(reference).shape, np.uint8)
@@ -82,7 +71,7 @@ def test_holes_and_islands_come_back_exactly(mr_series):
     np.testing.assert_array_equal(masks["posterior"], arr == 2)
 
 
-def test_a_series_without_a_frame_of_reference_is_refused_before_inference(mr_series, tmp_path, monkeypatch):
+def test_a_series_without_a_frame_of_reference_is_refused_before_inference(mr_series, tmp_path, monkeypatch):  # noqa: F811
     from imunet.runtime.app.pipeline import Segmenter
 
     def no_inference(*_args, **_kw):
