@@ -25,7 +25,7 @@ from ..contract.bundle import Bundle
 from ..contract.label_names import label_colour
 from ..errors import InputError
 from ..imaging.atomic import atomic_output
-from .headers import check_references, derived_uid, read_headers, with_type2
+from .headers import check_references, derived_uid, read_headers, software_version, with_type2
 
 SERIES_NUMBER = 9101  # where viewers list the SEG among the study's series
 
@@ -55,7 +55,7 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     if frames.shape[0] != len(datasets) or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):
         raise InputError(f"the label map {frames.shape} does not lie on the source series' {len(datasets)} slices")
     m = bundle.manifest
-    version = _version()
+    version = software_version()
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"imunet {bundle.path.name}"[:64],
         family=codes.cid7162.ArtificialIntelligence,
@@ -113,12 +113,3 @@ def _segment(hd: Any, codes: Any, k: int, name: str, coded: dict, algorithm: Any
             _concept(hd, coded["modifier"], None)
         ]
     return description
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("imunet")
-    except PackageNotFoundError:
-        return "unknown"

@@ -60,3 +60,13 @@ def with_type2(ds: Any) -> Any:
         if keyword not in ds:
             setattr(ds, keyword, "")
     return ds
+
+
+def software_version() -> str:
+    """imunet's version, for the Software Versions of the objects it writes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imunet")
+    except PackageNotFoundError:
+        return "unknown"

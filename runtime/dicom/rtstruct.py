@@ -24,7 +24,15 @@ import SimpleITK as sitk
 from ..contract.bundle import Bundle
 from ..contract.label_names import label_colour
 from ..errors import InputError
-from .headers import RTSTRUCT_REFERENCES, check_references, derived_uid, pydicom_module, read_headers, with_type2
+from .headers import (
+    RTSTRUCT_REFERENCES,
+    check_references,
+    derived_uid,
+    pydicom_module,
+    read_headers,
+    software_version,
+    with_type2,
+)
 
 RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"
 DETACHED_STUDY = "1.2.840.10008.3.1.2.3.1"  # the SOP class a structure set names its study with
@@ -116,7 +124,7 @@ def _base(pydicom: Any, first: Any, bundle: Bundle) -> Any:
     ds.SeriesNumber, ds.InstanceNumber = SERIES_NUMBER, 1
     ds.SeriesDescription = f"imunet {m.describe()}"[:64]
     ds.Manufacturer, ds.ManufacturerModelName = "imunet", bundle.path.name[:64]
-    ds.SoftwareVersions = _version()
+    ds.SoftwareVersions = software_version()
     ds.OperatorsName = ""
     ds.StructureSetLabel = "IMUNET"
     ds.StructureSetName = bundle.path.name[:64]
@@ -179,12 +187,3 @@ def save_structure_set(dataset: Any, path: Path) -> Path:
     """Save an RT Structure Set dataset to ``path`` (not atomic by itself)."""
     dataset.save_as(str(path), enforce_file_format=True)
     return path
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("imunet")
-    except PackageNotFoundError:
-        return "unknown"
