@@ -17,6 +17,7 @@ from imunet.runtime.contract.manifest import MAX_POINTS, OPSET
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 keys_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+calibrate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -69,6 +70,19 @@ def export(
     int8_encoder: bool = typer.Option(
         False, "--int8-encoder", help="Also a static int8 encoder (U-Net) for OpenVINO, calibrated on training patches."
     ),
+    calibrate: bool = typer.Option(
+        True,
+        "--calibrate/--no-calibrate",
+        help="Calibrate the per-scan Dice estimate on the run's validation cases (segmented through the runtime; "
+        "needs the run's dataset).",
+    ),
+    calibration_from: Optional[Path] = typer.Option(
+        None,
+        "--calibration-from",
+        metavar="TWIN.imunet",
+        help="Take the Dice estimate's calibration from this bundle instead: a split twin (same recipe, trained "
+        "without validation cases) of a run that trained on every case.",
+    ),
     sign: Optional[Path] = typer.Option(
         None, "--sign", help="Sign the bundle with this ed25519 private key (PEM; see imunet-export keygen)."
     ),
@@ -98,6 +112,8 @@ def export(
             fp16_weights=fp16_weights,
         )
         bundle = write_bundle(run, out, options, overwrite, log=typer.echo)
+        if calibrate or calibration_from is not None:
+            _calibrate_export(run, bundle, calibration_from)
     except (ImunetError, ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {bundle}")
@@ -110,6 +126,108 @@ def export(
         typer.echo(f"signed {bundle} with {sign_bundle(bundle, key)}")
     if code:
         raise typer.Exit(code)
+
+
+def _calibrate_export(run: Path, bundle_dir: Path, source: Path | None) -> None:
+    """The written bundle's Dice estimate: calibrated on the run's validation cases, borrowed from
+    ``source``, or (without reachable data) left uncalibrated with a note saying so."""
+    import json
+
+    from imunet.config import RunConfig
+    from imunet.run_dir import RunDir
+    from imunet.runtime.contract.bundle import load_bundle
+    from imunet.runtime.errors import InputError
+
+    from .bundle import finalize_manifest
+    from .calibration import MIN_CASES, annotated_labels, borrowed, calibrate, training_volumes
+
+    rd = RunDir(run)
+    dataset = Path(RunConfig.load(rd.config).dataset) if rd.config.is_file() else None
+    split = json.loads(rd.split.read_text()) if rd.split.is_file() else {}
+    if dataset is None or not (dataset / "dataset.json").is_file():
+        typer.echo(f"note: the Dice estimate is uncalibrated: the run's dataset ({dataset}) is not here; "
+                   "imunet-export calibrate adds a calibration later", err=True)  # fmt: skip
+        return
+    manifest = load_bundle(bundle_dir).manifest
+    training = list(split.get("train", []))
+    if source is not None:
+        twin = load_bundle(source).manifest.quality
+        volumes = training_volumes(dataset, training, manifest.labels, annotated_labels(dataset))
+        model = borrowed(twin, source.name, volumes)
+    elif len(split.get("val", [])) >= MIN_CASES:
+        note = f"{len(split['val'])} validation cases of {rd.path.name}, not trained on"
+        try:
+            model = calibrate(bundle_dir, dataset, split["val"], training, note, typer.echo)
+        except InputError as exc:  # the bundle is complete without it: say so, do not fail the export
+            typer.echo(f"note: the Dice estimate is uncalibrated: {exc}", err=True)
+            return
+    else:
+        typer.echo(f"note: the Dice estimate is uncalibrated: the run has fewer than {MIN_CASES} validation "
+                   "cases; --calibration-from TWIN.imunet borrows a split twin's", err=True)  # fmt: skip
+        return
+    finalize_manifest(bundle_dir, replace(manifest, quality=model))
+
+
+@calibrate_app.command(help="Calibrate BUNDLE's per-scan Dice estimate on labelled cases; write the result to --out.")
+def calibrate_bundle(
+    bundle: Path = typer.Argument(..., help="The bundle to calibrate (it is not changed)."),
+    out: Path = typer.Option(..., "--out", help="The calibrated copy to write, e.g. model-calibrated.imunet."),
+    dataset: Path = typer.Option(..., "--dataset", help="Dataset folder (imagesTr/, labelsTr/, dataset.json)."),
+    cases: Optional[str] = typer.Option(
+        None,
+        "--cases",
+        metavar="A,B|@split.json:val",
+        help="Labelled cases the bundle did not train on (names, or @FILE.json:KEY, or @FILE.txt).",
+    ),
+    source: Optional[Path] = typer.Option(
+        None, "--from", metavar="TWIN.imunet", help="Borrow this split twin's calibration instead of fitting one."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+) -> None:
+    import shutil
+
+    from imunet.runtime.contract.bundle import load_bundle
+    from imunet.runtime.contract.signature import SIGNATURE
+    from imunet.runtime.errors import ImunetError
+
+    from .bundle import finalize_manifest
+    from .calibration import annotated_labels, borrowed, calibrate, parse_cases, training_volumes
+
+    if (cases is None) == (source is None):
+        _fail("give --cases to fit a calibration, or --from TWIN.imunet to borrow one")
+    try:
+        manifest = load_bundle(bundle).manifest
+        if out.resolve() == bundle.resolve():
+            raise ValueError("--out must differ from the bundle: the bundle given is not changed")
+        if out.exists() and not overwrite:
+            raise ValueError(f"{out}: exists; pass --overwrite to replace it")
+        training = list(manifest.provenance.training_cases)
+        if not training:
+            raise ValueError(f"{bundle}: its manifest does not list its training cases (re-export it)")
+        val = parse_cases(cases) if cases else []
+        overlap = sorted(set(val) & set(training))
+        if overlap:
+            raise ValueError(f"{len(overlap)} of the cases trained the bundle ({', '.join(overlap[:3])}...): "
+                             "calibrating on them would trust it too much")  # fmt: skip
+        if source is not None:
+            volumes = training_volumes(dataset, training, manifest.labels, annotated_labels(dataset))
+            model = borrowed(load_bundle(source).manifest.quality, source.name, volumes)
+        else:
+            note = f"{len(val)} labelled cases of {dataset.name} the bundle did not train on"
+            model = calibrate(bundle, dataset, val, training, note, typer.echo)
+        tmp = out.with_name(f".{out.name}.part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(bundle, tmp)
+        if (tmp / SIGNATURE).exists():
+            (tmp / SIGNATURE).unlink()
+            typer.echo(f"note: {out} is unsigned (its manifest changed): sign it again", err=True)
+        finalize_manifest(tmp, replace(manifest, quality=model))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except (ImunetError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}")
 
 
 def _labels_option(text: str | None, run: Path) -> tuple[int, ...] | None:
@@ -186,6 +304,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "keygen":
         sys.argv.pop(1)
         keys_app(prog_name="imunet-export keygen")
+    elif len(sys.argv) > 1 and sys.argv[1] == "calibrate":
+        sys.argv.pop(1)
+        calibrate_app(prog_name="imunet-export calibrate")
     else:
         app(prog_name="imunet-export")
 

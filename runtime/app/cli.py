@@ -160,6 +160,13 @@ def run(
         None, "--ray-workers", help="Ray workers (each holds one model). Default: the cluster's CPUs / --ray-cpus."
     ),
     ray_cpus: int = typer.Option(1, "--ray-cpus", help="CPUs per Ray worker on CPU backends."),
+    flag_below: Optional[float] = typer.Option(
+        None,
+        "--flag-below",
+        metavar="DICE",
+        help="Flag for review (a WARNING line, 'flagged' in --stats and --table) each scan whose lowest per-label "
+        "Dice estimate is under DICE (0..1); the exit code stays 0.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors, warnings and the summary line."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
@@ -177,6 +184,8 @@ def run(
         _fail(f"--table {table}: the table is CSV, written as the run goes; name a .csv file")
     if dicom_format not in DICOM_FORMATS:
         _fail(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}; got {dicom_format!r}")
+    if flag_below is not None and not 0.0 <= flag_below <= 1.0:
+        _fail(f"--flag-below {flag_below}: a Dice estimate lies between 0 and 1")
     _check_dicom_options(inputs, out, fmt, dicomweb, study, store, masks or save_probabilities)
     try:
         scans, notes = collect_inputs(inputs or [])
@@ -193,7 +202,8 @@ def run(
             precision=precision, trusted_keys=trusted_keys, allow_modality=allow_modality,
             refuse_out_of_domain=refuse_out_of_domain, tta=tta or None,
         )  # fmt: skip
-        flags = (overwrite, skip_existing, masks, save_probabilities, series, channel, quiet, dicom_format)
+        flags = (overwrite, skip_existing, masks, save_probabilities, series, channel, quiet, dicom_format,
+                 flag_below)  # fmt: skip
         _run_on_ray((inputs or [], scans, notes), (model, segmenter_options), (ray, ray_workers, ray_cpus),
                     (out, fmt, preview, roi, stats, table), flags)  # fmt: skip
         return
@@ -213,7 +223,7 @@ def run(
     if not quiet:
         _header(seg, notes)
     options = RunOptions(
-        overwrite, skip_existing, keep, masks, save_probabilities, series, channel, quiet, dicom_format
+        overwrite, skip_existing, keep, masks, save_probabilities, series, channel, quiet, dicom_format, flag_below
     )
     if dicomweb:
         from .dicomweb_run import StudyRequest, run_dicomweb
@@ -312,7 +322,7 @@ def _run_on_ray(given: tuple, model_spec: tuple, cluster_spec: tuple, outputs: t
 
     (inputs, scans, notes), (model, seg_options), (address, workers, cpus) = given, model_spec, cluster_spec
     out, fmt, preview, roi, stats, table = outputs
-    overwrite, skip, masks, probs, series, channel, quiet, dicom_format = flags
+    overwrite, skip, masks, probs, series, channel, quiet, dicom_format, flag_below = flags
     try:
         check_destinations(inputs, scans, out, preview)
         path = resolve_model(model).resolve()
@@ -328,7 +338,7 @@ def _run_on_ray(given: tuple, model_spec: tuple, cluster_spec: tuple, outputs: t
                    f"{len(cluster.actors)} workers, backend {cluster.backend} ({cluster.precision})")  # fmt: skip
     for note in [*cluster.notes, *notes]:
         typer.echo(f"note: {note}", err=True)
-    options = RunOptions(overwrite, skip, keep, masks, probs, series, channel, quiet, dicom_format)
+    options = RunOptions(overwrite, skip, keep, masks, probs, series, channel, quiet, dicom_format, flag_below)
     jobs = [with_extras(job, bundle.manifest.labels, options) for job in plan(scans, out, fmt, preview)]
     ledger, rows = _open_records(driver, stats, table, started, jobs)
     report = [rows(report_scan(e, i, len(jobs), quiet)) for i, e in enumerate(run_jobs(cluster, jobs, options))]
@@ -368,11 +378,25 @@ def report_scan(entry: dict, i: int, total: int, quiet: bool) -> dict:
         return entry
     for w in entry["warnings"]:
         typer.echo(f"WARNING {entry['input']}: {w}", err=True)
+    if entry.get("flagged"):
+        f = entry["flagged"]
+        low = ", ".join(f"{k} {v:.2f}" for k, v in f["labels"].items())
+        typer.echo(f"WARNING {entry['input']}: review: Dice estimate under {f['below']:g} ({low})", err=True)
     if not quiet:
         vols = ", ".join(f"{k} {v:.2f} ml" for k, v in entry["volumes_ml"].items())
         seconds = entry["read_s"] + entry["total_s"] + entry["write_s"]
-        typer.echo(f"{where} -> {', '.join(entry['written'])}  {seconds:.2f} s  ({vols})")
+        typer.echo(f"{where} -> {', '.join(entry['written'])}  {seconds:.2f} s  ({vols}){_lowest(entry)}")
     return entry
+
+
+def _lowest(entry: dict) -> str:
+    """``; lowest Dice estimate 0.84 (posterior)`` for the progress line (nothing without an estimate)."""
+    q = entry.get("quality") or {}
+    low = q.get("lowest")
+    if not low:
+        return ""
+    note = "" if q["calibrated"] else ", uncalibrated"
+    return f"; lowest Dice estimate {low['dice_estimate']:.2f} ({low['label']}{note})"
 
 
 def _finish(seg, report: list[dict], stats: tuple, quiet: bool) -> None:

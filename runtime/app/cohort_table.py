@@ -2,7 +2,8 @@
 that a run that dies leaves a table saying what is done. A table from an earlier run with the same
 columns is added to, never replaced (a nightly job keeps one path); a reader takes a scan's last
 row. The columns: the scan, its label map, status (segmented, skipped, failed), the error line,
-seconds, the machine, the run's start, and one volume in ml per label of the model."""
+seconds, the machine, the run's start, one volume in ml per label of the model, the lowest per-label
+Dice estimate, whether the scan was flagged for review (``--flag-below``), and each label's estimate."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from pathlib import Path
 from ..errors import OutputError
 
 BASE_COLUMNS = ("input", "output", "status", "error", "seconds", "node", "run")
+QUALITY_COLUMNS = ("dice_estimate_lowest", "flagged")
+ESTIMATE = "_dice_estimate"
 
 
 def columns(labels: dict[int, str]) -> list[str]:
     """The table's header for a model with ``labels``."""
-    return [*BASE_COLUMNS, *(f"{labels[k]}_ml" for k in sorted(labels) if k)]
+    names = [labels[k] for k in sorted(labels) if k]
+    return [*BASE_COLUMNS, *(f"{n}_ml" for n in names), *QUALITY_COLUMNS, *(f"{n}{ESTIMATE}" for n in names)]
 
 
 class CohortTable:
@@ -46,7 +50,13 @@ class CohortTable:
         volumes = entry.get("volumes_ml", {})
         row = [entry["input"], entry.get("output", ""), status, entry.get("error", ""),
                f"{seconds:.3f}" if seconds != "" else "", entry.get("node", self.node), self.run]  # fmt: skip
-        row += [volumes.get(name[: -len("_ml")], "") for name in self.header[len(BASE_COLUMNS) :]]
+        names = [h[: -len("_ml")] for h in self.header if h.endswith("_ml")]
+        quality = entry.get("quality") or {}
+        estimates = quality.get("dice_estimate", {})
+        low = quality.get("lowest")
+        row += [volumes.get(name, "") for name in names]
+        row += [low["dice_estimate"] if low else "", ("yes" if entry.get("flagged") else "no") if quality else ""]
+        row += [estimates.get(name, "") for name in names]
         self._write(row)
 
     def _write(self, row: list) -> None:

@@ -38,6 +38,7 @@ from ..kernels.mirroring import MirroredBackend, flips
 from ..kernels.parallel import CPU_BACKENDS, default_workers, threads_per_worker
 from ..kernels.windows import window_slices
 from .memory import default_cap_gib
+from .quality import QualityEstimate, estimate
 
 BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy share, labels
 
@@ -75,12 +76,14 @@ CHECKS = {f.name for f in fields(Checks)}
 @dataclass(frozen=True)
 class Segmentation:
     """One call's result: the label map on the scan's grid, that call's statistics (seconds per
-    stage, backend, precision, mode, label volumes in ml, warnings) and, when asked for, the class
+    stage, backend, precision, mode, label volumes in ml, warnings, the quality estimate), the
+    per-label Dice estimate (:class:`.quality.QualityEstimate`) and, when asked for, the class
     probabilities ``(C, Z, Y, X)`` float32 on the scan's grid."""
 
     labels: sitk.Image
     stats: dict = field(default_factory=dict)
     probabilities: np.ndarray | None = None
+    quality: QualityEstimate | None = None
 
 
 class Segmenter:
@@ -131,6 +134,7 @@ class Segmenter:
         self.workers = cpu_workers if self.backend.name in CPU_BACKENDS else 1
         self._pool_backend: Backend | None = None
         self._local = threading.local()
+        self.every_quality_feature = False  # compute every feature of the Dice estimate (to calibrate one)
 
     @property
     def last_stats(self) -> dict:
@@ -243,7 +247,7 @@ class Segmenter:
             raise InputError("outside the model's domain: " + "; ".join(warnings) + " (--refuse-out-of-domain)")
         prepared = prepare(image, p, oriented)
         t1 = time.perf_counter()
-        labels, stats, probs = self._infer(prepared, progress, with_probs)
+        labels, stats, probs, quality = self._infer(prepared, progress, with_probs)
         t2 = time.perf_counter()
         labels = restore(labels, prepared, image, m.keep_largest)
         if probs is not None and oriented is not image:
@@ -251,15 +255,17 @@ class Segmenter:
             probs = [reorient(c, code) for c in probs]
         arrays = np.stack([sitk.GetArrayViewFromImage(c) for c in probs]) if probs is not None else None
         t3 = time.perf_counter()
-        return Segmentation(labels, self._stats(image, labels, stats, warnings, (t_read, t0, t1, t2, t3)), arrays)
+        stats = self._stats(image, labels, stats, warnings, (t_read, t0, t1, t2, t3))
+        stats["quality"] = quality.as_dict()
+        return Segmentation(labels, stats, arrays, quality)
 
     def _infer(
         self, prepared: Prepared, progress: Callable[[int, int], None] | None, with_probs: bool
-    ) -> tuple[sitk.Image, dict, list[sitk.Image] | None]:
+    ) -> tuple[sitk.Image, dict, list[sitk.Image] | None, QualityEstimate]:
         """Labels on the network's grid from the prepared scan (:func:`.prepare.restore` takes them back
         by nearest neighbour: resampling class probabilities linearly measured no better,
-        docs/DESIGN-NOTES.md); with ``with_probs`` also each class's probabilities on the reoriented
-        scan's grid (linear)."""
+        docs/DESIGN-NOTES.md), the loop's statistics, with ``with_probs`` each class's probabilities
+        on the reoriented scan's grid (linear), and the quality estimate (network grid)."""
         m = self.bundle.manifest
         volume, resampled, grid = prepared.volume, prepared.resampled, prepared.oriented
         backend, workers = self._backend_for(volume.shape)
@@ -271,7 +277,12 @@ class Segmenter:
             probs = [class_map_on(maps[c], resampled, grid) for c in range(maps.shape[0])]
         else:
             labels, stats = predict_labels(volume, loop)
-        return from_array(labels, Geometry.of(resampled)), stats.as_dict(), probs
+        assert stats.evidence is not None  # both loops sum it
+        t = time.perf_counter()
+        voxel_ml = float(np.prod(resampled.GetSpacing())) / 1000.0
+        quality = estimate(stats.evidence, labels, voxel_ml, m.labels, m.quality, self.every_quality_feature)
+        report = {**stats.as_dict(), "quality_s": round(stats.evidence_s + time.perf_counter() - t, 4)}
+        return from_array(labels, Geometry.of(resampled)), report, probs, quality
 
     def _stats(self, image: sitk.Image, labels: sitk.Image, stats: dict, warnings: list[str], t: tuple) -> dict:
         m = self.bundle.manifest

@@ -29,6 +29,7 @@ class RunOptions:
     channel: int | None = None
     quiet: bool = False
     dicom_format: str = "seg"  # what a .dcm output holds: seg | rtstruct
+    flag_below: float | None = None  # --flag-below: flag scans whose lowest Dice estimate is under it
 
 
 def with_extras(job: Job, labels: dict[int, str], options: RunOptions) -> Job:
@@ -74,7 +75,21 @@ def process(seg, job: Job, options: RunOptions) -> dict:
     entry = {**head, "ok": True, **stats, "written": [str(p) for p in todo]}
     if job.preview is not None:
         entry["preview"] = str(job.preview)
+    flagged = flag(entry.get("quality"), options.flag_below)
+    if flagged is not None:
+        entry["flagged"] = flagged
     return entry
+
+
+def flag(quality: dict | None, below: float | None) -> dict | None:
+    """The ``flagged`` entry of a scan whose lowest Dice estimate is under ``below``: the threshold and
+    the labels under it, lowest first (None when no label is, or no threshold was set)."""
+    if below is None or not quality:
+        return None
+    low = sorted((v, k) for k, v in quality["dice_estimate"].items() if v < below)
+    if not low:
+        return None
+    return {"below": below, "labels": {k: v for v, k in low}}
 
 
 def run_job(seg, job: Job, todo: list[Path], options: RunOptions, caption: str) -> dict:
@@ -113,9 +128,22 @@ def run_job(seg, job: Job, todo: list[Path], options: RunOptions, caption: str) 
         for path, tmp in zip(paths, tmps, strict=True):
             writers[path](tmp)
     stats = {**result.stats, "read_s": read_s, "write_s": round(time.perf_counter() - t, 4)}
-    if options.keep is not None:  # the volumes of what the file holds
+    if options.keep is not None:  # the volumes and estimates of what the file holds
         stats["volumes_ml"] = {labels[k]: stats["volumes_ml"][labels[k]] for k in sorted(options.keep)}
+        stats["quality"] = only_labels(stats["quality"], [labels[k] for k in sorted(options.keep)])
     return stats
+
+
+def only_labels(quality: dict, names: list[str]) -> dict:
+    """The ``quality`` entry of :meth:`.quality.QualityEstimate.as_dict` restricted to ``names``."""
+    est = {k: v for k, v in quality["dice_estimate"].items() if k in names}
+    low = min(est, key=est.__getitem__) if est else None
+    return {
+        **quality,
+        "dice_estimate": est,
+        "lowest": {"label": low, "dice_estimate": est[low]} if low else None,
+        "predicted_empty": [k for k in quality["predicted_empty"] if k in names],
+    }
 
 
 def _segment(seg, image, scan: Path, quiet: bool, probs: bool):

@@ -18,6 +18,7 @@ from ..imaging.orientation import check_code
 from ..imaging.prepare import Preprocessing
 from ..imaging.preprocess import Normalization
 from .kinds import ModelKind, model_kind
+from .quality_model import QualityModel
 from .settings import InferenceSettings
 
 SCHEMA_PATH = Path(__file__).parents[1] / "schema" / "manifest.schema.json"
@@ -127,6 +128,8 @@ class Manifest:
     # measured accuracy: {"dice": {label name: mean Dice}, "mean": mean over labels, "cases": {label name:
     # validation cases that scored it}, "note": how and on what it was measured}
     accuracy: dict[str, Any] = field(default_factory=dict)
+    # the per-scan Dice estimate: training label volumes and the calibration fitted at export
+    quality: QualityModel | None = None
     opset: int = OPSET
     variants: dict[str, Variant] = field(default_factory=dict)
     engines: tuple[EngineRecord, ...] = ()
@@ -162,6 +165,11 @@ class Manifest:
             raise ValueError(f"keep_largest names labels the model does not have: {self.keep_largest}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise ValueError(f"mirror_axes must be array axes 0, 1, 2, got {self.mirror_axes}")
+        if self.quality is not None:
+            names = set(self.labels.values())
+            stray = [n for n in (*self.quality.label_volumes, *self.quality.label_bias) if n not in names]
+            if stray:
+                raise ValueError(f"quality names labels the model does not have: {stray}")
         bad = [x for x in self.feature_layout if x not in FEATURE_LAYOUTS]
         if bad or len(self.feature_layout) != len(self.feature_names):
             raise ValueError(f"decoder.feature_layout {self.feature_layout} does not fit {self.feature_names}")

@@ -80,9 +80,7 @@ def prepare_label(label: sitk.Image, p: Preprocessing) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled).astype(np.uint8, copy=False)
 
 
-def restore(
-    labels: sitk.Image, prepared: Prepared, image: sitk.Image, largest: tuple[int, ...] = ()
-) -> sitk.Image:
+def restore(labels: sitk.Image, prepared: Prepared, image: sitk.Image, largest: tuple[int, ...] = ()) -> sitk.Image:
     """The inverse of :func:`prepare` for a label map on the network's grid: back onto the
     reoriented scan's voxels (nearest neighbour), ``largest`` labels reduced to their largest
     component, back to the scan's own orientation, with its exact geometry. uint8."""

@@ -27,6 +27,7 @@ from .labels import smoothed_argmax, softmax
 from .lattice import refine_box
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from .parallel import ordered_map
+from .quality import LabelEvidence, label_evidence
 from .windows import gaussian_importance, pad_to_patch, window_slices
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +67,8 @@ class InferenceStats:
     windows_reused: int = 0  # constant windows whose result was reused rather than recomputed
     features_reused: int = 0  # adaptive mode: constant windows decoded with an earlier one's features
     workers: int = 1  # windows in flight at once
+    evidence: LabelEvidence | None = field(default=None, repr=False, compare=False)  # for the quality estimate
+    evidence_s: float = 0.0  # summing it (part of total_s)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, encode_s: float = 0.0, decode_s: float = 0.0, points: int = 0, skipped: int = 0) -> None:
@@ -93,6 +96,7 @@ class InferenceStats:
             "windows_reused": self.windows_reused,
             "features_reused": self.features_reused,
             "workers": self.workers,
+            "evidence_s": round(self.evidence_s, 4),
         }
 
 
@@ -247,6 +251,9 @@ def predict_probabilities(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, I
         acc /= wsum
         del wsum
     probs = box_smooth(acc[(slice(None), *crop)], loop.settings.smoothing)
+    t1 = time.perf_counter()
+    stats.evidence = label_evidence(acc, None, crop, probs.argmax(0).astype(np.uint8))
+    stats.evidence_s = time.perf_counter() - t1
     stats.total_s = time.perf_counter() - t0
     return probs, stats
 
@@ -259,5 +266,8 @@ def predict_labels(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, Inferenc
     stats = InferenceStats(voxels=int(volume.size))
     acc, wsum, crop = _accumulate(volume, loop, stats)
     labels = smoothed_argmax(acc, wsum, crop, loop.settings.smoothing)
+    t1 = time.perf_counter()
+    stats.evidence = label_evidence(acc, wsum, crop, labels)
+    stats.evidence_s = time.perf_counter() - t1
     stats.total_s = time.perf_counter() - t0
     return labels, stats
