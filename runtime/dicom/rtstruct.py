@@ -76,7 +76,7 @@ def _to_patient(points_rc: np.ndarray, header: Any) -> np.ndarray:
 
 def structure_set(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     """The RT Structure Set dataset of ``label`` (on the grid of the series read from ``sources``, in
-    that order): one ROI per label present."""
+    that order): one ROI per label present (every label's, without contours, when none is)."""
     pydicom = pydicom_module()
     check_references(sources, RTSTRUCT_REFERENCES, "an RT Structure Set")
     headers = [with_type2(ds) for ds in read_headers(sources)]
@@ -90,7 +90,9 @@ def structure_set(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     images = [(h.SOPClassUID, h.SOPInstanceUID) for h in headers]
     ds.ReferencedFrameOfReferenceSequence = [_frame_reference(pydicom, first, frame, images)]
-    present = [k for k in sorted(m.labels) if k and (arr == k).any()]
+    # one ROI per label found; with none found, every label's ROI without contours (the structure set's
+    # ROI sequences are Type 1: an empty structure set is not a valid one, and says less)
+    present = [k for k in sorted(m.labels) if k and (arr == k).any()] or [k for k in sorted(m.labels) if k]
     ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = [], [], []
     for number, k in enumerate(present, start=1):
         roi = pydicom.Dataset()
@@ -168,6 +170,8 @@ def _roi_contours(pydicom: Any, mask: np.ndarray, headers: list[Any], number: in
             contour.NumberOfContourPoints = len(points)
             contour.ContourData = [f"{v:.3f}" for v in _to_patient(points, header).ravel()]
             item.ContourSequence.append(contour)
+    if not item.ContourSequence:
+        del item.ContourSequence  # Type 3: an ROI the model found nothing of has no contours
     return item
 
 

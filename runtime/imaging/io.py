@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError, OutputError
 from .atomic import atomic_output
+from .dicom_slices import check_frames, one_volume, slice_header
 from .formats import WRITABLE_SUFFIXES, image_suffix
 
 sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's and GDCM's warnings never reach the user raw
@@ -79,11 +80,25 @@ def _listing(directory: Path, uids: list[str]) -> str:
 
 
 def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
-    files = [str(f) for f in series_files(directory, series)]
+    """One series as a 3D image, checked to be one (:mod:`.dicom_slices`): localizers left out; tilted,
+    unevenly spaced and multi-volume series refused."""
+    files = series_files(directory, series)
+    check_frames(directory, files)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames([str(f) for f in files])
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.LoadPrivateTagsOff()
     image = reader.Execute()
-    modality = dicom_tag(files[0], MODALITY_TAG)
+    slices = [
+        slice_header(f, lambda key, i=i: reader.GetMetaData(i, key) if reader.HasMetaDataKey(i, key) else "")
+        for i, f in enumerate(files)
+    ]
+    kept = one_volume(directory, slices)
+    if kept != files:  # localizers left out, or another slice order: read the volume's own files
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(f) for f in kept])
+        image = reader.Execute()
+    modality = dicom_tag(str(files[0]), MODALITY_TAG)
     if modality:
         image.SetMetaData(MODALITY_TAG, modality)  # the domain check compares it with the model's
     return image
@@ -267,7 +282,7 @@ def read_header(path: str | os.PathLike, series: str | None = None) -> tuple[tup
             files = series_files(path, series)
             reader.SetFileName(str(files[0]))
             reader.ReadImageInformation()
-            size = (*reader.GetSize()[:2], len(files))
+            size = (*reader.GetSize()[:2], len(files) * reader.GetSize()[2])  # multi-frame: frames per file
             return size, tuple(reader.GetSpacing())
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
