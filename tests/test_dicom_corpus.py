@@ -77,6 +77,15 @@ def test_series_that_no_3d_image_holds_right_are_refused_in_one_line(base, tmp_p
     assert "\n" not in str(err.value)
 
 
+def test_a_siemens_mosaic_is_refused_not_read_as_one_slice(base, tmp_path):
+    def mosaic(i, ds):
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
+
+    folder = variant(base[:1], tmp_path / "mosaic", mosaic)
+    with pytest.raises(InputError, match="Siemens mosaic"):
+        read_image(folder)
+
+
 def test_several_multi_frame_volumes_in_one_series_are_refused_before_their_pixels_are_read(tmp_path):
     src = pydicom.data.get_testdata_file("MR_small.dcm", download=False)
     folder = tmp_path / "multi"

@@ -3,7 +3,8 @@
 A series as scanners and archives send it can hold what no 3D image represents right, and
 SimpleITK would stack it anyway (with a warning nobody sees): localizers of another orientation
 mixed in, a gantry tilt (slices sheared along the table), uneven slice spacing (a missing slice,
-mixed thicknesses), two images at one position, or several multi-frame volumes. Localizers are
+mixed thicknesses), two images at one position, several multi-frame volumes, or a Siemens mosaic
+(slices tiled into one image). Localizers are
 left out (the image is right without them); everything else is refused in one line, because the
 labels would land in the wrong place. The geometry comes with the pixels (SimpleITK's per-slice
 headers), so checking it costs no extra read: reading each file's header on its own measured
@@ -83,6 +84,11 @@ def one_volume(directory: Path, slices: list[SliceHeader]) -> list[Path]:
     image, in slice order; localizers left out. :class:`InputError` for a series no 3D image can
     hold right."""
     files = [s.path for s in slices]
+    if any("MOSAIC" in s.image_type for s in slices):
+        raise InputError(
+            f"{directory}: a Siemens mosaic (the slices tiled into one image), which a 3D image reader takes for "
+            "one slice: convert the series first (dcm2niix) and give the NIfTI"
+        )
     if len(slices) < 2 or any(s.orientation is None or s.position is None for s in slices):
         return files  # no geometry to check: SimpleITK's own order stands
     slices = _without_localizers(directory, slices)
