@@ -100,6 +100,23 @@ def test_several_multi_frame_volumes_in_one_series_are_refused_before_their_pixe
         read_image(folder)
 
 
+def test_a_jpeg_lossless_series_reads_as_the_uncompressed_one(base, tmp_path):
+    folder = tmp_path / "jpeg"
+    folder.mkdir()
+    for f in base:
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO("GDCMImageIO")
+        writer.KeepOriginalImageUIDOn()
+        writer.SetUseCompression(True)
+        writer.SetCompressor("JPEG")
+        writer.SetFileName(str(folder / f.name))
+        writer.Execute(sitk.ReadImage(str(f)))
+    assert "Process 14" in pydicom.dcmread(str(folder / base[0].name)).file_meta.TransferSyntaxUID.name
+    got, want = read_image(folder), read_image(base[0].parent)
+    assert got.GetSize() == want.GetSize() and np.allclose(got.GetOrigin(), want.GetOrigin())
+    assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
+
+
 PUBLIC = [  # pydicom's own test files (installed with pydicom): what each exercises
     ("MR_small_RLE.dcm", "RLE lossless"),
     ("MR_small_jp2klossless.dcm", "JPEG 2000 lossless"),

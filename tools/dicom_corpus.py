@@ -9,11 +9,11 @@ what each series exercises and what happened.
 series in it; ``NAME=PATH:each-file`` makes each image file a case of its own (pydicom's test files
 are variants of a few series). Non-image objects (structured reports, RT plans and doses,
 segmentations, waveforms, DICOMDIRs) are counted and left out. ``--synthetic`` adds series that
-the public corpora here lack: localizers mixed into a series, gantry tilt, uneven slice spacing
-(made with tools/dicom_series.py from the shipped sample). MR and other modalities run the
-hippocampus model, CT the head-and-neck model, with ``--refuse-out-of-domain``: a whole-brain series
-is refused before inference rather than segmented for minutes by a model made for hippocampus
-crops (``--segment-out-of-domain`` segments them anyway).
+the public corpora here lack: localizers mixed into a series, gantry tilt, uneven slice spacing and
+a grayscale JPEG-lossless series (made with tools/dicom_series.py and GDCM from the shipped sample).
+MR and other modalities run the hippocampus model, CT the head-and-neck model, with
+``--refuse-out-of-domain``: a whole-brain series is refused before inference rather than segmented
+for minutes by a model made for hippocampus crops (``--segment-out-of-domain`` segments them).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def dciodvfy_errors(path: Path) -> list[str] | None:
 
 def synthetic(folder: Path) -> dict[str, list[Path]]:
     """Series the corpora here lack, from the shipped MR sample: localizers mixed in, gantry tilt,
-    uneven slice spacing (a missing slice)."""
+    uneven slice spacing (a missing slice), JPEG lossless."""
     import pydicom
     import SimpleITK as sitk
     from dicom_series import write_series
@@ -172,6 +172,18 @@ def synthetic(folder: Path) -> dict[str, list[Path]]:
         if i != len(base) // 2:
             shutil.copy(f, gap_dir / f.name)
     out["uneven spacing (a slice missing)"] = sorted(gap_dir.iterdir())
+    # JPEG lossless (process 14, SV1), encoded by GDCM: no public grayscale example is at hand here
+    jpeg_dir = folder / "jpeg-lossless"
+    jpeg_dir.mkdir()
+    for f in base:
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO("GDCMImageIO")
+        writer.KeepOriginalImageUIDOn()
+        writer.SetUseCompression(True)
+        writer.SetCompressor("JPEG")
+        writer.SetFileName(str(jpeg_dir / f.name))
+        writer.Execute(sitk.ReadImage(str(f)))
+    out["JPEG lossless, GDCM-encoded"] = sorted(jpeg_dir.iterdir())
     return out
 
 
@@ -228,7 +240,19 @@ def main() -> None:
 
 
 def markdown(rows: list[dict], left_out: dict) -> str:
+    counts = Counter(r["status"].split(",")[0] for r in rows)
     lines = [
+        "# Real-world DICOM series through imunet-run",
+        "",
+        "Each image series of public DICOM test corpora, given to `imunet-run SERIES --out x.dcm` once for a DICOM",
+        "SEG and once with `--dicom-format rtstruct` (MR and other modalities: the hippocampus model; CT: the",
+        "head-and-neck model; `--refuse-out-of-domain`, so a whole-brain series is refused before inference rather",
+        "than segmented by a model made for hippocampus crops). *segmented*: both objects written and free of",
+        "dciodvfy errors; *refused*: exit 1 with the one line shown, no file written. Made by",
+        f"`python {' '.join(['tools/dicom_corpus.py', *sys.argv[1:]])}`.",
+        "",
+        f"{len(rows)} series: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()) + ".",
+        "",
         "| source | series | modality | transfer syntax | frames x files | exercises | result | seconds (SEG) |",
         "|---|---|---|---|---|---|---|---|",
     ]
