@@ -75,7 +75,8 @@ def training_volumes(
     ml: dict[str, list[float]] = {n: [] for k, n in names.items() if k}
     for case, _, label_path in dataset_pairs(dataset, cases):
         label = read_image(label_path)
-        counts = np.bincount(sitk.GetArrayViewFromImage(label).ravel(), minlength=len(names))
+        values = np.rint(sitk.GetArrayViewFromImage(label)).astype(np.int64).ravel()  # label maps stored as floats too
+        counts = np.bincount(values[(values >= 0) & (values < len(names))], minlength=len(names))
         voxel_ml = float(np.prod(label.GetSpacing())) / 1000.0
         for k, name in names.items():
             if k and (annotated is None or name in annotated.get(case, ())):

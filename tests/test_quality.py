@@ -110,6 +110,23 @@ def test_the_fit_finds_what_predicts_dice_and_checks_itself_leave_one_scan_out()
     assert spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1.0)
 
 
+def test_training_volumes_read_label_maps_stored_as_floats(tmp_path):
+    from imunet.export.calibration import training_volumes
+
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    for i, n in enumerate((8, 27)):
+        label = np.zeros((10, 10, 10), np.float32)  # the hippocampus dataset stores its labels as float32
+        label[:2, :2, :2] = 1.0
+        label[5:, 5:, 5:][: n // 9 + 1, :3, :3] = 2.0
+        for sub, name in (("labelsTr", f"c{i}.nii.gz"), ("imagesTr", f"c{i}_0000.nii.gz")):
+            sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / sub / name))
+    volumes = training_volumes(tmp_path, ["c0", "c1"], NAMES)
+    assert volumes["organ"].cases == 2 and volumes["organ"].absent == 0
+    assert volumes["organ"].log_mean == pytest.approx(np.log(0.008)) and volumes["organ"].log_std == 0.0
+    assert volumes["lesion"].log_mean == pytest.approx(np.log(np.sqrt(0.009 * 0.036)))  # 9 and 36 voxels
+
+
 def held_out_dataset(phantom_dir, tmp_path):
     """The phantoms the tiny bundle trained on, and six more it never saw (``held_*``)."""
     from make_phantoms import write_dataset

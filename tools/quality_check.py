@@ -15,7 +15,8 @@ Two figures per bundle:
 
 ``--observations FILE`` keeps the segmented cases' features and true Dice (written when missing,
 read when present), so the plot can be redrawn without segmenting again. Also reports the cost of
-the estimate against inference, per scan.
+the estimate against inference on ``--cost-scans`` scans, with the bundle's own features (as
+``imunet-run`` computes them).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from imunet.export.calibration import (
     Observation,
     Spec,
     annotated_labels,
+    dataset_pairs,
     fit,
     leave_one_scan_out,
     observe,
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--title", default=None)
+    ap.add_argument("--cost-scans", type=int, default=5, help="scans timed for the estimate's cost")
     a = ap.parse_args()
 
     seg = Segmenter(a.model, backend="auto")
@@ -77,21 +80,17 @@ def main() -> None:
     names = [m.labels[k] for k in sorted(m.labels) if k]
     cases = parse_cases(a.cases)
     annotated = annotated_labels(a.dataset)
-    cost = []
     if a.observations is not None and a.observations.is_file():
         obs = [Observation(**o) for o in json.loads(a.observations.read_text())]
     else:
-        original = seg.segment
-
-        def timed(image, *args, **kwargs):
-            result = original(image, *args, **kwargs)
-            cost.append((result.stats["quality_s"], result.stats["inference_s"]))
-            return result
-
-        seg.segment = timed  # type: ignore[method-assign]
         obs = observe(seg, a.dataset, cases, annotated, progress=lambda c: print(c, flush=True))
         if a.observations is not None:
             a.observations.write_text(json.dumps([asdict(o) for o in obs], indent=1) + "\n")
+    seg.every_quality_feature = False  # the cost as imunet-run pays it: the bundle's own features
+    cost = []
+    for _, image, _ in dataset_pairs(a.dataset, cases[: a.cost_scans]):
+        stats = seg.segment(image).stats
+        cost.append((stats["quality_s"], stats["inference_s"]))
     training = parse_cases(a.training) if a.training else list(m.provenance.training_cases)
     volumes = training_volumes(a.dataset, training, m.labels, annotated)
     obs = [with_volume_z(o, volumes) for o in obs]
