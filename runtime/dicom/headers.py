@@ -43,6 +43,12 @@ def check_references(
     missing = [k for k in required if any(not ds.get(k) for ds in datasets)]
     if missing:
         raise InputError(f"the source series lacks {', '.join(missing)}; {what} cannot reference it")
+    frames = max(int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets)
+    if frames > 1:
+        raise InputError(
+            f"the source is a multi-frame image ({frames} frames in one file); imunet writes {what} for "
+            "single-frame series only: write the labels as NIfTI (--out x.nii.gz) instead"
+        )
 
 
 def derived_uid(source_series: str, bundle_files: dict[str, str], output: str, part: str) -> str:
