@@ -51,6 +51,14 @@ def test_a_localizer_in_the_series_is_left_out_and_the_volume_is_unchanged(base,
     assert got.GetSize() == want.GetSize() and got.GetSpacing() == want.GetSpacing()
     assert got.GetOrigin() == want.GetOrigin()
     assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
+    # the SEG and the structure set reference the volume's slices, not the localizer
+    for fmt in ("seg", "rtstruct"):
+        out = tmp_path / f"{fmt}.dcm"
+        cmd = [sys.executable, "-m", "imunet.runtime.app.cli", str(folder), "--out", str(out), "--dicom-format", fmt]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        text = out.read_bytes()
+        assert ds.SOPInstanceUID.encode() not in text and pydicom.dcmread(str(base[5])).SOPInstanceUID.encode() in text
 
 
 def tilted(i, ds):

@@ -25,7 +25,7 @@ from ..contract.bundle import Bundle
 from ..contract.label_names import label_colour
 from ..errors import InputError
 from ..imaging.atomic import atomic_output
-from .headers import check_references, derived_uid, read_headers, software_version, with_type2
+from .headers import check_references, derived_uid, read_headers, software_version, volume_sources, with_type2
 
 SERIES_NUMBER = 9101  # where viewers list the SEG among the study's series
 
@@ -50,6 +50,7 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     """The SEG dataset of ``label`` (on the grid of the series read from ``sources``, in that order)."""
     hd, pydicom, codes = _dicom()
     check_references(sources)
+    sources = volume_sources(sources)  # the files the volume was read from (localizers left out)
     datasets = [with_type2(ds) for ds in read_headers(sources)]
     frames = sitk.GetArrayFromImage(label).astype(np.uint8)  # (slices, rows, columns), slices in sources' order
     if frames.shape[0] != len(datasets) or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):

@@ -35,6 +35,31 @@ def read_headers(sources: list[Path]) -> list[Any]:
     return [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sources]
 
 
+def _tag_text(ds: Any, key: str) -> str:
+    """A header's value for a ``gggg|eeee`` key as SimpleITK writes it (multiple values joined by ``\\``)."""
+    element = ds.get((int(key[:4], 16), int(key[5:], 16)))
+    if element is None or element.value is None:
+        return ""
+    value = element.value
+    if isinstance(value, str | bytes):
+        return str(value)
+    try:
+        return "\\".join(str(v) for v in value)
+    except TypeError:
+        return str(value)
+
+
+def volume_sources(sources: list[Path]) -> list[Path]:
+    """The files of a series that its volume is read from, in slice order (localizers left out:
+    :func:`..imaging.dicom_slices.one_volume`), from their headers: what a SEG or structure set
+    references must be what the labels lie on."""
+    from ..imaging.dicom_slices import one_volume, slice_header
+
+    headers = read_headers(sources)
+    slices = [slice_header(f, lambda key, ds=ds: _tag_text(ds, key)) for f, ds in zip(sources, headers)]
+    return one_volume(sources[0].parent, slices)
+
+
 def check_references(
     sources: list[Path], required: tuple[str, ...] = SEG_REFERENCES, what: str = "a DICOM SEG"
 ) -> None:

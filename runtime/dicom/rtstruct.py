@@ -31,6 +31,7 @@ from .headers import (
     pydicom_module,
     read_headers,
     software_version,
+    volume_sources,
     with_type2,
 )
 
@@ -79,6 +80,7 @@ def structure_set(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any
     that order): one ROI per label present (every label's, without contours, when none is)."""
     pydicom = pydicom_module()
     check_references(sources, RTSTRUCT_REFERENCES, "an RT Structure Set")
+    sources = volume_sources(sources)  # the files the volume was read from (localizers left out)
     headers = [with_type2(ds) for ds in read_headers(sources)]
     arr = sitk.GetArrayFromImage(label)
     if arr.shape[0] != len(headers) or arr.shape[1:] != (headers[0].Rows, headers[0].Columns):
