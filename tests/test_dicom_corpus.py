@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from conftest import ROOT
 
 pydicom = pytest.importorskip("pydicom", reason="needs the dicom extra")
-from dicom_series import write_series  # noqa: E402
+from dicom_series import jpeg_lossless_copy, write_series  # noqa: E402
 
 from imunet.runtime.errors import InputError  # noqa: E402
 from imunet.runtime.imaging.io import read_image  # noqa: E402
@@ -110,15 +110,7 @@ def test_several_multi_frame_volumes_in_one_series_are_refused_before_their_pixe
 
 def test_a_jpeg_lossless_series_reads_as_the_uncompressed_one(base, tmp_path):
     folder = tmp_path / "jpeg"
-    folder.mkdir()
-    for f in base:
-        writer = sitk.ImageFileWriter()
-        writer.SetImageIO("GDCMImageIO")
-        writer.KeepOriginalImageUIDOn()
-        writer.SetUseCompression(True)
-        writer.SetCompressor("JPEG")
-        writer.SetFileName(str(folder / f.name))
-        writer.Execute(sitk.ReadImage(str(f)))
+    jpeg_lossless_copy(base, folder)
     assert "Process 14" in pydicom.dcmread(str(folder / base[0].name)).file_meta.TransferSyntaxUID.name
     got, want = read_image(folder), read_image(base[0].parent)
     assert got.GetSize() == want.GetSize() and np.allclose(got.GetOrigin(), want.GetOrigin())

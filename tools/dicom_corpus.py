@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from harness import emit, machine
+from rtstruct_check import dciodvfy_errors
 
 NOT_IMAGES = ("SR", "RTPLAN", "RTDOSE", "RTSTRUCT", "SEG", "ECG", "KO", "PR")
 TYPE2 = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyID")
@@ -125,19 +126,12 @@ def run_case(files: list[Path], work: Path, model: str, in_domain_only: bool) ->
     return out
 
 
-def dciodvfy_errors(path: Path) -> list[str] | None:
-    if shutil.which("dciodvfy") is None:
-        return None
-    res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=300)
-    return [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
-
-
 def synthetic(folder: Path) -> dict[str, list[Path]]:
     """Series the corpora here lack, from the shipped MR sample: localizers mixed in, gantry tilt,
     uneven slice spacing (a missing slice), JPEG lossless."""
     import pydicom
     import SimpleITK as sitk
-    from dicom_series import write_series
+    from dicom_series import jpeg_lossless_copy, write_series
 
     sample = Path(__file__).resolve().parents[1] / "runtime" / "default" / "sample" / "hippocampus_014_0000.nii.gz"
     image = sitk.ReadImage(str(sample))
@@ -173,17 +167,7 @@ def synthetic(folder: Path) -> dict[str, list[Path]]:
             shutil.copy(f, gap_dir / f.name)
     out["uneven spacing (a slice missing)"] = sorted(gap_dir.iterdir())
     # JPEG lossless (process 14, SV1), encoded by GDCM: no public grayscale example is at hand here
-    jpeg_dir = folder / "jpeg-lossless"
-    jpeg_dir.mkdir()
-    for f in base:
-        writer = sitk.ImageFileWriter()
-        writer.SetImageIO("GDCMImageIO")
-        writer.KeepOriginalImageUIDOn()
-        writer.SetUseCompression(True)
-        writer.SetCompressor("JPEG")
-        writer.SetFileName(str(jpeg_dir / f.name))
-        writer.Execute(sitk.ReadImage(str(f)))
-    out["JPEG lossless, GDCM-encoded"] = sorted(jpeg_dir.iterdir())
+    out["JPEG lossless, GDCM-encoded"] = sorted(jpeg_lossless_copy(base, folder / "jpeg-lossless"))
     return out
 
 

@@ -78,6 +78,23 @@ def write_series(
     return study_uid, series_uid, files
 
 
+def jpeg_lossless_copy(files: list[Path], folder: Path) -> list[Path]:
+    """The series ``files`` re-encoded by GDCM as JPEG lossless (process 14, SV1) into ``folder``, UIDs
+    kept; the copies in the same order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO("GDCMImageIO")
+        writer.KeepOriginalImageUIDOn()
+        writer.SetUseCompression(True)
+        writer.SetCompressor("JPEG")
+        writer.SetFileName(str(folder / f.name))
+        writer.Execute(sitk.ReadImage(str(f)))
+        out.append(folder / f.name)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image", type=Path)
