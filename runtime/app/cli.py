@@ -380,7 +380,7 @@ def report_scan(entry: dict, i: int, total: int, quiet: bool) -> dict:
         typer.echo(f"WARNING {entry['input']}: {w}", err=True)
     if entry.get("flagged"):
         f = entry["flagged"]
-        low = ", ".join(f"{k} {v:.2f}" for k, v in f["labels"].items())
+        low = ", ".join(f"{k} {v:.3f}" for k, v in f["labels"].items())
         typer.echo(f"WARNING {entry['input']}: review: Dice estimate under {f['below']:g} ({low})", err=True)
     if not quiet:
         vols = ", ".join(f"{k} {v:.2f} ml" for k, v in entry["volumes_ml"].items())
