@@ -326,10 +326,15 @@ def calibrate(
     return model
 
 
-def borrowed(source: QualityModel | None, source_name: str, label_volumes: dict[str, LabelVolumes]) -> QualityModel:
-    """A calibration taken from another bundle (a split twin: the same recipe, trained without the
-    validation cases) with this bundle's own training volumes; the note says whose it is."""
+def borrowed(source_bundle: Path, dataset: Path, training: Sequence[str], names: dict[int, str]) -> QualityModel:
+    """The calibration of another bundle (a split twin: the same recipe, trained without the
+    validation cases) with the label volumes of this bundle's ``training`` cases of ``dataset``;
+    the note says whose it is."""
+    from imunet.runtime.contract.bundle import load_bundle
+
+    source, source_name = load_bundle(source_bundle).manifest.quality, source_bundle.name
     if source is None or not source.calibrated:
         raise InputError(f"{source_name}: has no calibrated Dice estimate to borrow")
+    label_volumes = training_volumes(dataset, training, names, annotated_labels(dataset))
     note = f"borrowed from {source_name}: {source.calibration.get('note', '')}".rstrip(": ")
     return replace(source, label_volumes=label_volumes, calibration={**source.calibration, "note": note})

@@ -139,7 +139,7 @@ def _calibrate_export(run: Path, bundle_dir: Path, source: Path | None) -> None:
     from imunet.runtime.errors import InputError
 
     from .bundle import finalize_manifest
-    from .calibration import MIN_CASES, annotated_labels, borrowed, calibrate, training_volumes
+    from .calibration import MIN_CASES, borrowed, calibrate
 
     rd = RunDir(run)
     dataset = Path(RunConfig.load(rd.config).dataset) if rd.config.is_file() else None
@@ -151,9 +151,7 @@ def _calibrate_export(run: Path, bundle_dir: Path, source: Path | None) -> None:
     manifest = load_bundle(bundle_dir).manifest
     training = list(split.get("train", []))
     if source is not None:
-        twin = load_bundle(source).manifest.quality
-        volumes = training_volumes(dataset, training, manifest.labels, annotated_labels(dataset))
-        model = borrowed(twin, source.name, volumes)
+        model = borrowed(source, dataset, training, manifest.labels)
     elif len(split.get("val", [])) >= MIN_CASES:
         note = f"{len(split['val'])} validation cases of {rd.path.name}, not trained on"
         try:
@@ -191,7 +189,7 @@ def calibrate_bundle(
     from imunet.runtime.errors import ImunetError
 
     from .bundle import finalize_manifest
-    from .calibration import annotated_labels, borrowed, calibrate, parse_cases, training_volumes
+    from .calibration import borrowed, calibrate, parse_cases
 
     if (cases is None) == (source is None):
         _fail("give --cases to fit a calibration, or --from TWIN.imunet to borrow one")
@@ -210,8 +208,7 @@ def calibrate_bundle(
             raise ValueError(f"{len(overlap)} of the cases trained the bundle ({', '.join(overlap[:3])}...): "
                              "calibrating on them would trust it too much")  # fmt: skip
         if source is not None:
-            volumes = training_volumes(dataset, training, manifest.labels, annotated_labels(dataset))
-            model = borrowed(load_bundle(source).manifest.quality, source.name, volumes)
+            model = borrowed(source, dataset, training, manifest.labels)
         else:
             note = f"{len(val)} labelled cases of {dataset.name} the bundle did not train on"
             model = calibrate(bundle, dataset, val, training, note, typer.echo)

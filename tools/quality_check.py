@@ -45,21 +45,18 @@ from imunet.export.calibration import (
     with_volume_z,
 )
 from imunet.runtime import Segmenter
-from imunet.runtime.app.quality import absent_estimate
+from imunet.runtime.app.quality import absent_estimate, label_estimate
 from imunet.runtime.contract.quality_model import QualityModel
 
 
 def bundle_estimates(obs: list[Observation], model: QualityModel) -> np.ndarray:
     """What the bundle's own calibration estimates for each observation."""
-    out = []
-    for o in obs:
-        if o.features is None:
-            out.append(absent_estimate(o.label, o.mass, model))
-            continue
-        value = model.bias + model.label_bias.get(o.label, 0.0)
-        value += sum(w * o.features[f] for f, w in zip(model.features, model.weights))
-        out.append(min(1.0, max(0.0, value)))
-    return np.array(out)
+    return np.array(
+        [
+            label_estimate(o.label, o.features, model) if o.features else absent_estimate(o.label, o.mass, model)
+            for o in obs
+        ]
+    )
 
 
 def main() -> None:

@@ -140,12 +140,15 @@ def estimate(
             empty[name] = float(evidence.mass_near[k])
             dice[name] = absent_estimate(name, empty[name], model)
             continue
-        f = feats[name]
-        if calibrated:
-            assert model is not None
-            value = model.bias + model.label_bias.get(name, 0.0)
-            value += sum(w * f[n] for n, w in zip(model.features, model.weights))
-        else:
-            value = f["soft_dice"]
-        dice[name] = float(min(1.0, max(0.0, value)))
+        dice[name] = label_estimate(name, feats[name], model)
     return QualityEstimate(dice, feats, calibrated, empty)
+
+
+def label_estimate(name: str, features: dict[str, float], model: QualityModel | None) -> float:
+    """The Dice estimate of a label the map holds, from its ``features``: the calibration's linear
+    combination clipped to 0..1, or the soft Dice without a calibration."""
+    if model is None or not model.calibrated:
+        return float(min(1.0, max(0.0, features["soft_dice"])))
+    value = model.bias + model.label_bias.get(name, 0.0)
+    value += sum(w * features[n] for n, w in zip(model.features, model.weights))
+    return float(min(1.0, max(0.0, value)))
