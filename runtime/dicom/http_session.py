@@ -73,6 +73,8 @@ class BoundedSession(requests.Session):
         def work() -> None:
             try:
                 result["response"] = self._bounded(method, url, *args, **kwargs)
+            except requests.exceptions.Timeout:  # the socket's own timeout is the same deadline:
+                result["error"] = DeadlinePassed(f"no complete answer within {self.deadline_s:g} s")
             except BaseException as exc:  # handed to the waiting thread
                 result["error"] = exc
 
