@@ -19,6 +19,7 @@ from imunet.config import ModelConfig, RunConfig
 from imunet.kinds import build_model
 from imunet.run_dir import RunDir
 from imunet.runtime.contract.bundle import MANIFEST, load_bundle, sha256_file
+from imunet.runtime.contract.laterality import lateral_pairs
 from imunet.runtime.contract.manifest import (
     MAX_POINTS,
     DecoderSpec,
@@ -174,6 +175,7 @@ def build_manifest(
         encoder=EncoderSpec(m.channels, (1,) + (2,) * (m.levels - 1), m.convs_per_block),
         decoder=decoder,
         orientation=pre.orientation,
+        lateral_pairs=lateral_pairs(labels) if pre.orientation is not None else (),
         fingerprint=pre.fingerprint,
         graphs=graph_specs(m, graphs, layouts),
         opset=options.opset,

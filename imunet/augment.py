@@ -2,7 +2,9 @@
 
 One resampling per batch does rotation, scaling and elastic deformation together
 (``affine_grid`` + a smooth random displacement + ``grid_sample``); then axis flips, Gaussian
-noise and random contrast. Labels are resampled with nearest neighbour.
+noise and random contrast. Labels are resampled with nearest neighbour. A flip of the left-right
+axis swaps the labels of paired organs (and which of them the case annotated), so that a mirrored
+right parotid is taught as a left one (:mod:`imunet.runtime.contract.laterality`).
 """
 
 from __future__ import annotations
@@ -41,10 +43,25 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
     return mats[0] @ mats[1] @ mats[2]
 
 
+@dataclass(frozen=True)
+class LeftRight:
+    """The array axis ``(z, y, x) = (0, 1, 2)`` that runs left-right, and the class each class
+    becomes in a mirror image along it."""
+
+    axis: int
+    swap: tuple[int, ...]
+
+
 def augment_batch(
-    image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = AugmentConfig()
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment ``image`` ``(B, 1, Z, Y, X)`` float and ``label`` ``(B, Z, Y, X)`` integer together.
+    image: torch.Tensor,
+    label: torch.Tensor,
+    gen: torch.Generator,
+    cfg: AugmentConfig = AugmentConfig(),
+    known: torch.Tensor | None = None,
+    sides: LeftRight | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Augment ``image`` ``(B, 1, Z, Y, X)`` float and ``label`` ``(B, Z, Y, X)`` integer together;
+    ``known`` ``(B, C)`` (the classes each case annotated) follows the labels through ``sides``' swaps.
 
     ``gen`` must live on the CPU (random numbers are drawn there and moved, so runs are
     reproducible across devices).
@@ -75,11 +92,17 @@ def augment_batch(
         flip = rand(b) < cfg.p_flip
         if flip.any():
             image = torch.where(flip[:, None, None, None, None], image.flip(2 + axis), image)
-            label = torch.where(flip[:, None, None, None], label.flip(1 + axis), label)
+            mirrored = label.flip(1 + axis)
+            if sides is not None and axis == sides.axis:
+                swap = torch.tensor(sides.swap, device=dev)
+                mirrored = swap[mirrored]
+                if known is not None:
+                    known = torch.where(flip[:, None], known[:, swap], known)
+            label = torch.where(flip[:, None, None, None], mirrored, label)
     noise = (rand(b) < cfg.p_noise)[:, None, None, None, None]
     image = image + noise * torch.randn(image.shape, generator=gen).to(dev) * cfg.noise_std
     lo, hi = cfg.contrast_range
     factor = torch.where(rand(b) < cfg.p_contrast, lo + rand(b) * (hi - lo), torch.ones(b, device=dev))
     mean = image.mean(dim=(1, 2, 3, 4), keepdim=True)
     image = (image - mean) * factor[:, None, None, None, None] + mean
-    return image, label
+    return image, label, known

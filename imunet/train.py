@@ -19,12 +19,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from imunet.runtime.contract.laterality import lateral_axis, lateral_pairs, swap_permutation
 from imunet.runtime.contract.settings import InferenceSettings
 from imunet.runtime.imaging.metrics import dice_per_label
 from imunet.runtime.imaging.postprocess import decide
 from imunet.runtime.kernels.inference import Loop, predict_labels
 
-from .augment import augment_batch
+from .augment import LeftRight, augment_batch
 from .budget import TimeBudget
 from .config import RunConfig
 from .data import Case, DatasetInfo, DatasetStats, PreprocessedCache, compute_stats, read_dataset, split_cases
@@ -207,6 +208,7 @@ class RunData:
     train: list[TrainCase]
     val: dict[str, tuple[np.ndarray, np.ndarray]]
     val_known: dict[str, np.ndarray]
+    sides: LeftRight | None = None  # paired left/right labels and the axis whose flips swap them
 
 
 def resolve_config(run: RunDir, cfg: RunConfig, start: StartFrom) -> tuple[RunConfig, dict[str, torch.Tensor] | None]:
@@ -268,7 +270,23 @@ def prepare_data(dataset_dir: Path, run: RunDir, cfg: RunConfig, proc: Process) 
     if ddp.main:
         cfg.save(run.config)
     train_cases = training_cases(info, [by_name[n] for n in split["train"]], cache, cfg, say)
-    return cfg, RunData(stats, train_cases, val, {n: info.known(n) for n in val})
+    sides = left_right(info.labels, stats.orientation, cfg.model.num_classes)
+    if sides is not None:
+        pairs = [f"{info.labels[a]}/{info.labels[b]}" for a, b in lateral_pairs(info.labels)]
+        say(f"left-right flips swap {', '.join(pairs)}")
+    return cfg, RunData(stats, train_cases, val, {n: info.known(n) for n in val}, sides)
+
+
+def left_right(labels: dict[int, str], orientation: str | None, num_classes: int) -> LeftRight | None:
+    """How a left-right flip relabels a batch, or None when the labels have no left/right pairs.
+    ``ValueError`` when they have pairs but the data has no orientation to find the axis by."""
+    pairs = lateral_pairs(labels)
+    if not pairs:
+        return None
+    axis = lateral_axis(orientation)
+    if axis is None:
+        raise ValueError("the labels have left/right pairs but the dataset statistics carry no orientation")
+    return LeftRight(axis, swap_permutation(num_classes, pairs))
 
 
 def training_cases(
@@ -326,7 +344,7 @@ def train_step(net: torch.nn.Module, state: TrainState, cfg: RunConfig, data: Ru
     known = None if known_np.all() else torch.from_numpy(known_np).to(state.device)
     t1 = time.perf_counter()
     if cfg.train.augment:
-        img, lbl = augment_batch(img, lbl, state.aug_gen)
+        img, lbl, known = augment_batch(img, lbl, state.aug_gen, known=known, sides=data.sides)
     t2 = time.perf_counter()
     use_amp = state.scaler.is_enabled()
     loss = float(optimisation_step(net, cfg, Batch(img, lbl, known), state, use_amp))

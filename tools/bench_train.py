@@ -61,7 +61,7 @@ def one(args: argparse.Namespace) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        a_img, a_lbl = augment_batch(img, lbl, gen)
+        a_img, a_lbl, _ = augment_batch(img, lbl, gen)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()

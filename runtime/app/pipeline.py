@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from ..backends import Backend, open_backend
 from ..contract.bundle import Bundle, load_bundle, resolve_model
 from ..contract.kinds import ModelKind
+from ..contract.laterality import lateral_axis, swap_permutation
 from ..contract.settings import InferenceSettings
 from ..errors import BundleError, InputError
 from ..imaging.domain import dicom_modality, domain_warnings, summarise
@@ -146,7 +147,8 @@ class Segmenter:
         slots = len(flips(m.mirror_axes)) if self.settings.tta else 1
         backend = open_backend(self.bundle, kind, self._precision, threads, slots, callers)
         if self.settings.tta:
-            return MirroredBackend(backend, m.mirror_axes, m.patch_size)
+            swap = swap_permutation(m.num_classes, m.lateral_pairs)
+            return MirroredBackend(backend, m.mirror_axes, m.patch_size, lateral_axis(m.orientation), swap)
         return backend
 
     def _backend_for(self, shape: tuple[int, ...]) -> tuple[Backend, int]:

@@ -122,6 +122,8 @@ class Manifest:
     orientation: str | None = None  # the training data's axis order and directions (absent: none applied)
     fingerprint: Fingerprint | None = None  # what the model is for (absent: no domain checks)
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # array axes the training flipped (test-time mirroring uses them)
+    # (left, right) label pairs that swap in a left-right mirror image (training and test-time mirroring)
+    lateral_pairs: tuple[tuple[int, int], ...] = ()
     keep_largest: tuple[int, ...] = ()  # labels reduced to their largest component (decided on validation)
     # coded concepts per label for DICOM SEG: {"category"|"type": {"scheme", "value", "meaning"}}
     label_codes: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
@@ -165,6 +167,11 @@ class Manifest:
             raise ValueError(f"keep_largest names labels the model does not have: {self.keep_largest}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise ValueError(f"mirror_axes must be array axes 0, 1, 2, got {self.mirror_axes}")
+        paired = [k for pair in self.lateral_pairs for k in pair]
+        if any(k not in self.labels or k == 0 for k in paired) or len(set(paired)) != len(paired):
+            raise ValueError(f"lateral_pairs must pair distinct foreground labels, got {self.lateral_pairs}")
+        if paired and self.orientation is None:
+            raise ValueError("lateral_pairs needs the manifest's orientation, to know which axis runs left-right")
         if self.quality is not None:
             names = set(self.labels.values())
             stray = [n for n in (*self.quality.label_volumes, *self.quality.label_bias) if n not in names]
