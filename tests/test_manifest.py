@@ -68,7 +68,7 @@ def test_malformed_fields_are_named():
         (lambda d: d.update(model_kind="gan"), "model kind must be one of .*got 'gan'"),
         (lambda d: d["labels"].pop("1"), "labels must be 0..C-1"),
         (lambda d: d.update(lateral_pairs=[[1, 1]]), "lateral_pairs must pair distinct foreground labels"),
-        (lambda d: d.update(lateral_pairs=[[1, 2]], orientation=None), "lateral_pairs needs the manifest's orientation"),
+        (lambda d: d.update(lateral_pairs=[[1, 2]], orientation=None), "lateral_pairs needs the manifest"),
     ]:
         bad = json.loads(json.dumps(raw))
         edit(bad)
