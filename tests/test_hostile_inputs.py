@@ -283,3 +283,21 @@ def test_a_folder_of_a_thousand_one_file_series_is_answered_fast_in_one_short_li
     (failed,) = [line for line in res.stderr.splitlines() if line.startswith("FAILED")]
     assert "holds 1000 DICOM series; pick one with --series" in failed and "and 995 more" in failed
     assert len(failed) < 400
+
+
+def test_the_memory_cap_follows_the_process_own_cgroup(tmp_path):
+    """A limit on this process's cgroup or any cgroup above it counts, in v1 and v2 layouts."""
+    from imunet.runtime.app.memory import cgroup_limit_files
+
+    v1 = "4:memory:/jobs/night\n3:cpu:/\n0::/"
+    assert cgroup_limit_files(v1, tmp_path)[:3] == [
+        tmp_path / "memory/jobs/night/memory.limit_in_bytes",
+        tmp_path / "memory/jobs/memory.limit_in_bytes",
+        tmp_path / "memory/memory.limit_in_bytes",
+    ]
+    assert cgroup_limit_files("0::/user.slice/job-7", tmp_path) == [
+        tmp_path / "user.slice/job-7/memory.max",
+        tmp_path / "user.slice/memory.max",
+        tmp_path / "memory.max",
+    ]
+    assert cgroup_limit_files("garbage\n5:pids:/x", tmp_path) == []

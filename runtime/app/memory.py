@@ -6,7 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 
 SHARE = 0.75  # of what is available: leave room for the libraries, the backend and the outputs
-CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_limit_files(proc_cgroup: str, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The memory limit files of this process's own cgroup and of every cgroup above it (a limit
+    set on a parent holds too), for cgroup v2 (``0::/path``) and v1 (``N:memory:/path``), read from
+    the text of ``/proc/self/cgroup``. A container that shows its own cgroup as ``/`` finds the root's."""
+    files: list[Path] = []
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        steps = [p for p in path.strip().split("/") if p and p != ".."]
+        for depth in range(len(steps), -1, -1):
+            files.append(base.joinpath(*steps[:depth], name))
+    return files
 
 
 def available_gib() -> float | None:
@@ -18,7 +40,11 @@ def available_gib() -> float | None:
                 found.append(int(line.split()[1]) * 1024 / 2**30)
     except (OSError, ValueError):
         pass
-    for limit in CGROUP_LIMITS:
+    try:
+        own = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        own = ""
+    for limit in [*cgroup_limit_files(own), CGROUP_ROOT / "memory.max", CGROUP_ROOT / "memory/memory.limit_in_bytes"]:
         try:
             text = limit.read_text().strip()
         except OSError:

@@ -132,7 +132,7 @@ def run_jobs(cluster: Cluster, jobs: list[Job], options: RunOptions) -> Iterator
         try:
             entry = ray.get(done[0])
             idle.append(actor)
-        except ray.exceptions.RayActorError as exc:  # the worker process or its node is gone
+        except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as exc:  # worker or node gone
             i = index[id(job)]
             attempts[i] += 1
             idle.append(cluster.another())
@@ -140,5 +140,12 @@ def run_jobs(cluster: Cluster, jobs: list[Job], options: RunOptions) -> Iterator
                 pending.appendleft(job)
                 continue
             error = f"{job.scan}: its Ray worker died {attempts[i]} times on it (last: {_cause(exc)})"
-            entry = {"input": str(job.scan), "output": str(job.dest), "ok": False, "error": error}
+            entry = _failed(job, error)
+        except ray.exceptions.RayError as exc:  # the worker lives; the task itself broke: no retry
+            idle.append(actor)
+            entry = _failed(job, f"{job.scan}: failed on its Ray worker: {_cause(exc)}")
         yield entry
+
+
+def _failed(job: Job, error: str) -> dict:
+    return {"input": str(job.scan), "output": str(job.dest), "ok": False, "error": error}
