@@ -301,3 +301,26 @@ def test_the_memory_cap_follows_the_process_own_cgroup(tmp_path):
         tmp_path / "memory.max",
     ]
     assert cgroup_limit_files("garbage\n5:pids:/x", tmp_path) == []
+
+
+def test_a_scan_too_large_for_the_cgroup_is_refused_before_work(tmp_path):
+    """In a container or batch job whose cgroup holds 1 GiB, a scan needing more is refused from its
+    header (without --max-memory) instead of being killed by the kernel mid-scan."""
+    import subprocess
+    import sys
+
+    from test_ray import memory_cgroup, zero_volume
+
+    cgroup = memory_cgroup(1 << 30)
+    if cgroup is None:
+        pytest.skip("needs a writable memory cgroup (root)")
+    zero_volume(tmp_path / "big_0000.nii.gz", 400)  # about 3 GiB of working memory: fits this machine
+    command = f'echo $$ > "{cgroup}/cgroup.procs" && exec "$0" -m imunet.runtime.app.cli "$1" --out "$2"'
+    try:
+        res = subprocess.run(["bash", "-c", command, sys.executable, str(tmp_path / "big_0000.nii.gz"),
+                              str(tmp_path / "out")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        cgroup.rmdir()
+    assert res.returncode == 1 and "needs about" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "over 0.75 GiB (the memory this process may use" in res.stderr, res.stderr  # 75% of the cgroup's
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
