@@ -237,6 +237,39 @@ def test_the_cohort_table_grows_as_the_run_goes_and_across_nights(bundle_dir, ph
     assert code == 2 and "exists with other columns" in err
 
 
+def test_a_parquet_table_holds_the_csv_rows_typed_and_grows_across_nights(bundle_dir, phantom_dir, drop, tmp_path):
+    import csv
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    out, table = tmp_path / "out", tmp_path / "cohort.parquet"
+    (drop / "broken.nii.gz").write_bytes(b"not a scan")
+    line = [drop, "--model", bundle_dir, "--out", out, "--skip-existing", "--table", table]
+    code, _, _ = run(*line, "--stats", tmp_path / "s.json")
+    assert code == 1
+    (drop / "broken.nii.gz").unlink()
+    shutil.copy(phantom_dir / "imagesTr" / "phantom_002_0000.nii.gz", drop)
+    code, _, err = run(*line, "--table", tmp_path / "same.csv")  # --table twice: the last one counts
+    assert code == 0, err
+    code, _, err = run(*line)  # night 3 adds its rows to the Parquet table too
+    assert code == 0, err
+    data = pq.read_table(table)
+    assert str(data.schema.field("organ_ml").type) == "double" and str(data.schema.field("flagged").type) == "bool"
+    rows = data.to_pylist()
+    assert [r["status"] for r in rows] == ["failed", "segmented", "segmented", "skipped", "skipped", "skipped"]
+    assert rows[0]["error"] and rows[0]["organ_ml"] is None and rows[0]["flagged"] is None
+    assert rows[1]["organ_ml"] > 0 and rows[1]["seconds"] > 0 and rows[1]["flagged"] is False
+    csv_rows = list(csv.DictReader((tmp_path / "same.csv").open()))  # the same columns as the CSV
+    assert list(csv_rows[0]) == data.schema.names
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]  # rewritten atomically
+    code, _, err = run(drop, "--out", tmp_path / "other", "--table", table)  # the shipped model: other labels
+    assert code == 2 and "exists with other columns" in err
+    (tmp_path / "bad.parquet").write_text("a,b\n1,2\n")
+    code, _, err = run(drop, "--model", bundle_dir, "--out", tmp_path / "x", "--table", tmp_path / "bad.parquet")
+    assert code == 2 and "cannot be read as Parquet" in err and not (tmp_path / "x").exists()
+    code, _, err = run(drop, "--model", bundle_dir, "--out", tmp_path / "x", "--table", tmp_path / "t.xlsx")
+    assert code == 2 and "name a .csv or a .parquet file" in err
+
+
 def test_a_run_killed_midway_leaves_a_table_of_what_is_done(bundle_dir, phantom_dir, tmp_path):
     import csv
     import signal

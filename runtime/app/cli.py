@@ -21,7 +21,7 @@ from .batch import (
     output_suffix,
     plan,
 )
-from .cohort_table import CohortTable
+from .cohort_table import TABLE_SUFFIXES, open_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -95,9 +95,10 @@ def run(
     table: Optional[Path] = typer.Option(
         None,
         "--table",
-        metavar="FILE.csv",
-        help="One CSV row per scan (input, output, status, error, seconds, node, run, volumes), written as each "
-        "scan ends; an existing table of the same model is added to.",
+        metavar="FILE.csv|FILE.parquet",
+        help="One row per scan (input, output, status, error, seconds, node, run, volumes, Dice estimates), "
+        "written as each scan ends (Parquet: rewritten whole, atomically); an existing table of the same model "
+        "is added to.",
     ),
     preview: Optional[Path] = typer.Option(
         None,
@@ -180,8 +181,8 @@ def run(
         _fail(f"--format must be one of {', '.join(WRITABLE_SUFFIXES)}, {SEG_SUFFIX}; got {fmt!r}")
     if overwrite and skip_existing:
         _fail("--overwrite and --skip-existing contradict each other; pass one")
-    if table is not None and table.suffix.lower() != ".csv":
-        _fail(f"--table {table}: the table is CSV, written as the run goes; name a .csv file")
+    if table is not None and table.suffix.lower() not in TABLE_SUFFIXES:
+        _fail(f"--table {table}: name a .csv or a .parquet file")
     if dicom_format not in DICOM_FORMATS:
         _fail(f"--dicom-format must be one of {', '.join(DICOM_FORMATS)}; got {dicom_format!r}")
     if flag_below is not None and not 0.0 <= flag_below <= 1.0:
@@ -266,7 +267,7 @@ def _open_records(seg, stats: Path | None, table: Path | None, started: str, job
     try:
         check_outputs(jobs, others)
         ledger = read_ledger(stats) if stats is not None else None
-        rows = _Rows(CohortTable(table, seg.bundle.manifest.labels, started) if table is not None else None)
+        rows = _Rows(open_table(table, seg.bundle.manifest.labels, started) if table is not None else None)
     except ImunetError as exc:
         seg.close()
         _fail(str(exc))

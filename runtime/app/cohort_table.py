@@ -12,9 +12,11 @@ import io
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputError
 
+TABLE_SUFFIXES = (".csv", ".parquet")
 BASE_COLUMNS = ("input", "output", "status", "error", "seconds", "node", "run")
 QUALITY_COLUMNS = ("dice_estimate_lowest", "flagged")
 ESTIMATE = "_dice_estimate"
@@ -24,6 +26,15 @@ def columns(labels: dict[int, str]) -> list[str]:
     """The table's header for a model with ``labels``."""
     names = [labels[k] for k in sorted(labels) if k]
     return [*BASE_COLUMNS, *(f"{n}_ml" for n in names), *QUALITY_COLUMNS, *(f"{n}{ESTIMATE}" for n in names)]
+
+
+def open_table(path: Path, labels: dict[int, str], run: str) -> CohortTable | Any:
+    """The table ``path`` names: CSV, or Parquet for a ``.parquet`` name (:mod:`.parquet_table`)."""
+    if path.suffix.lower() == ".parquet":
+        from .parquet_table import ParquetTable
+
+        return ParquetTable(path, labels, run)
+    return CohortTable(path, labels, run)
 
 
 class CohortTable:
@@ -45,19 +56,7 @@ class CohortTable:
 
     def add(self, entry: dict) -> None:
         """The row of one report entry (as ``imunet-run`` reports a scan)."""
-        status = "failed" if not entry["ok"] else "skipped" if entry.get("skipped") else "segmented"
-        seconds = sum(entry.get(k, 0.0) for k in ("read_s", "total_s", "write_s")) if status == "segmented" else ""
-        volumes = entry.get("volumes_ml", {})
-        row = [entry["input"], entry.get("output", ""), status, entry.get("error", ""),
-               f"{seconds:.3f}" if seconds != "" else "", entry.get("node", self.node), self.run]  # fmt: skip
-        names = [h[: -len("_ml")] for h in self.header if h.endswith("_ml")]
-        quality = entry.get("quality") or {}
-        estimates = quality.get("dice_estimate", {})
-        low = quality.get("lowest")
-        row += [volumes.get(name, "") for name in names]
-        row += [low["dice_estimate"] if low else "", ("yes" if entry.get("flagged") else "no") if quality else ""]
-        row += [estimates.get(name, "") for name in names]
-        self._write(row)
+        self._write(row_of(entry, self.header, self.node, self.run))
 
     def _write(self, row: list) -> None:
         buffer = io.StringIO()
@@ -68,6 +67,23 @@ class CohortTable:
 
     def close(self) -> None:
         self.fh.close()
+
+
+def row_of(entry: dict, header: list[str], node: str, run: str) -> list:
+    """The table row (CSV text values) of one report entry, in ``header``'s order."""
+    status = "failed" if not entry["ok"] else "skipped" if entry.get("skipped") else "segmented"
+    seconds = sum(entry.get(k, 0.0) for k in ("read_s", "total_s", "write_s")) if status == "segmented" else ""
+    volumes = entry.get("volumes_ml", {})
+    row = [entry["input"], entry.get("output", ""), status, entry.get("error", ""),
+           f"{seconds:.3f}" if seconds != "" else "", entry.get("node", node), run]  # fmt: skip
+    names = [h[: -len("_ml")] for h in header if h.endswith("_ml")]
+    quality = entry.get("quality") or {}
+    estimates = quality.get("dice_estimate", {})
+    low = quality.get("lowest")
+    row += [volumes.get(name, "") for name in names]
+    row += [low["dice_estimate"] if low else "", ("yes" if entry.get("flagged") else "no") if quality else ""]
+    row += [estimates.get(name, "") for name in names]
+    return row
 
 
 def _header_of(path: Path) -> list[str] | None:
