@@ -67,21 +67,23 @@ def tiny_cohort(count: int, folder: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scans", type=Path, required=True, help="a folder of scans (repeated to --count)")
-    ap.add_argument("--count", type=int, default=40)
+    ap.add_argument("--count", type=int, default=40, help="scans for the throughput runs (0: none)")
     ap.add_argument("--model", default=None, help="bundle folder or shipped name (default: the default)")
     ap.add_argument("--address", default="auto")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tiny", type=int, default=0, help="volumes for the driver-cost run (0: none)")
+    ap.add_argument("--tiny-table", choices=["csv", "parquet"], default="csv", help="the driver-cost run's table")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     base = [sys.executable, "-m", "imunet.runtime.app.cli", "-q"] + (["--model", args.model] if args.model else [])
     report: dict = {"setup": {"machine": machine(), "command": " ".join(sys.argv), "scans": args.count}}
     with tempfile.TemporaryDirectory(prefix="imunet-bench-ray-") as tmp:
         work = Path(tmp)
-        listing = cohort(args.scans, args.count, work / "in")
         walls: dict[str, list[float]] = {}
-        for r in range(args.repeats):  # configurations alternate within each repeat
+        if args.count:
+            listing = cohort(args.scans, args.count, work / "in")
+        for r in range(args.repeats if args.count else 0):  # configurations alternate within each repeat
             for w in args.workers:
                 out = work / f"ray{w}_{r}"
                 wall, _ = run([*base, str(listing), "--out", str(out), "--ray", args.address, "--ray-workers", str(w),
@@ -92,14 +94,16 @@ def main() -> None:
         for name, values in walls.items():
             report[f"{name}_s"] = median(values, 3)
             report[f"{name}_scans_per_s"] = round(args.count / float(np.median(values)), 3)
-        one = f"ray_{args.workers[0]}_workers_s"
-        report["ray_overhead_s_per_scan"] = round((report[one] - report["local_s"]) / args.count, 4)
+        if args.count:
+            one = f"ray_{args.workers[0]}_workers_s"
+            report["ray_overhead_s_per_scan"] = round((report[one] - report["local_s"]) / args.count, 4)
         if args.tiny:
             tiny = tiny_cohort(args.tiny, work / "tiny")
             out = work / "tiny_out"
-            table = str(work / "t.csv")
+            table = str(work / f"t.{args.tiny_table}")
             wall, cpu = run([*base, str(tiny), "--out", str(out), "--ray", args.address, "--table", table])
-            report["tiny"] = {"volumes": args.tiny, "wall_s": round(wall, 2), "driver_cpu_s": round(cpu, 2),
+            report["tiny"] = {"volumes": args.tiny, "table": args.tiny_table, "wall_s": round(wall, 2),
+                              "driver_cpu_s": round(cpu, 2),
                               "driver_cpu_ms_per_scan": round(1000 * cpu / args.tiny, 3)}  # fmt: skip
             shutil.rmtree(out, ignore_errors=True)
     emit(report, args.json)
