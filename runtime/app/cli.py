@@ -21,7 +21,7 @@ from .batch import (
     output_suffix,
     plan,
 )
-from .cohort_table import TABLE_SUFFIXES, open_table
+from .tables import TABLE_SUFFIXES, open_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 

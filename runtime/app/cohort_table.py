@@ -12,11 +12,9 @@ import io
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 from ..errors import OutputError
 
-TABLE_SUFFIXES = (".csv", ".parquet")
 BASE_COLUMNS = ("input", "output", "status", "error", "seconds", "node", "run")
 QUALITY_COLUMNS = ("dice_estimate_lowest", "flagged")
 ESTIMATE = "_dice_estimate"
@@ -26,15 +24,6 @@ def columns(labels: dict[int, str]) -> list[str]:
     """The table's header for a model with ``labels``."""
     names = [labels[k] for k in sorted(labels) if k]
     return [*BASE_COLUMNS, *(f"{n}_ml" for n in names), *QUALITY_COLUMNS, *(f"{n}{ESTIMATE}" for n in names)]
-
-
-def open_table(path: Path, labels: dict[int, str], run: str) -> CohortTable | Any:
-    """The table ``path`` names: CSV, or Parquet for a ``.parquet`` name (:mod:`.parquet_table`)."""
-    if path.suffix.lower() == ".parquet":
-        from .parquet_table import ParquetTable
-
-        return ParquetTable(path, labels, run)
-    return CohortTable(path, labels, run)
 
 
 class CohortTable:
