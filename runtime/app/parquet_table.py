@@ -14,14 +14,13 @@ rest are strings. Needs pyarrow (``pip install 'imunet[table]'``).
 
 from __future__ import annotations
 
-import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
+from ..imaging.atomic import atomic_output
 from .cohort_table import columns, row_of
 
 REWRITE_EVERY = 20.0  # the least seconds between rewrites, in units of the last rewrite's duration
@@ -47,7 +46,6 @@ class ParquetTable:
         self.columns: dict[str, list] = {name: [] for name in self.header}
         if path.exists():
             self._read_existing()
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.last_write, self.write_s, self.dirty = 0.0, 0.0, False
         self._flush()  # the table exists (and is writable) before any work
 
@@ -81,16 +79,8 @@ class ParquetTable:
     def _flush(self) -> None:
         start = time.monotonic()
         table = self.pa.table(self.columns, schema=self.schema)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-        os.close(fd)
-        try:
+        with atomic_output(self.path, overwrite=True) as tmp:
             self.pq.write_table(table, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self.last_write, self.dirty = time.monotonic(), False
         self.write_s = self.last_write - start
 
