@@ -109,3 +109,28 @@ def test_segmenter_labels_are_the_same_on_one_or_two_workers(bundle_dir, unet_bu
     np.testing.assert_array_equal(one, sitk.GetArrayFromImage(Segmenter(bundle_dir, workers=1).predict(small)))
     with pytest.raises(ValueError, match="workers must be >= 1"):
         Segmenter(bundle_dir, backend="ort-cpu", workers=0)
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "openvino"])
+def test_segmenter_keeps_to_the_cpus_it_was_given(bundle_dir, phantom_dir, backend):
+    """A Ray actor granted one CPU computes on one thread, on one window at a time, whatever the node
+    has; the labels are those of a segmenter on every core."""
+    from imunet.runtime import Segmenter
+    from imunet.runtime.imaging.io import read_image
+
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    image = read_image(phantom_dir / "imagesTr" / "phantom_001_0000.nii.gz")
+    big = sitk.Tile([image, image], [2, 1, 1])
+    one = Segmenter(bundle_dir, backend=backend, cpus=1)
+    labels = sitk.GetArrayFromImage(one.predict(big))
+    assert one.workers == 1 and one.last_stats["workers"] == 1 and one.last_stats["windows"] > 1
+    if backend == "ort-cpu":
+        threads = {s.get_session_options().intra_op_num_threads for s in one.backend.sessions.values()}
+    else:
+        threads = {one.backend.compiled.get_property("INFERENCE_NUM_THREADS")}
+    assert threads == {1}
+    every = Segmenter(bundle_dir, backend=backend)
+    np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(every.predict(big)))
+    with pytest.raises(ValueError, match="cpus must be >= 1"):
+        Segmenter(bundle_dir, backend=backend, cpus=0)

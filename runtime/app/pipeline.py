@@ -94,7 +94,9 @@ class Segmenter:
     wins; None: the default shipped model, ``hippocampus``). ``precision``:
     ``auto``, ``fp32``, ``fp16``, ``int8`` or ``bf16`` (:func:`.backends.precision.graph_precisions`).
     ``workers``: windows computed at once, each on its own thread (None: two on a CPU backend with two
-    or more cores; GPUs run one); the labels do not depend on it. ``trusted_keys``: a folder of
+    or more cores; GPUs run one); the labels do not depend on it. ``cpus``: the cores a CPU backend
+    may use in all (None: every core this process may run on; a Ray worker passes what Ray granted
+    it). ``trusted_keys``: a folder of
     public keys; the bundle must be signed by one. Keyword ``options``: any
     :class:`InferenceSettings` field (``mode``, ``overlap``, ``stride``, ``tta``, ...; overriding
     the bundle's defaults, None keeping them) and any :class:`Checks` field (``max_memory_gb``,
@@ -111,6 +113,7 @@ class Segmenter:
         precision: str = "auto",
         workers: int | None = None,
         trusted_keys: str | Path | None = None,
+        cpus: int | None = None,
         **options: object,
     ) -> None:
         checks = Checks(**{k: v for k, v in options.items() if k in CHECKS})  # type: ignore[arg-type]
@@ -126,12 +129,15 @@ class Segmenter:
         self.checks = checks
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        cpu_workers = workers if workers is not None else default_workers("ort-cpu")
+        if cpus is not None and cpus < 1:
+            raise ValueError(f"cpus must be >= 1, got {cpus}")
+        self.cpus = cpus
+        cpu_workers = workers if workers is not None else default_workers("ort-cpu", cpus)
         self._precision = precision
         # One window at a time on every core: what a scan of one window needs, and all a GPU runs. The
         # CPU pool (one thread per window in flight) opens with the first scan of several windows, so a
         # one-scan command opens one backend, not two (docs/BENCHMARKS.md, start-up).
-        self.backend = self._open(backend)
+        self.backend = self._open(backend, cpus or 0)
         self.workers = cpu_workers if self.backend.name in CPU_BACKENDS else 1
         self._pool_backend: Backend | None = None
         self._local = threading.local()
@@ -161,7 +167,8 @@ class Segmenter:
         if len(window_slices(padded, patch, self.settings.overlap)) == 1:
             return self.backend, 1
         if self._pool_backend is None:
-            self._pool_backend = self._open(self.backend.name, threads_per_worker(self.workers), self.workers)
+            threads = threads_per_worker(self.workers, self.cpus)
+            self._pool_backend = self._open(self.backend.name, threads, self.workers)
         return self._pool_backend, self.workers
 
     @property

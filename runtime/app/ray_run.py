@@ -86,7 +86,9 @@ def open_cluster(address: str, model: str, segmenter_options: dict, workers: int
     total = ray.cluster_resources().get("GPU" if gpu else "CPU", 0)
     count = workers or max(1, int(total // (1 if gpu else cpus)))
     remote = ray.remote(max_restarts=0, max_task_retries=0, **resources)(ScanWorker)
-    opts = {**segmenter_options, "workers": None if gpu else cpus}
+    # An actor uses the cores Ray granted it, not every core of its node: N actors on a node of N
+    # cores would otherwise each start N threads.
+    opts = {**segmenter_options, "cpus": None if gpu else cpus}
     first = remote.remote(model, opts)
     try:
         backend, precision, _ = ray.get(first.describe.remote())
