@@ -5,7 +5,8 @@ One binary segment per foreground label, named as in the manifest and coded with
 concepts (category, type and a modifier such as laterality; a generic SNOMED CT "Anatomical
 Structure" where it has none), with the label's display colour; the algorithm's name, version and
 provenance from the bundle; patient and study attributes copied from the source images, which are
-all referenced; frames on the source slices, empty frames left out.
+all referenced; frames on the source slices, empty frames left out. A multi-frame source (enhanced
+CT or MR, one volume) is referenced frame by frame.
 
 Anonymised exports routinely drop Type 2 attributes (patient's birth date and sex, referring
 physician, accession number, study ID); they are given the empty value the standard allows, on the
@@ -25,7 +26,15 @@ from ..contract.bundle import Bundle
 from ..contract.label_names import label_colour
 from ..errors import InputError
 from ..imaging.atomic import atomic_output
-from .headers import check_references, derived_uid, read_headers, software_version, volume_sources, with_type2
+from .headers import (
+    check_references,
+    derived_uid,
+    frame_headers,
+    read_headers,
+    software_version,
+    volume_sources,
+    with_type2,
+)
 
 SERIES_NUMBER = 9101  # where viewers list the SEG among the study's series
 
@@ -53,8 +62,9 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     sources = volume_sources(sources)  # the files the volume was read from (localizers left out)
     datasets = [with_type2(ds) for ds in read_headers(sources)]
     frames = sitk.GetArrayFromImage(label).astype(np.uint8)  # (slices, rows, columns), slices in sources' order
-    if frames.shape[0] != len(datasets) or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):
-        raise InputError(f"the label map {frames.shape} does not lie on the source series' {len(datasets)} slices")
+    slices = len(frame_headers(datasets))  # a multi-frame source: its frames, checked to be the slices
+    if frames.shape[0] != slices or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):
+        raise InputError(f"the label map {frames.shape} does not lie on the source series' {slices} slices")
     m = bundle.manifest
     version = software_version()
     algorithm = hd.AlgorithmIdentificationSequence(

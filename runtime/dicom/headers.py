@@ -68,12 +68,38 @@ def check_references(
     missing = [k for k in required if any(not ds.get(k) for ds in datasets)]
     if missing:
         raise InputError(f"the source series lacks {', '.join(missing)}; {what} cannot reference it")
-    frames = max(int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets)
-    if frames > 1:
+    frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets]
+    if len(datasets) > 1 and max(frames) > 1:
         raise InputError(
-            f"the source is a multi-frame image ({frames} frames in one file); imunet writes {what} for "
-            "single-frame series only: write the labels as NIfTI (--out x.nii.gz) instead"
+            f"the source series holds {len(datasets)} multi-frame files (several volumes): put the one to "
+            "segment in a folder of its own"
         )
+
+
+def frame_headers(datasets: list[Any]) -> list[Any]:
+    """One header per slice of the volume, in slice order: the datasets of a single-frame series as they
+    are; for one multi-frame image (enhanced CT or MR), a header per frame with its plane position,
+    orientation and pixel spacing from the functional groups and ``ReferencedFrameNumber`` set (its
+    frames were checked to be the volume's slices in stored order when it was read:
+    :mod:`..imaging.multiframe`)."""
+    if len(datasets) != 1 or int(datasets[0].get("NumberOfFrames", 1) or 1) == 1:
+        return datasets
+    from ..imaging.multiframe import group_value
+
+    pydicom = pydicom_module()
+    ds = datasets[0]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    out = []
+    for number, item in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        frame = pydicom.Dataset()
+        frame.SOPClassUID, frame.SOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        frame.ReferencedFrameNumber = number
+        frame.Rows, frame.Columns = ds.Rows, ds.Columns
+        frame.ImagePositionPatient = group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient")
+        frame.ImageOrientationPatient = group_value(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        frame.PixelSpacing = group_value(item, shared, "PixelMeasuresSequence", "PixelSpacing")
+        out.append(frame)
+    return out
 
 
 def derived_uid(source_series: str, bundle_files: dict[str, str], output: str, part: str) -> str:

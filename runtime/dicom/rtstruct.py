@@ -1,6 +1,7 @@
 """RT Structure Set output: what radiotherapy planning systems import. One ROI per label found, named
 exactly as the bundle's label, with its display colour, interpreted type ORGAN and its SNOMED CT
-code; closed planar contours on the source slices in patient coordinates.
+code; closed planar contours on the source slices in patient coordinates (on the frames of a
+multi-frame source, each referenced by its frame number).
 
 Contours are traced with scikit-image's marching squares at level 0.5 on the label's mask of each
 slice (padded by one pixel so that every contour closes): they run half way between the pixels
@@ -28,6 +29,7 @@ from .headers import (
     RTSTRUCT_REFERENCES,
     check_references,
     derived_uid,
+    frame_headers,
     pydicom_module,
     read_headers,
     software_version,
@@ -81,17 +83,17 @@ def structure_set(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any
     pydicom = pydicom_module()
     check_references(sources, RTSTRUCT_REFERENCES, "an RT Structure Set")
     sources = volume_sources(sources)  # the files the volume was read from (localizers left out)
-    headers = [with_type2(ds) for ds in read_headers(sources)]
+    datasets = [with_type2(ds) for ds in read_headers(sources)]
+    headers = frame_headers(datasets)  # a multi-frame source: a header per frame
     arr = sitk.GetArrayFromImage(label)
     if arr.shape[0] != len(headers) or arr.shape[1:] != (headers[0].Rows, headers[0].Columns):
         raise InputError(f"the label map {arr.shape} does not lie on the source series' {len(headers)} slices")
-    m, first = bundle.manifest, headers[0]
+    m, first = bundle.manifest, datasets[0]
     ds = _base(pydicom, first, bundle)
     frame = first.FrameOfReferenceUID
     ds.FrameOfReferenceUID = frame  # Frame of Reference module: the series' own
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
-    images = [(h.SOPClassUID, h.SOPInstanceUID) for h in headers]
-    ds.ReferencedFrameOfReferenceSequence = [_frame_reference(pydicom, first, frame, images)]
+    ds.ReferencedFrameOfReferenceSequence = [_frame_reference(pydicom, first, frame, headers)]
     # one ROI per label found; with none found, every label's ROI without contours (the structure set's
     # ROI sequences are Type 1: an empty structure set is not a valid one, and says less)
     present = [k for k in sorted(m.labels) if k and (arr == k).any()] or [k for k in sorted(m.labels) if k]
@@ -140,12 +142,17 @@ def _base(pydicom: Any, first: Any, bundle: Bundle) -> Any:
     return ds
 
 
-def _frame_reference(pydicom: Any, first: Any, frame: str, images: list[tuple[str, str]]) -> Any:
-    contour_images = []
-    for sop_class, sop_instance in images:
-        item = pydicom.Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_instance
-        contour_images.append(item)
+def _image_reference(pydicom: Any, header: Any) -> Any:
+    """A reference to one slice: its image, and its frame where the image is multi-frame."""
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+    if "ReferencedFrameNumber" in header:
+        item.ReferencedFrameNumber = header.ReferencedFrameNumber
+    return item
+
+
+def _frame_reference(pydicom: Any, first: Any, frame: str, headers: list[Any]) -> Any:
+    contour_images = [_image_reference(pydicom, h) for h in headers]
     series = pydicom.Dataset()
     series.SeriesInstanceUID, series.ContourImageSequence = first.SeriesInstanceUID, contour_images
     study = pydicom.Dataset()
@@ -163,8 +170,7 @@ def _roi_contours(pydicom: Any, mask: np.ndarray, headers: list[Any], number: in
     item.ContourSequence = []
     for z in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1)):
         header = headers[z]
-        image = pydicom.Dataset()
-        image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+        image = _image_reference(pydicom, header)
         for points in slice_contours(mask[z]):
             contour = pydicom.Dataset()
             contour.ContourImageSequence = [image]

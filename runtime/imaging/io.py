@@ -18,8 +18,9 @@ import SimpleITK as sitk
 
 from ..errors import InputError, OutputError
 from .atomic import atomic_output
-from .dicom_slices import check_frames, one_volume, slice_header
+from .dicom_slices import check_frames, frames_of, one_volume, slice_header
 from .formats import WRITABLE_SUFFIXES, image_suffix
+from .multiframe import check_multiframe
 
 sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's and GDCM's warnings never reach the user raw
 
@@ -93,6 +94,8 @@ def _read_dicom(directory: Path, series: str | None) -> sitk.Image:
         slice_header(f, lambda key, i=i: reader.GetMetaData(i, key) if reader.HasMetaDataKey(i, key) else "")
         for i, f in enumerate(files)
     ]
+    if len(files) == 1 and slices[0].frames > 1:
+        check_multiframe(str(directory), files[0], as_3d_scalar(image, str(directory)))
     kept = one_volume(directory, slices)
     if kept != files:  # localizers left out, or another slice order: read the volume's own files
         reader = sitk.ImageSeriesReader()
@@ -176,6 +179,8 @@ def read_image(path: str | os.PathLike, series: str | None = None, channel: int 
         else:
             check_nifti_complete(path)
             image = sitk.ReadImage(str(path))
+            if not image_suffix(path) and frames_of(path) > 1:
+                check_multiframe(str(path), path, as_3d_scalar(image, str(path), channel))
     except InputError:
         raise
     except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
@@ -274,7 +279,9 @@ def check_scan_path(path: str | os.PathLike) -> Path:
 
 def read_header(path: str | os.PathLike, series: str | None = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Size and spacing ``(x, y, z, ...)`` of a scan from its header alone: no voxel is read or
-    decompressed (a DICOM folder: the first file's header and the number of files)."""
+    decompressed (a DICOM folder: the first file's header and the number of files). GDCM gives a
+    multi-frame file whose frames descend along the slice normal a negative slice spacing here (its
+    full read flips the direction instead), so a DICOM spacing is taken by magnitude."""
     path = check_scan_path(path)
     reader = sitk.ImageFileReader()
     try:
@@ -283,11 +290,12 @@ def read_header(path: str | os.PathLike, series: str | None = None) -> tuple[tup
             reader.SetFileName(str(files[0]))
             reader.ReadImageInformation()
             size = (*reader.GetSize()[:2], len(files) * reader.GetSize()[2])  # multi-frame: frames per file
-            return size, tuple(reader.GetSpacing())
+            return size, tuple(abs(v) for v in reader.GetSpacing())
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
     except RuntimeError:
         if not path.is_dir():
             check_nifti_complete(path)  # a truncated or corrupt NIfTI says so, in its own words
         raise InputError(f"{path}: cannot read as an image (unreadable header)") from None
-    return tuple(reader.GetSize()), tuple(reader.GetSpacing())
+    spacing = tuple(reader.GetSpacing())
+    return tuple(reader.GetSize()), spacing if image_suffix(path) else tuple(abs(v) for v in spacing)
