@@ -10,7 +10,7 @@ from test_inference import PATCH, index_volume, sphere_logits
 
 from imunet.runtime.contract.settings import InferenceSettings
 from imunet.runtime.kernels.inference import Loop, predict_probabilities
-from imunet.runtime.kernels.parallel import default_workers, ordered_map, threads_per_worker
+from imunet.runtime.kernels.parallel import cpu_count, default_workers, ordered_map, threads_per_worker
 
 from conftest import FakeBackend
 
@@ -129,6 +129,8 @@ def test_segmenter_keeps_to_the_cpus_it_was_given(bundle_dir, phantom_dir, backe
         threads = {s.get_session_options().intra_op_num_threads for s in one.backend.sessions.values()}
     else:
         threads = {one.backend.compiled.get_property("INFERENCE_NUM_THREADS")}
+        # a share of the cores floats over them; pinned, two such processes ran on the same core
+        assert one.backend.compiled.get_property("ENABLE_CPU_PINNING") is (cpu_count() == 1)
     assert threads == {1}
     every = Segmenter(bundle_dir, backend=backend)
     np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(every.predict(big)))
