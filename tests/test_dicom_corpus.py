@@ -117,20 +117,25 @@ def test_a_jpeg_lossless_series_reads_as_the_uncompressed_one(base, tmp_path):
     assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
 
 
-def test_dicom_outputs_of_a_multi_frame_source_are_refused_before_inference(tmp_path):
+def test_a_multi_frame_file_without_frame_positions_is_refused_before_inference(tmp_path):
+    """Three frames in a classic MR file carry no plane of their own (they could be cine, echoes or
+    copies): read as slices, they would be a volume of made-up geometry."""
     src = pydicom.data.get_testdata_file("MR_small.dcm", download=False)
     ds = pydicom.dcmread(src)
     ds.NumberOfFrames = 3
     ds.PixelData = ds.PixelData * 3
-    folder = tmp_path / "enhanced"
+    folder = tmp_path / "frames"
     folder.mkdir()
     ds.save_as(str(folder / "frames.dcm"))
-    assert read_image(folder).GetSize()[2] == 3  # read as a volume
-    cmd = [sys.executable, "-m", "imunet.runtime.app.cli", str(folder), "--out", str(tmp_path / "x.dcm"), "--stats",
-           str(tmp_path / "s.json")]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1 and "multi-frame image (3 frames in one file)" in res.stderr
-    assert "inference_s" not in (tmp_path / "s.json").read_text()  # refused from the headers
+    with pytest.raises(InputError, match="3 frames carry no plane positions"):
+        read_image(folder)
+    for out in ("x.dcm", "x.nii.gz"):
+        cmd = [sys.executable, "-m", "imunet.runtime.app.cli", str(folder), "--out", str(tmp_path / out), "--stats",
+               str(tmp_path / f"{out}.json")]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 1 and "3 frames carry no plane positions" in res.stderr
+        assert "inference_s" not in (tmp_path / f"{out}.json").read_text()  # refused before inference
+        assert not (tmp_path / out).exists()
 
 
 PUBLIC = [  # pydicom's own test files (installed with pydicom): what each exercises

@@ -128,10 +128,11 @@ def run_case(files: list[Path], work: Path, model: str, in_domain_only: bool) ->
 
 def synthetic(folder: Path) -> dict[str, list[Path]]:
     """Series the corpora here lack, from the shipped MR sample: localizers mixed in, gantry tilt,
-    uneven slice spacing (a missing slice), JPEG lossless."""
+    uneven slice spacing (a missing slice), JPEG lossless, an enhanced multi-frame MR of one volume and
+    one of two volumes at the same positions."""
     import pydicom
     import SimpleITK as sitk
-    from dicom_series import jpeg_lossless_copy, write_series
+    from dicom_series import enhanced_copy, jpeg_lossless_copy, write_series
 
     sample = Path(__file__).resolve().parents[1] / "runtime" / "default" / "sample" / "hippocampus_014_0000.nii.gz"
     image = sitk.ReadImage(str(sample))
@@ -168,6 +169,11 @@ def synthetic(folder: Path) -> dict[str, list[Path]]:
     out["uneven spacing (a slice missing)"] = sorted(gap_dir.iterdir())
     # JPEG lossless (process 14, SV1), encoded by GDCM: no public grayscale example is at hand here
     out["JPEG lossless, GDCM-encoded"] = sorted(jpeg_lossless_copy(base, folder / "jpeg-lossless"))
+    # enhanced multi-frame MR (the corpora's enhanced files hold several volumes): one volume, then two
+    out["enhanced MR, one volume (legacy converted)"] = [enhanced_copy(base, folder / "enhanced" / "image.dcm")]
+    out["enhanced MR, two volumes at the same positions"] = [
+        enhanced_copy(base, folder / "enhanced2" / "image.dcm", two_volumes=True)
+    ]
     return out
 
 

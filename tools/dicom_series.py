@@ -95,6 +95,31 @@ def jpeg_lossless_copy(files: list[Path], folder: Path) -> list[Path]:
     return out
 
 
+def enhanced_copy(files: list[Path], path: Path, two_volumes: bool = False) -> Path:
+    """The single-frame MR series ``files`` as one Legacy Converted Enhanced MR image at ``path``
+    (highdicom's converter, which stores the frames in descending slice position). ``two_volumes``:
+    the second half of the frames moved onto the first half's positions, as a file holding two
+    volumes at the same positions (echoes, a field map's magnitude and phase) has them."""
+    import highdicom
+    import pydicom
+
+    image = highdicom.legacy.LegacyConvertedEnhancedMRImage(
+        [pydicom.dcmread(str(f)) for f in files],
+        series_instance_uid=highdicom.UID(),
+        series_number=2,
+        sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+    )
+    if two_volumes:
+        planes = [item.PlanePositionSequence[0] for item in image.PerFrameFunctionalGroupsSequence]
+        half = len(planes) // 2
+        for k in range(half):
+            planes[half + k].ImagePositionPatient = planes[k].ImagePositionPatient
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save_as(str(path))
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image", type=Path)
