@@ -44,7 +44,7 @@ def train(
     ),
     steps: int = typer.Option(6000, help="Optimisation steps (with --minutes: at most this many)."),
     minutes: float = typer.Option(
-        0.0, help="Time budget: the step count is set from the speed of the first 20 steps (0: off)."
+        0.0, help="Time budget: the step count follows the measured speed, re-set every 50 steps (0: off)."
     ),
     batch: int = typer.Option(8, help="Patches per step (per process)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),

@@ -97,7 +97,7 @@ class TrainConfig:
     seed: int = 0
     warmup_steps: int = 0
     lr_schedule: str = "poly"  # nnU-Net's (1 - t)**0.9, or "constant"
-    minutes: float = 0.0  # > 0: a time budget; ``steps`` is then set from the speed of the first steps
+    minutes: float = 0.0  # > 0: a time budget; ``steps`` is then set (and re-set) from the measured speed
 
     def __post_init__(self) -> None:
         if not 0 <= self.boundary_fraction <= 1:

@@ -391,11 +391,13 @@ def train(
         loss, data_s, augment_s = train_step(net, state, cfg, data)
         state.step += 1
         if (calibrated := budget.after_step(cfg, state.step)) is not None:
-            cfg = ddp.broadcast(calibrated)
-            proc.say(f"time budget {cfg.train.minutes:g} min: {cfg.train.steps} steps")
-            if ddp.main:
-                progress.retarget(cfg.train.steps)  # type: ignore[union-attr]
-                cfg.save(run.config)
+            calibrated = ddp.broadcast(calibrated)
+            if calibrated.train.steps != cfg.train.steps:
+                cfg = calibrated
+                proc.say(f"time budget {cfg.train.minutes:g} min: {cfg.train.steps} steps")
+                if ddp.main:
+                    progress.retarget(cfg.train.steps)  # type: ignore[union-attr]
+                    cfg.save(run.config)
         last = state.step == cfg.train.steps
         if ddp.main:
             record = StepRecord(loss, time.perf_counter() - t0, data_s, augment_s)

@@ -257,6 +257,27 @@ def test_a_time_budget_sets_the_step_count_from_the_measured_speed():
         TrainConfig(minutes=-1)
 
 
+def test_a_run_slowed_half_way_still_ends_inside_its_budget(monkeypatch):
+    """Steps of 0.5 s, then 1.5 s from step 300 (other work took the cores): the step count set at
+    the start would run 1,410 s of a 600 s budget; re-set every 50 steps it ends inside the budget."""
+    from imunet import budget
+    from imunet.config import ModelConfig, RunConfig, TrainConfig
+
+    clock = [0.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    cfg = RunConfig(ModelConfig(), TrainConfig(steps=100_000, minutes=10))
+    timer, step, counts = budget.TimeBudget(10, 0, True), 0, []
+    while step < cfg.train.steps:
+        clock[0] += 0.5 if step < 300 else 1.5
+        step += 1
+        if (new := timer.after_step(cfg, step)) is not None:
+            cfg = new
+            counts.append(cfg.train.steps)
+    assert counts[0] == 40 + int(2.0 * (570 - 20))  # calibrated at step 40: 1,140 steps
+    assert clock[0] <= 600 and step == cfg.train.steps < 700
+    assert counts == sorted(counts, reverse=True)  # only ever fewer once the steps slowed
+
+
 def test_dataset_statistics_record_orientation_and_fingerprint(phantom_dir):
     from imunet.data import DatasetStats, compute_stats, read_dataset
 
