@@ -129,7 +129,7 @@ def run_case(files: list[Path], work: Path, model: str, in_domain_only: bool) ->
 def synthetic(folder: Path) -> dict[str, list[Path]]:
     """Series the corpora here lack, from the shipped MR sample: localizers mixed in, gantry tilt,
     uneven slice spacing (a missing slice), JPEG lossless, an enhanced multi-frame MR of one volume and
-    one of two volumes at the same positions."""
+    one of two volumes at the same positions, an enhanced CT of one volume."""
     import pydicom
     import SimpleITK as sitk
     from dicom_series import enhanced_copy, jpeg_lossless_copy, write_series
@@ -174,6 +174,8 @@ def synthetic(folder: Path) -> dict[str, list[Path]]:
     out["enhanced MR, two volumes at the same positions"] = [
         enhanced_copy(base, folder / "enhanced2" / "image.dcm", two_volumes=True)
     ]
+    ct = write_series(image, folder / "ct", "CT")[2]  # the MR sample as CT: out of the CT model's domain
+    out["enhanced CT, one volume (legacy converted)"] = [enhanced_copy(ct, folder / "enhanced-ct" / "image.dcm")]
     return out
 
 

@@ -96,15 +96,20 @@ def jpeg_lossless_copy(files: list[Path], folder: Path) -> list[Path]:
 
 
 def enhanced_copy(files: list[Path], path: Path, two_volumes: bool = False) -> Path:
-    """The single-frame MR series ``files`` as one Legacy Converted Enhanced MR image at ``path``
-    (highdicom's converter, which stores the frames in descending slice position). ``two_volumes``:
+    """The single-frame MR or CT series ``files`` as one Legacy Converted Enhanced MR or CT image at
+    ``path`` (highdicom's converter, which stores the frames in descending slice position). ``two_volumes``:
     the second half of the frames moved onto the first half's positions, as a file holding two
     volumes at the same positions (echoes, a field map's magnitude and phase) has them."""
     import highdicom
     import pydicom
 
-    image = highdicom.legacy.LegacyConvertedEnhancedMRImage(
-        [pydicom.dcmread(str(f)) for f in files],
+    datasets = [pydicom.dcmread(str(f)) for f in files]
+    convert = {
+        "MR": highdicom.legacy.LegacyConvertedEnhancedMRImage,
+        "CT": highdicom.legacy.LegacyConvertedEnhancedCTImage,
+    }
+    image = convert[datasets[0].Modality](
+        datasets,
         series_instance_uid=highdicom.UID(),
         series_number=2,
         sop_instance_uid=highdicom.UID(),
