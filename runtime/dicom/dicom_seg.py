@@ -33,6 +33,7 @@ from .headers import (
     read_headers,
     software_version,
     volume_sources,
+    with_shared_geometry,
     with_type2,
 )
 
@@ -60,7 +61,7 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     hd, pydicom, codes = _dicom()
     check_references(sources)
     sources = volume_sources(sources)  # the files the volume was read from (localizers left out)
-    datasets = [with_type2(ds) for ds in read_headers(sources)]
+    datasets = [with_shared_geometry(with_type2(ds)) for ds in read_headers(sources)]
     frames = sitk.GetArrayFromImage(label).astype(np.uint8)  # (slices, rows, columns), slices in sources' order
     slices = len(frame_headers(datasets))  # a multi-frame source: its frames, checked to be the slices
     if frames.shape[0] != slices or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):

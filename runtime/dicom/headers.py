@@ -102,6 +102,29 @@ def frame_headers(datasets: list[Any]) -> list[Any]:
     return out
 
 
+def with_shared_geometry(ds: Any) -> Any:
+    """``ds`` (an in-memory copy of a multi-frame image) with its pixel measures and plane orientation
+    in the shared functional group where its frames each carry equal ones (Philips writes them per
+    frame; highdicom reads a multi-frame source's from the shared group). A single-frame image, or
+    one whose frames differ, is returned as it is."""
+    frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if int(ds.get("NumberOfFrames", 1) or 1) == 1 or not frames:
+        return ds
+    pydicom = pydicom_module()
+    if not ds.get("SharedFunctionalGroupsSequence"):
+        ds.SharedFunctionalGroupsSequence = [pydicom.Dataset()]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for sequence in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        if sequence in shared or not all(sequence in item for item in frames):
+            continue
+        values = {str(getattr(item, sequence)[0]) for item in frames}
+        if len(values) == 1:
+            setattr(shared, sequence, getattr(frames[0], sequence))
+            for item in frames:
+                delattr(item, sequence)
+    return ds
+
+
 def derived_uid(source_series: str, bundle_files: dict[str, str], output: str, part: str) -> str:
     """A UID that the same source series, bundle (its files' sha256) and output kind always give:
     an output sent again after a crash is the same object to a PACS, stored once."""

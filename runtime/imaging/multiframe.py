@@ -22,9 +22,10 @@ from ..errors import InputError
 POSITION_TOLERANCE = 0.1  # of the slice spacing: how far a frame may lie from where the image puts it
 
 
-def frame_planes(file: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each frame's Image Position (Patient) and Image Orientation (Patient), shape (frames, 3) and
-    (frames, 6), from the functional groups; None where a frame has neither per-frame nor shared values."""
+def frame_planes(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Each frame's Image Position (Patient), Image Orientation (Patient) and Pixel Spacing (zeros
+    where absent), shapes (frames, 3), (frames, 6) and (frames, 2), from the functional groups; None
+    where a frame has no position or orientation, per frame or shared."""
     import pydicom
 
     ds = pydicom.dcmread(str(file), stop_before_pixels=True)
@@ -33,15 +34,17 @@ def frame_planes(file: Path) -> tuple[np.ndarray, np.ndarray] | None:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != frames:
         return None
-    positions, orientations = [], []
+    positions, orientations, spacings = [], [], []
     for item in per_frame:
         position = group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient")
         orientation = group_value(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = group_value(item, shared, "PixelMeasuresSequence", "PixelSpacing")
         if position is None or orientation is None or len(position) != 3 or len(orientation) != 6:
             return None
         positions.append([float(v) for v in position])
         orientations.append([float(v) for v in orientation])
-    return np.array(positions), np.array(orientations)
+        spacings.append([float(v) for v in spacing] if spacing is not None and len(spacing) == 2 else [0.0, 0.0])
+    return np.array(positions), np.array(orientations), np.array(spacings)
 
 
 def group_value(item: object, shared: object, sequence: str, keyword: str) -> object:
@@ -70,9 +73,11 @@ def check_multiframe(name: str, file: Path, image: sitk.Image) -> None:
             f"{name}: a multi-frame DICOM file whose {frames} frames carry no plane positions (cine or time "
             "frames, not slices of one volume): imunet segments 3D volumes"
         )
-    positions, orientations = planes
+    positions, orientations, spacings = planes
     if np.ptp(orientations, axis=0).max() > 1e-3:
         raise InputError(f"{name}: the {frames} frames of this multi-frame file lie in different orientations")
+    if np.ptp(spacings, axis=0).max() > 1e-4:
+        raise InputError(f"{name}: the {frames} frames of this multi-frame file have different pixel spacings")
     repeats = Counter(tuple(np.round(p, 2)) for p in positions)
     if len(repeats) < frames:
         volumes = max(repeats.values())
