@@ -17,12 +17,13 @@ RECHECK_STEPS = 50  # steps between re-settings (a fixed count: every process of
 RATE_WINDOW = 4  # re-settings the speed is measured over (the latest 200 steps)
 
 
-def budget_steps(cfg: RunConfig, done: int, rate: float, elapsed: float) -> RunConfig:
+def budget_steps(cfg: RunConfig, done: int, rate: float, elapsed: float, most: int | None = None) -> RunConfig:
     """``cfg`` with ``steps`` set so that training ends within ``cfg.train.minutes``, at ``rate``
-    steps per second, ``elapsed`` seconds and ``done`` steps into the run; never more than the
-    configured steps, never fewer than one more."""
+    steps per second, ``elapsed`` seconds and ``done`` steps into the run; never more than ``most``
+    (default: the configured steps), never fewer than one more."""
     left = cfg.train.minutes * 60 * (1 - RESERVE) - elapsed
-    steps = max(done + 1, min(cfg.train.steps, done + int(rate * left)))
+    most = cfg.train.steps if most is None else most
+    steps = max(done + 1, min(most, done + int(rate * left)))
     return replace(cfg, train=replace(cfg.train, steps=steps))
 
 
@@ -38,19 +39,22 @@ class TimeBudget:
         self.t_warm: float | None = None
         self.marks: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW + 1)  # (step, time) at re-settings
         self.off = minutes <= 0
+        self.most: int | None = None  # the configured steps: a re-setting may go back up to them
 
     def after_step(self, cfg: RunConfig, step: int) -> RunConfig | None:
         """The configuration with its step count set anew when this step is a calibration or a
         re-setting (on every process of a run at the same step), else None."""
         if self.off:
             return None
+        if self.most is None:
+            self.most = cfg.train.steps
         now = time.perf_counter()
         if self.marks:
             if (step - self.marks[-1][0]) % RECHECK_STEPS:
                 return None
             self.marks.append((step, now))
             (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
-            return budget_steps(cfg, step, (s1 - s0) / max(t1 - t0, 1e-9), now - self.t_start)
+            return budget_steps(cfg, step, (s1 - s0) / max(t1 - t0, 1e-9), now - self.t_start, self.most)
         timed = step - self.first - WARMUP_STEPS
         if timed == 0:
             self.t_warm = now

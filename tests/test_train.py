@@ -278,6 +278,29 @@ def test_a_run_slowed_half_way_still_ends_inside_its_budget(monkeypatch):
     assert counts == sorted(counts, reverse=True)  # only ever fewer once the steps slowed
 
 
+def test_a_run_calibrated_while_slow_takes_more_steps_when_the_machine_frees(monkeypatch):
+    """Steps of 2 s while other work runs, 0.5 s after step 100: the count calibrated at the start
+    (about 300) grows to what the rest of the budget holds (840 at most: 200 s, then 370 s at 0.5 s),
+    or to the configured steps where they are fewer, and the run still ends inside the budget."""
+    from imunet import budget
+    from imunet.config import ModelConfig, RunConfig, TrainConfig
+
+    clock = [0.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    for configured in (100_000, 600):
+        clock[0] = 0.0
+        cfg = RunConfig(ModelConfig(), TrainConfig(steps=configured, minutes=10))
+        timer, step, counts = budget.TimeBudget(10, 0, True), 0, []
+        while step < cfg.train.steps:
+            clock[0] += 2.0 if step < 100 else 0.5
+            step += 1
+            if (new := timer.after_step(cfg, step)) is not None:
+                cfg = new
+                counts.append(cfg.train.steps)
+        assert counts[0] < 320 and clock[0] <= 600
+        assert 800 <= step <= 840 if configured > 840 else step == configured
+
+
 def test_dataset_statistics_record_orientation_and_fingerprint(phantom_dir):
     from imunet.data import DatasetStats, compute_stats, read_dataset
 
