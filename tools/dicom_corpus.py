@@ -19,6 +19,7 @@ out; ``--refuse-out-of-domain`` refuses them instead).
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,8 @@ def run_case(files: list[Path], work: Path, model: str, in_domain_only: bool) ->
             "written": dest.is_file(),
             "dciodvfy_errors": dciodvfy_errors(dest) if dest.is_file() else None,
         }
+    if any(out[fmt]["dciodvfy_errors"] for fmt in out):  # the source's own errors, to tell them apart
+        out["source_dciodvfy_errors"] = dciodvfy_errors(folder / "00000.dcm")
     return out
 
 
@@ -231,6 +234,32 @@ def main() -> None:
     emit(report | {"machine": machine()}, a.json)
 
 
+def error_notes(rows: list[dict]) -> list[str]:
+    """A line per dciodvfy error message of the outputs: how many rows, and whether the source file
+    has the same error (a defect the output must repeat, since it references the source's UIDs)."""
+    seen: Counter = Counter()
+    inherited: dict[str, bool] = {}
+    for r in rows:
+        source = set(r.get("source_dciodvfy_errors") or [])
+        for fmt in ("seg", "rtstruct"):
+            for line in set(r[fmt]["dciodvfy_errors"] or []):
+                message = re.sub(r"\s*<[^>]*>\s*$", "", line.split(" - ", 1)[-1])  # without the value
+                seen[message] += 1
+                inherited[message] = inherited.get(message, True) and any(message in s for s in source)
+    return (
+        [
+            "",
+            *(
+                f'dciodvfy error in {n} outputs: "{m}"'
+                + (" (the source file has the same error)." if inherited[m] else ".")
+                for m, n in seen.most_common()
+            ),
+        ]
+        if seen
+        else []
+    )
+
+
 def markdown(rows: list[dict], left_out: dict) -> str:
     counts = Counter(r["status"].split(",")[0] for r in rows)
     lines = [
@@ -243,7 +272,10 @@ def markdown(rows: list[dict], left_out: dict) -> str:
         "dciodvfy errors; *refused*: exit 1 with the one line shown, no file written. Made by",
         f"`python {' '.join(['tools/dicom_corpus.py', *sys.argv[1:]])}`.",
         "",
-        f"{len(rows)} series: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()) + ".",
+        f"{len(rows)} series: "
+        + ", ".join(f"{n} {k}" for k, n in counts.most_common())
+        + (". " if counts.get("TRACEBACK") else ", no traceback."),
+        *error_notes(rows),
         "",
         "| source | series | modality | transfer syntax | frames x files | exercises | result | seconds (SEG) |",
         "|---|---|---|---|---|---|---|---|",
@@ -260,7 +292,7 @@ def markdown(rows: list[dict], left_out: dict) -> str:
             traits.append("no " + "/".join(r["missing_uids"]))
         result = r["status"]
         if result == "refused":
-            result = f"refused: {(r['seg']['refusal'] or '').split(': ', 2)[-1][:140]}"
+            result = f"refused: {(r['seg']['refusal'] or '').split(': ', 1)[-1][:160]}"
         lines.append(
             f"| {r['source']} | {r['case']} | {r['modality']} | {r['transfer_syntax']} | {r['frames']} x {r['files']} "
             f"| {', '.join(traits)} | {result} | {r['seg']['seconds']} |"
