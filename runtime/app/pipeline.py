@@ -151,7 +151,8 @@ class Segmenter:
     def _open(self, kind: str, threads: int = 0, callers: int = 1) -> Backend:
         m = self.bundle.manifest
         slots = len(flips(m.mirror_axes)) if self.settings.tta else 1
-        backend = open_backend(self.bundle, kind, self._precision, threads, slots, callers)
+        # a share of the cores (cpus given, e.g. a Ray actor's) must not pin threads to the first ones
+        backend = open_backend(self.bundle, kind, self._precision, threads, slots, callers, self.cpus is None)
         if self.settings.tta:
             swap = swap_permutation(m.num_classes, m.lateral_pairs)
             return MirroredBackend(backend, m.mirror_axes, m.patch_size, lateral_axis(m.orientation), swap)

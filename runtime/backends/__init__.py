@@ -16,7 +16,13 @@ __all__ = ["Backend", "KINDS", "open_backend"]
 
 
 def _open(
-    bundle: Bundle, kind: str, precision: str, cpu_threads: int, feature_slots: int = 1, callers: int = 1
+    bundle: Bundle,
+    kind: str,
+    precision: str,
+    cpu_threads: int,
+    feature_slots: int = 1,
+    callers: int = 1,
+    pin_threads: bool = True,
 ) -> Backend:
     if kind == "tensorrt":
         from .trt import TensorRTBackend
@@ -25,7 +31,7 @@ def _open(
     if kind == "openvino":
         from .openvino import OpenVinoBackend
 
-        return OpenVinoBackend(bundle, precision, threads=cpu_threads, streams=callers)
+        return OpenVinoBackend(bundle, precision, threads=cpu_threads, streams=callers, pin_threads=pin_threads)
     from .ort import OrtBackend
 
     return OrtBackend(bundle, kind, threads=cpu_threads if kind == "ort-cpu" else 0, precision=precision)
@@ -38,6 +44,7 @@ def open_backend(
     cpu_threads: int = 0,
     feature_slots: int = 1,
     callers: int = 1,
+    pin_threads: bool = True,
 ) -> Backend:
     """The backend ``kind`` for ``bundle``.
 
@@ -49,11 +56,12 @@ def open_backend(
     onnxruntime intra-op threads of a CPU backend (0: one per core). ``feature_slots``: windows whose
     feature maps must stay alive at once (test-time mirroring encodes each window once per flip).
     ``callers``: threads that call the backend at once (the CPU pool's workers), each with
-    ``cpu_threads`` threads of its own."""
+    ``cpu_threads`` threads of its own. ``pin_threads``: let OpenVINO pin its threads to cores, right
+    only for a process whose threads may take every core it runs on (not for one given a share)."""
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}; choose from {', '.join(KINDS)}")
     if kind != "auto":
-        return _open(bundle, kind, precision, cpu_threads, feature_slots, callers)
+        return _open(bundle, kind, precision, cpu_threads, feature_slots, callers, pin_threads)
     from .ort import available_providers
 
     skipped: list[str] = []
@@ -66,7 +74,7 @@ def open_backend(
         candidates.append("openvino")
     for name in candidates:
         try:
-            backend = _open(bundle, name, precision, cpu_threads, feature_slots, callers)
+            backend = _open(bundle, name, precision, cpu_threads, feature_slots, callers, pin_threads)
         except ImunetError as exc:
             skipped.append(f"{name}: {exc}")
             continue

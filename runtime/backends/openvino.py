@@ -19,7 +19,6 @@ import numpy as np
 
 from ..contract.bundle import Bundle
 from ..errors import BackendError
-from ..kernels.parallel import cpu_count
 from .ort import OrtBackend
 from .precision import OPENVINO_PRECISIONS
 
@@ -60,7 +59,9 @@ class OpenVinoBackend:
     name = "openvino"
     features_reusable = True  # encode copies the outputs out of the infer request
 
-    def __init__(self, bundle: Bundle, precision: str = "auto", threads: int = 0, streams: int = 1) -> None:
+    def __init__(
+        self, bundle: Bundle, precision: str = "auto", threads: int = 0, streams: int = 1, pin_threads: bool = True
+    ) -> None:
         ov = import_openvino()
         core = ov.Core()
         m = bundle.manifest
@@ -84,7 +85,7 @@ class OpenVinoBackend:
         # every core it may run on, wrong for one given a share of them (a Ray actor of one CPU): two
         # such processes pinned both their threads to core 0 (8.7 s a CT each instead of 5.3 s,
         # docs/DESIGN-NOTES.md, "OpenVINO's thread pinning").
-        config["ENABLE_CPU_PINNING"] = not threads or threads * streams >= cpu_count()
+        config["ENABLE_CPU_PINNING"] = pin_threads
         source = bundle.graph_file(graph, "int8" if self.conv_precision == "int8" else None)
         try:
             self.compiled = core.compile_model(core.read_model(io.BytesIO(bundle.read(source))), "CPU", config)
