@@ -16,6 +16,7 @@ reference are checked from the headers before any inference (:func:`.headers.che
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +77,26 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     )
     segments = [_segment(hd, codes, k, name, m.label_codes.get(k, {}), algorithm) for k, name in
                 sorted(m.labels.items()) if k]  # fmt: skip
-    return hd.seg.Segmentation(
-        source_images=datasets,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segments,
-        series_instance_uid=derived_uid(str(datasets[0].SeriesInstanceUID), m.files, "seg", "series"),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=derived_uid(str(datasets[0].SeriesInstanceUID), m.files, "seg", "instance"),
-        instance_number=1,
-        manufacturer="imunet",
-        manufacturer_model_name=bundle.path.name[:64],
-        software_versions=version,
-        device_serial_number=bundle.manifest.files.get(m.graphs[next(iter(m.graphs))].file, "unknown")[:16],
-        series_description=f"imunet {m.describe()}"[:64],
-        content_label="IMUNET",
-        omit_empty_frames=True,
-    )
+    with warnings.catch_warnings():
+        # the source's patient name is copied as it is; highdicom's opinion of its form is no news to the user
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        return hd.seg.Segmentation(
+            source_images=datasets,
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments,
+            series_instance_uid=derived_uid(str(datasets[0].SeriesInstanceUID), m.files, "seg", "series"),
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=derived_uid(str(datasets[0].SeriesInstanceUID), m.files, "seg", "instance"),
+            instance_number=1,
+            manufacturer="imunet",
+            manufacturer_model_name=bundle.path.name[:64],
+            software_versions=version,
+            device_serial_number=bundle.manifest.files.get(m.graphs[next(iter(m.graphs))].file, "unknown")[:16],
+            series_description=f"imunet {m.describe()}"[:64],
+            content_label="IMUNET",
+            omit_empty_frames=True,
+        )
 
 
 def save_segmentation(dataset: Any, path: Path) -> Path:
