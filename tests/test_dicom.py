@@ -337,3 +337,22 @@ def test_a_seg_made_again_is_the_same_object(mr_series, tmp_path):
     a, b = (pydicom.dcmread(str(tmp_path / n), stop_before_pixels=True) for n in ("a.dcm", "b.dcm"))
     assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
     assert a.SOPInstanceUID != mr_series["series"]
+
+
+def test_a_source_defect_the_outputs_must_repeat_is_said_in_one_warning(mr_series, tmp_path):
+    """Some exports (pydicom's dicomdirtests among them) give the frame of reference the study's UID:
+    a SEG or structure set must reference both, so it repeats the defect; the run says so and writes."""
+    folder = tmp_path / "same-uid"
+    folder.mkdir()
+    for f in mr_series["files"]:
+        ds = pydicom.dcmread(str(f))
+        ds.FrameOfReferenceUID = ds.StudyInstanceUID
+        ds.save_as(str(folder / f.name))
+    for fmt in ("seg", "rtstruct"):
+        out = tmp_path / f"{fmt}.dcm"
+        code, _, err = run(folder, "--out", out, "--dicom-format", fmt)
+        assert code == 0 and out.is_file(), err
+        warned = [ln for ln in err.splitlines() if "FrameOfReferenceUID equals its StudyInstanceUID" in ln]
+        assert len(warned) == 1 and warned[0].startswith("WARNING"), err
+    code, _, err = run(mr_series["folder"], "--out", tmp_path / "clean.dcm")
+    assert code == 0 and "StudyInstanceUID" not in err

@@ -100,13 +100,15 @@ def run_job(seg, job: Job, todo: list[Path], options: RunOptions, caption: str) 
 
     labels = seg.bundle.manifest.labels
     t = time.perf_counter()
+    notes: list[str] = []  # what the headers say the DICOM output must repeat of the source's defects
     if job.dest.name.lower().endswith(SEG_SUFFIX) and job.dest in todo:  # knowable from the headers alone
         from ..dicom.headers import RTSTRUCT_REFERENCES, SEG_REFERENCES, check_references
         from ..imaging.io import series_files
 
         rt = options.dicom_format == "rtstruct"
         what = "an RT Structure Set" if rt else "a DICOM SEG"
-        check_references(series_files(job.scan, options.series), RTSTRUCT_REFERENCES if rt else SEG_REFERENCES, what)
+        refs = RTSTRUCT_REFERENCES if rt else SEG_REFERENCES
+        notes = check_references(series_files(job.scan, options.series), refs, what)
     seg.check_memory(*read_header(job.scan, options.series))  # before any voxel is read or decompressed
     image = read_image(job.scan, series=options.series, channel=options.channel)
     read_s = round(time.perf_counter() - t, 4)
@@ -128,6 +130,7 @@ def run_job(seg, job: Job, todo: list[Path], options: RunOptions, caption: str) 
         for path, tmp in zip(paths, tmps, strict=True):
             writers[path](tmp)
     stats = {**result.stats, "read_s": read_s, "write_s": round(time.perf_counter() - t, 4)}
+    stats["warnings"] = [*stats.get("warnings", []), *notes]
     if options.keep is not None:  # the volumes and estimates of what the file holds
         stats["volumes_ml"] = {labels[k]: stats["volumes_ml"][labels[k]] for k in sorted(options.keep)}
         stats["quality"] = only_labels(stats["quality"], [labels[k] for k in sorted(options.keep)])

@@ -62,8 +62,9 @@ def volume_sources(sources: list[Path]) -> list[Path]:
 
 def check_references(
     sources: list[Path], required: tuple[str, ...] = SEG_REFERENCES, what: str = "a DICOM SEG"
-) -> None:
-    """:class:`InputError` naming the UIDs ``what`` must reference that the series lacks (headers only)."""
+) -> list[str]:
+    """:class:`InputError` naming the UIDs ``what`` must reference that the series lacks (headers only);
+    else a note for each defect of the source that ``what`` must repeat by referencing it."""
     datasets = read_headers(sources)
     missing = [k for k in required if any(not ds.get(k) for ds in datasets)]
     if missing:
@@ -74,6 +75,13 @@ def check_references(
             f"the source series holds {len(datasets)} multi-frame files (several volumes): put the one to "
             "segment in a folder of its own"
         )
+    first = datasets[0]
+    if first.get("FrameOfReferenceUID") and first.get("FrameOfReferenceUID") == first.get("StudyInstanceUID"):
+        return [
+            f"the source's FrameOfReferenceUID equals its StudyInstanceUID (a defect of the source, which "
+            f"dciodvfy reports for it); {what} must reference both as they are, so it repeats the defect"
+        ]
+    return []
 
 
 def frame_headers(datasets: list[Any]) -> list[Any]:
