@@ -257,24 +257,31 @@ def test_a_time_budget_sets_the_step_count_from_the_measured_speed():
         TrainConfig(minutes=-1)
 
 
-def test_a_run_slowed_half_way_still_ends_inside_its_budget(monkeypatch):
-    """Steps of 0.5 s, then 1.5 s from step 300 (other work took the cores): the step count set at
-    the start would run 1,410 s of a 600 s budget; re-set every 50 steps it ends inside the budget."""
+def simulated_budget(monkeypatch, configured: int, step_seconds) -> tuple[int, float, list[int]]:
+    """A 10-minute budget over steps taking ``step_seconds(step)`` on a fake clock: the steps run,
+    the seconds they took and every step count the budget set."""
     from imunet import budget
     from imunet.config import ModelConfig, RunConfig, TrainConfig
 
     clock = [0.0]
     monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
-    cfg = RunConfig(ModelConfig(), TrainConfig(steps=100_000, minutes=10))
+    cfg = RunConfig(ModelConfig(), TrainConfig(steps=configured, minutes=10))
     timer, step, counts = budget.TimeBudget(10, 0, True), 0, []
     while step < cfg.train.steps:
-        clock[0] += 0.5 if step < 300 else 1.5
+        clock[0] += step_seconds(step)
         step += 1
         if (new := timer.after_step(cfg, step)) is not None:
             cfg = new
             counts.append(cfg.train.steps)
+    return step, clock[0], counts
+
+
+def test_a_run_slowed_half_way_still_ends_inside_its_budget(monkeypatch):
+    """Steps of 0.5 s, then 1.5 s from step 300 (other work took the cores): the step count set at
+    the start would run 1,410 s of a 600 s budget; re-set every 50 steps it ends inside the budget."""
+    step, seconds, counts = simulated_budget(monkeypatch, 100_000, lambda k: 0.5 if k < 300 else 1.5)
     assert counts[0] == 40 + int(2.0 * (570 - 20))  # calibrated at step 40: 1,140 steps
-    assert clock[0] <= 600 and step == cfg.train.steps < 700
+    assert seconds <= 600 and step == counts[-1] < 700
     assert counts == sorted(counts, reverse=True)  # only ever fewer once the steps slowed
 
 
@@ -282,22 +289,9 @@ def test_a_run_calibrated_while_slow_takes_more_steps_when_the_machine_frees(mon
     """Steps of 2 s while other work runs, 0.5 s after step 100: the count calibrated at the start
     (about 300) grows to what the rest of the budget holds (840 at most: 200 s, then 370 s at 0.5 s),
     or to the configured steps where they are fewer, and the run still ends inside the budget."""
-    from imunet import budget
-    from imunet.config import ModelConfig, RunConfig, TrainConfig
-
-    clock = [0.0]
-    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
     for configured in (100_000, 600):
-        clock[0] = 0.0
-        cfg = RunConfig(ModelConfig(), TrainConfig(steps=configured, minutes=10))
-        timer, step, counts = budget.TimeBudget(10, 0, True), 0, []
-        while step < cfg.train.steps:
-            clock[0] += 2.0 if step < 100 else 0.5
-            step += 1
-            if (new := timer.after_step(cfg, step)) is not None:
-                cfg = new
-                counts.append(cfg.train.steps)
-        assert counts[0] < 320 and clock[0] <= 600
+        step, seconds, counts = simulated_budget(monkeypatch, configured, lambda k: 2.0 if k < 100 else 0.5)
+        assert counts[0] < 320 and seconds <= 600
         assert 800 <= step <= 840 if configured > 840 else step == configured
 
 
