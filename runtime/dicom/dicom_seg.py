@@ -30,8 +30,8 @@ from ..imaging.atomic import atomic_output
 from .headers import (
     check_references,
     derived_uid,
-    frame_headers,
     read_headers,
+    slice_count,
     software_version,
     volume_sources,
     with_shared_geometry,
@@ -64,7 +64,7 @@ def segmentation(label: sitk.Image, sources: list[Path], bundle: Bundle) -> Any:
     sources = volume_sources(sources)  # the files the volume was read from (localizers left out)
     datasets = [with_shared_geometry(with_type2(ds)) for ds in read_headers(sources)]
     frames = sitk.GetArrayFromImage(label).astype(np.uint8)  # (slices, rows, columns), slices in sources' order
-    slices = len(frame_headers(datasets))  # a multi-frame source: its frames, checked to be the slices
+    slices = slice_count(datasets)  # a multi-frame source: its frames, checked to be the slices when read
     if frames.shape[0] != slices or frames.shape[1:] != (datasets[0].Rows, datasets[0].Columns):
         raise InputError(f"the label map {frames.shape} does not lie on the source series' {slices} slices")
     m = bundle.manifest

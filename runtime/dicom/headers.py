@@ -60,6 +60,16 @@ def volume_sources(sources: list[Path]) -> list[Path]:
     return one_volume(sources[0].parent, slices)
 
 
+def frame_count(ds: Any) -> int:
+    """Frames in one DICOM image (1 where it does not say)."""
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def slice_count(datasets: list[Any]) -> int:
+    """Slices of the volume a series' images hold: its files, or the frames of its one multi-frame image."""
+    return sum(frame_count(ds) for ds in datasets)
+
+
 def check_references(
     sources: list[Path], required: tuple[str, ...] = SEG_REFERENCES, what: str = "a DICOM SEG"
 ) -> list[str]:
@@ -69,8 +79,7 @@ def check_references(
     missing = [k for k in required if any(not ds.get(k) for ds in datasets)]
     if missing:
         raise InputError(f"the source series lacks {', '.join(missing)}; {what} cannot reference it")
-    frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets]
-    if len(datasets) > 1 and max(frames) > 1:
+    if len(datasets) > 1 and max(frame_count(ds) for ds in datasets) > 1:
         raise InputError(
             f"the source series holds {len(datasets)} multi-frame files (several volumes): put the one to "
             "segment in a folder of its own"
@@ -90,7 +99,7 @@ def frame_headers(datasets: list[Any]) -> list[Any]:
     orientation and pixel spacing from the functional groups and ``ReferencedFrameNumber`` set (its
     frames were checked to be the volume's slices in stored order when it was read:
     :mod:`..imaging.multiframe`)."""
-    if len(datasets) != 1 or int(datasets[0].get("NumberOfFrames", 1) or 1) == 1:
+    if len(datasets) != 1 or frame_count(datasets[0]) == 1:
         return datasets
     from ..imaging.multiframe import group_value
 
@@ -116,7 +125,7 @@ def with_shared_geometry(ds: Any) -> Any:
     frame; highdicom reads a multi-frame source's from the shared group). A single-frame image, or
     one whose frames differ, is returned as it is."""
     frames = ds.get("PerFrameFunctionalGroupsSequence") or []
-    if int(ds.get("NumberOfFrames", 1) or 1) == 1 or not frames:
+    if frame_count(ds) == 1 or not frames:
         return ds
     pydicom = pydicom_module()
     if not ds.get("SharedFunctionalGroupsSequence"):
