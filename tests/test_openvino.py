@@ -82,14 +82,21 @@ def test_auto_prefers_openvino_where_it_is_installed(bundle_dir):
 def test_two_workers_get_a_stream_each_and_the_same_labels(bundle_dir, phantom_dir):
     image = sitk.ReadImage(str(phantom_dir / "imagesTr" / "phantom_003_0000.nii.gz"))
     image = sitk.Tile([image] * 4, [2, 2, 1])  # several windows: the two-worker pool runs them
-    one = sitk.GetArrayFromImage(Segmenter(bundle_dir, backend="openvino", precision="fp32", workers=1).predict(image))
+    one, p_one = Segmenter(bundle_dir, backend="openvino", precision="fp32", workers=1).predict_with_probabilities(
+        image
+    )
     seg = Segmenter(bundle_dir, backend="openvino", precision="fp32", workers=2)
-    two = sitk.GetArrayFromImage(seg.predict(image))
+    two, p_two = seg.predict_with_probabilities(image)
     assert seg.last_stats["workers"] == 2 and seg.last_stats["windows"] > 1
     # one stream per worker: workers sharing one stream wait for each other (docs/DESIGN-NOTES.md)
     assert int(seg._pool_backend.compiled.get_property("NUM_STREAMS")) == 2
     assert int(seg.backend.compiled.get_property("NUM_STREAMS")) == 1
-    assert np.array_equal(one, two)
+    # a stream of one thread sums in another order than one of two: the same up to float rounding,
+    # so labels may differ only where two classes tie within it
+    assert np.abs(p_one - p_two).max() < 1e-3
+    one, two = sitk.GetArrayFromImage(one), sitk.GetArrayFromImage(two)
+    top2 = np.sort(p_one, axis=0)[-2:]
+    assert ((one == two) | (top2[1] - top2[0] < 2e-3)).all()
 
 
 FIRST_CALLS = """
