@@ -81,11 +81,15 @@ def prepare_label(label: sitk.Image, p: Preprocessing) -> np.ndarray:
 
 
 def restore(labels: sitk.Image, prepared: Prepared, image: sitk.Image, largest: tuple[int, ...] = ()) -> sitk.Image:
-    """The inverse of :func:`prepare` for a label map on the network's grid: back onto the
-    reoriented scan's voxels (nearest neighbour), ``largest`` labels reduced to their largest
-    component, back to the scan's own orientation, with its exact geometry. uint8."""
-    out = labels if prepared.resampled is prepared.oriented else resample_label_like(labels, prepared.oriented)
-    out = keep_largest(sitk.Cast(out, sitk.sitkUInt8), largest)
+    """The inverse of :func:`prepare` for a label map on the network's grid: ``largest`` labels
+    reduced to their largest component there, back onto the reoriented scan's voxels (nearest
+    neighbour), back to the scan's own orientation, with its exact geometry. uint8.
+
+    Components are found on the network's grid, where validation decided which labels keep only
+    their largest: nearest-neighbour upsampling keeps every component as it is, and a planning CT's
+    grid has 20 times the voxels (13 s against 0.1 s for five organs at 622 x 622 x 128)."""
+    out = keep_largest(sitk.Cast(labels, sitk.sitkUInt8), largest)
+    out = out if prepared.resampled is prepared.oriented else resample_label_like(out, prepared.oriented)
     if prepared.oriented is not image:
         out = reorient(out, orientation_code(image))
     out.CopyInformation(image)
