@@ -57,7 +57,8 @@ class ExportOptions:
     ``encoder.onnx`` hands each level's feature map to ``decoder.onnx`` (None: the default per
     level; the runtime reads any). ``overlap``: the bundle's default window overlap (None: the
     runtime's default; ``--overlap`` overrides it at run time); ``stride`` likewise for the broad mesh
-    (small structures at coarse spacing need a finer one). ``keep_largest``: labels the runtime
+    (small structures at coarse spacing need a finer one), ``blend_above`` for adaptive mode's second
+    pass. ``keep_largest``: labels the runtime
     reduces to their largest component (None: the run's validation decision, if it made one).
     ``int8_convolutions``: add the encoder's (U-Net's) static int8 twin for OpenVINO, calibrated on
     the run's training cases (the dataset must be where the run found it). ``fp16_weights``: store
@@ -69,6 +70,7 @@ class ExportOptions:
     feature_layout: str | Sequence[str] | None = None
     overlap: float | None = None
     stride: int | None = None
+    blend_above: float | None = None
     keep_largest: tuple[int, ...] | None = None
     int8_convolutions: bool = False
     fp16_weights: bool = False
@@ -159,6 +161,8 @@ def build_manifest(
         inference = replace(inference, overlap=options.overlap)
     if options.stride is not None:
         inference = replace(inference, stride=options.stride)
+    if options.blend_above is not None:
+        inference = replace(inference, blend_above=options.blend_above)
     decoder = None
     if kind.decodes_points:
         decoder = DecoderSpec(m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, options.max_points, layouts)
@@ -414,6 +418,8 @@ def write_bundle(
     options = options or ExportOptions()
     if options.overlap is not None and not 0 <= options.overlap < 1:
         raise BundleError(f"overlap must be in [0, 1), got {options.overlap}")
+    if options.blend_above is not None and not 0 <= options.blend_above <= 1:
+        raise BundleError(f"blend_above must be in [0, 1], got {options.blend_above}")
     refuse_existing(out, overwrite)
     cfg, stats, model = load_run(run_dir)
     with atomic_output(out, overwrite, directory=True) as tmp:

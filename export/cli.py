@@ -55,6 +55,13 @@ def export(
         help="Default broad-mesh stride in voxels recorded in the manifest (imunet-run --stride overrides it); "
         "default 4. Structures a few voxels across need 2.",
     ),
+    blend_above: Optional[float] = typer.Option(
+        None,
+        "--blend-above",
+        help="Adaptive mode's second pass recorded in the manifest: voxels where no label's probability exceeds "
+        "1 minus this are decoded in every window and blended as dense mode blends them (0.05 made CT organs "
+        "a few voxels across agree with dense mode; docs/BENCHMARKS.md). Default 1: no second pass.",
+    ),
     keep_largest: Optional[str] = typer.Option(
         None,
         "--keep-largest",
@@ -107,6 +114,7 @@ def export(
             feature_layout=None if feature_layout == "auto" else feature_layout,
             overlap=overlap,
             stride=stride,
+            blend_above=blend_above,
             keep_largest=largest,
             int8_convolutions=int8_encoder,
             fp16_weights=fp16_weights,

@@ -31,9 +31,9 @@ from harness import emit, machine
 
 def grouped_extents(length: int, patch: int, overlap: float, stride: int, k: int, multiple: int) -> list[int]:
     """Encoder window extents along one axis when ``k`` consecutive owner boxes share a window."""
-    from imunet.runtime.kernels.boxes import axis_layout, box_faces
+    from imunet.runtime.kernels.boxes import axis_layout
 
-    layout = axis_layout(length, patch, box_faces(length, patch, overlap, stride))
+    layout = axis_layout(length, patch, overlap, stride)
     if k == 1:
         return [patch] * len(layout)
     context = patch - max(size for _, size, _ in layout)  # what a single box's window adds around it

@@ -16,8 +16,8 @@ The volume is packed from held-out hippocampus crops (``tools/volumes.py``; ``--
 first ``--scans N`` held-out scans, one at a time. Configurations run in turn within each repeat,
 so drift hits all alike; each prediction follows one warm-up call. Reported per configuration:
 median seconds (per volume, or per scan), peak resident memory, points decoded per voxel, windows,
-encoder and decoder seconds, mean Dice against the truth, agreement with ``--reference``'s labels,
-and time ratios against ``--baseline``.
+encoder and decoder seconds, mean Dice against the truth, agreement with ``--reference``'s labels
+(over all voxels, and per scan over the voxels either labels as foreground), and time ratios against ``--baseline``.
 """
 
 from __future__ import annotations
@@ -154,6 +154,9 @@ def score(labels: list[np.ndarray], truth: list[np.ndarray], reference: list[np.
     if reference is not None:
         same = sum(int((p == r).sum()) for p, r in zip(labels, reference))
         out["agreement_with_reference"] = round(same / sum(r.size for r in reference), 6)
+        either = [(p > 0) | (r > 0) for p, r in zip(labels, reference)]
+        fg = [float((p[e] == r[e]).mean()) if e.any() else 1.0 for p, r, e in zip(labels, reference, either)]
+        out["foreground_agreement"] = {"lowest": round(min(fg), 4), "median": round(float(np.median(fg)), 4)}
     return out
 
 

@@ -34,6 +34,7 @@ from ..imaging.domain import dicom_modality, domain_warnings, summarise
 from ..imaging.io import MODALITY_TAG, Geometry, as_3d_scalar, from_array, read_header, read_image
 from ..imaging.orientation import orientation_code, reorient
 from ..imaging.prepare import Prepared, orient, prepare, restore
+from ..kernels.blending import RETAIN_BYTES
 from ..kernels.inference import Loop, predict_labels, predict_probabilities
 from ..kernels.mirroring import MirroredBackend, flips
 from ..kernels.parallel import CPU_BACKENDS, default_workers, threads_per_worker
@@ -42,6 +43,7 @@ from .memory import default_cap_gib
 from .quality import QualityEstimate, estimate
 
 BYTES_PER_VOXEL_BASE = 4 + 4 + 4 + 1  # image, blend weights, smoothed copy share, labels
+BYTES_PER_VOXEL_SECOND_PASS = 1 + 4  # adaptive mode's second pass: uncertain voxels, their weight sums
 
 
 def resolve_settings(defaults: InferenceSettings, kind: ModelKind, **overrides: object) -> InferenceSettings:
@@ -186,7 +188,11 @@ class Segmenter:
         grids = [math.prod(max(1.0, round(d / t)) for d, t in zip(order, m.spacing)) for order in permutations(dims)]
         voxels = max(max(grids), float(math.prod(m.patch_size)))
         per_voxel = BYTES_PER_VOXEL_BASE + 3 * 4 * m.num_classes  # accumulators, normalised and smoothed maps
-        return (voxels * per_voxel + float(math.prod(int(n) for n in size)) * 8) / 2**30
+        kept = 0.0
+        if self.settings.mode == "adaptive" and self.settings.blend_above < 1 and m.kind.decodes_points:
+            per_voxel += BYTES_PER_VOXEL_SECOND_PASS
+            kept = float(RETAIN_BYTES)  # encoder features kept for it, at most
+        return (voxels * per_voxel + kept + float(math.prod(int(n) for n in size)) * 8) / 2**30
 
     def check_memory(self, size: tuple[int, ...], spacing: tuple[float, ...]) -> None:
         """Refuse, before its voxels are read, a scan whose working memory would exceed ``max_memory_gb``

@@ -24,6 +24,11 @@ class InferenceSettings:
     the Gaussian importance map's sigma as a fraction of the patch. ``smoothing``: odd kernel of the
     box average applied to the class probabilities before the argmax (1: none). ``tta``: also
     segment the scan mirrored along each axis and average the class probabilities.
+    ``blend_above`` and ``blend_margin`` (adaptive mode's second pass): voxels where no label's
+    first-pass probability exceeds ``1 - blend_above``, grown by ``blend_margin`` voxels (and the
+    smoothing's reach), are decoded again in every window that covers them and blended as dense mode
+    blends them, so their labels are dense mode's (``blend_above`` 1: no second pass; a bundle's
+    manifest sets it where measurement chose it).
     """
 
     mode: str = "adaptive"
@@ -33,6 +38,8 @@ class InferenceSettings:
     sigma_scale: float = 0.125
     smoothing: int = 3
     tta: bool = False
+    blend_above: float = 1.0
+    blend_margin: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -47,6 +54,10 @@ class InferenceSettings:
             raise ValueError(f"band must be >= 0, got {self.band}")
         if not self.sigma_scale > 0:
             raise ValueError(f"sigma_scale must be > 0, got {self.sigma_scale}")
+        if not 0 <= self.blend_above <= 1:
+            raise ValueError(f"blend_above must be in [0, 1], got {self.blend_above}")
+        if self.blend_margin < 0:
+            raise ValueError(f"blend_margin must be >= 0, got {self.blend_margin}")
         if self.smoothing < 1 or self.smoothing % 2 == 0:
             raise ValueError(f"smoothing must be an odd kernel >= 1, got {self.smoothing}")
 

@@ -1,9 +1,10 @@
-"""Owner boxes for adaptive mode: a partition of the volume, each box decoded by one window. Pure numpy.
+"""Owner boxes for adaptive mode: a partition of the volume, one box per blended window. Pure numpy.
 
-The (padded) volume is cut into boxes aligned to the global stride lattice, as many per axis as the
-blended modes have windows; each box is decoded with the features of the window centred on it.
-Windows still overlap for the encoder's context, but every voxel is decoded in one window only.
-The context a face gets (half of patch minus box) decides the accuracy next to it.
+The (padded) volume is cut into boxes, one per window of the blended modes (the same windows, so
+their encoder features serve both adaptive mode's passes), each box the voxels nearest its
+window's centre, faces on the global stride lattice where the windows allow. Each box is decoded
+coarse to fine with its window's features (:mod:`.lattice`); the context a face gets (half of the
+patch minus the box) decides the accuracy next to it.
 """
 
 from __future__ import annotations
@@ -25,59 +26,42 @@ class OwnerBox:
     window: tuple[int, int, int]
 
 
-def box_limit(patch: int, stride: int) -> int:
-    """Largest box edge for ``patch``: a multiple of ``stride`` of at most ``patch - 2``, so the lattice
-    face after a box still lies inside the box's window."""
-    limit = (patch - 2) // stride * stride
-    if limit < stride:
-        raise ValueError(f"patch {patch} is too small for adaptive decoding at stride {stride}")
-    return limit
-
-
-def box_faces(length: int, patch: int, overlap: float, stride: int) -> list[int]:
-    """Starts of the owner boxes after the first along one axis (multiples of ``stride``).
-
-    As many boxes as the blended modes have windows, each face on the stride multiple nearest an even
-    split, so sizes differ by at most one stride and most faces get the context the blended windows
-    give their midpoints; more boxes where a box would exceed :func:`box_limit`."""
-    limit = box_limit(patch, stride)
-    n = len(window_starts(length, patch, overlap))
-    while True:
-        faces = sorted({int(round(k * length / n / stride)) * stride for k in range(1, n)} - {0})
-        faces = [f for f in faces if f < length]
-        if np.diff([0, *faces, length]).max() <= limit:
-            return faces
-        n += 1
-
-
-def axis_layout(length: int, patch: int, faces: list[int]) -> list[tuple[int, int, int]]:
-    """``(box start, box size, window start)`` along one axis for boxes starting at ``0`` and at each
-    of ``faces``; each window is centred on its box (shifted to stay inside the volume); boxes
-    sharing a window are merged."""
-    out: list[tuple[int, int, int]] = []
-    for a, b in zip([0, *faces], [*faces, length]):
-        size = b - a
-        w = int(np.clip(a - (patch - size) // 2, 0, length - patch))
-        if out and out[-1][2] == w:
-            a0, s0, _ = out[-1]
-            out[-1] = (a0, s0 + size, w)
-        else:
-            out.append((a, size, w))
-    return out
+def axis_layout(length: int, patch: int, overlap: float, stride: int) -> list[tuple[int, int, int]]:
+    """``(box start, box size, window start)`` along one axis: one box per blended window
+    (:func:`.windows.window_starts`), each face halfway between the two windows' centres, on the
+    nearest stride multiple where that keeps the box and its far lattice face inside its window and
+    the next box inside the next window (else the voxel halfway; where windows only abut, the box
+    ends with its window and its far lattice face is clamped to the window)."""
+    starts = window_starts(length, patch, overlap)
+    faces: list[int] = []
+    for a, b in zip(starts, starts[1:]):
+        mid = (a + b + patch) / 2  # halfway between the two windows' centres
+        low, high = max(b, faces[-1] + 1 if faces else 1), a + patch - 1
+        face = int(round(mid / stride)) * stride
+        if not low <= face <= high:
+            high = max(high, a + patch)  # windows that only abut: the far lattice face is clamped
+            face = int(np.clip(int(mid), low, high))
+        if not low <= face <= high:
+            raise ValueError(f"overlap {overlap} leaves no owner box per window on an axis of {length}")
+        faces.append(face)
+    bounds = [0, *faces, length]
+    return [(lo, hi - lo, w) for lo, hi, w in zip(bounds, bounds[1:], starts)]
 
 
 def owner_boxes(
     shape: tuple[int, int, int], patch: tuple[int, int, int], overlap: float, stride: int
 ) -> list[OwnerBox]:
-    """Partition of a volume of ``shape`` (padded to at least ``patch``) into owner boxes in z, y, x
-    order, each decoded by the window centred on it (shifted to stay inside the volume)."""
+    """Partition of a volume of ``shape`` (padded to at least ``patch``) into owner boxes, one per
+    blended window (:func:`.windows.window_slices`, in its z, y, x order), each decoded by that
+    window."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    axes = []
     for length, p in zip(shape, patch):
         if length < p:
             raise ValueError(f"volume axis {length} is shorter than the patch {p}; pad first")
-        axes.append(axis_layout(length, p, box_faces(length, p, overlap, stride)))
+        if p < 2 * stride:
+            raise ValueError(f"patch {p} is too small for adaptive decoding at stride {stride}")
+    axes = [axis_layout(length, p, overlap, stride) for length, p in zip(shape, patch)]
     return [
         OwnerBox((z[0], y[0], x[0]), (z[1], y[1], x[1]), (z[2], y[2], x[2]))
         for z in axes[0]

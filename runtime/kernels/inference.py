@@ -4,9 +4,10 @@ Blended modes (``sparse``, ``dense``, and dense models): per window, class proba
 computed and accumulated with a Gaussian importance map. ``sparse`` decodes a broad mesh (every
 ``stride``-th voxel), fills the rest by nearest neighbour and decodes a band around the broad
 boundary. Adaptive mode: each owner box (:mod:`.boxes`) is decoded once, coarse to fine
-(:mod:`.lattice`), with the features of its window. Then the probabilities are smoothed (box
-average) and the argmax taken. The geometry lives in :mod:`.windows`, :mod:`.boxes`, :mod:`.mesh`
-and :mod:`.lattice`.
+(:mod:`.lattice`), with the features of its window; where no label is certain, the voxels are
+decoded in every window covering them and blended as in dense mode (:mod:`.blending`). Then the
+probabilities are smoothed (box average) and the argmax taken. The geometry lives in
+:mod:`.windows`, :mod:`.boxes`, :mod:`.mesh` and :mod:`.lattice`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..contract.kinds import IMPLICIT, ModelKind
 from ..contract.settings import InferenceSettings
+from .blending import WindowBlend
 from .boxes import OwnerBox, owner_boxes
 from .constant_windows import ConstantWindows, SharedFeatures, constant_value
 from .labels import smoothed_argmax, softmax
@@ -67,6 +69,8 @@ class InferenceStats:
     windows_reused: int = 0  # constant windows whose result was reused rather than recomputed
     features_reused: int = 0  # adaptive mode: constant windows decoded with an earlier one's features
     workers: int = 1  # windows in flight at once
+    blended_voxels: int = 0  # adaptive mode: voxels decoded in every window and blended (:mod:`.blending`)
+    windows_reencoded: int = 0  # adaptive mode: windows encoded again for the blend (features not kept)
     evidence: LabelEvidence | None = field(default=None, repr=False, compare=False)  # for the quality estimate
     evidence_s: float = 0.0  # summing it (part of total_s)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -96,6 +100,8 @@ class InferenceStats:
             "windows_reused": self.windows_reused,
             "features_reused": self.features_reused,
             "workers": self.workers,
+            "blended_voxels": self.blended_voxels,
+            "windows_reencoded": self.windows_reencoded,
             "evidence_s": round(self.evidence_s, 4),
         }
 
@@ -182,17 +188,25 @@ def accumulate_blended(padded: np.ndarray, decode: PointDecoder, loop: Loop) -> 
 
 
 def accumulate_owner_boxes(padded: np.ndarray, decode: PointDecoder, loop: Loop) -> np.ndarray:
-    """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume, one owner box at a
-    time (``loop.workers`` boxes computed at once, written in order: the result does not depend on it)."""
+    """Class probabilities ``(C, *padded.shape)`` of a padded, normalised volume: each owner box
+    decoded coarse to fine in its window (``loop.workers`` boxes computed at once, written in
+    order: the result does not depend on it), then the voxels where no label is certain blended over
+    every window that covers them (:mod:`.blending`)."""
     stats, patch_size, settings = decode.stats, loop.patch_size, loop.settings
     boxes = owner_boxes(padded.shape, patch_size, settings.overlap, settings.stride)
     limits = tuple(s - 1 for s in padded.shape)
     cache = ConstantWindows(limit=8)
-    shared = SharedFeatures(decode.encode) if decode.backend.features_reusable else None
+    reusable = decode.backend.features_reusable
+    shared = SharedFeatures(decode.encode) if reusable else None
     probs: np.ndarray | None = None
+    blend: WindowBlend | None = None
 
     def window_of(box: OwnerBox) -> tuple[slice, ...]:
         return tuple(slice(o, o + p) for o, p in zip(box.window, patch_size))
+
+    def encode_box(box: OwnerBox, value: float | None) -> object:
+        window = padded[window_of(box)]
+        return shared.encode(window, value) if shared is not None else decode.encode(window)
 
     def jobs() -> Iterator[tuple[OwnerBox, float | None, int | None]]:
         for i, box in enumerate(boxes):
@@ -201,26 +215,31 @@ def accumulate_owner_boxes(padded: np.ndarray, decode: PointDecoder, loop: Loop)
             value = constant_value(padded[window_of(box)])  # once per window, for both caches
             yield box, value, cache.lookup(i, value, lambda v, k=(rel, box.size, lim): (v, *k))
 
-    def compute(job: tuple[OwnerBox, float | None, int | None]) -> tuple[np.ndarray | None, int | None]:
+    def compute(job: tuple[OwnerBox, float | None, int | None]) -> tuple[np.ndarray | None, int | None, object]:
         box, value, same_as = job
         if same_as is not None:
-            return None, same_as
-        window = padded[window_of(box)]
+            return None, same_as, None
         inside = tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size))
-        features = shared.encode(window, value) if shared is not None else decode.encode(window)
-        return refine_box(lambda pts: decode(features, pts), box, inside, settings.stride), None
+        features = encode_box(box, value)
+        out = refine_box(lambda pts: decode(features, pts), box, inside, settings.stride)
+        return out, None, features if reusable else None
 
-    for i, (box, (out, same_as)) in enumerate(zip(boxes, ordered_map(compute, jobs(), loop.workers))):
+    for i, (box, (out, same_as, features)) in enumerate(zip(boxes, ordered_map(compute, jobs(), loop.workers))):
         out = cache.resolve(i, out, same_as, stats)
         if probs is None:
             probs = np.zeros((out.shape[0], *padded.shape), dtype=np.float32)
+            blend = WindowBlend(probs, boxes, patch_size, settings, decode, lambda j: encode_box(boxes[j], None))
         (z, y, x), (dz, dy, dx) = box.start, box.size
         probs[:, z : z + dz, y : y + dy, x : x + dx] = out
+        blend.box_done(i, box, out, features)  # type: ignore[union-attr]
+        del features
         stats.windows += 1
         if loop.progress is not None:
             loop.progress(i + 1, len(boxes))
+    assert probs is not None and blend is not None  # a padded volume always has a box
+    stats.blended_voxels = blend.finish()
+    stats.windows_reencoded = blend.reencoded
     stats.features_reused = shared.shared if shared is not None else 0
-    assert probs is not None  # a padded volume always has a box
     return probs
 
 
