@@ -5,9 +5,16 @@ import pytest
 from test_inference import PATCH, SHAPE, index_volume, sphere_logits
 
 from imunet.runtime.contract.settings import InferenceSettings
+from imunet.runtime.kernels.boxes import OwnerBox
 from imunet.runtime.kernels.inference import Loop, predict_labels, predict_probabilities
 from imunet.runtime.kernels.labels import softmax
-from imunet.runtime.kernels.lattice import closure_points, corners_disagree, element_points, upsample_linear
+from imunet.runtime.kernels.lattice import (
+    closure_points,
+    corners_disagree,
+    element_points,
+    refine_box,
+    upsample_linear,
+)
 
 from conftest import FakeBackend
 
@@ -78,3 +85,29 @@ def test_constant_windows_are_reused_with_the_exact_result():
         probs, stats = predict_probabilities(volume, Loop(FakeBackend(fn), PATCH, s))
         assert stats.windows_reused > 0
         np.testing.assert_allclose(probs, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_refine_box_marks_exactly_the_voxels_it_decoded(stride):
+    fn = sphere_logits()
+    volume = index_volume()
+    box = OwnerBox(start=(4, 8, 4), size=(12, 12, 10), window=(2, 4, 2))
+    window = volume[2:18, 4:20, 2:18]
+    decoded = set()
+
+    def decode(points):
+        decoded.update(map(tuple, points.tolist()))
+        return softmax(fn(window[points[:, 0], points[:, 1], points[:, 2]]))
+
+    out, exact = refine_box(decode, box, (17, 19, 17), stride)  # last voxels of the window (global)
+    offset = np.subtract(box.start, box.window)
+    inside = {tuple(p) for p in (np.argwhere(np.ones(box.size, bool)) + offset).tolist()}
+    marked = {tuple(p) for p in (np.argwhere(exact) + offset).tolist()}
+    assert marked <= decoded & inside  # no interpolated voxel is marked
+    lattice = {p for p in inside if all((c - o) % stride == 0 for c, o in zip(p, offset))}
+    assert lattice <= marked  # the first lattice, and with it every voxel at stride 1
+    # a far face clamped onto the box's last voxel is decoded but held for the face, so not marked
+    assert all(any(c == o + n - 1 for c, o, n in zip(p, offset, box.size)) for p in (decoded & inside) - marked)
+    truth = softmax(fn(window[tuple(slice(o, o + n) for o, n in zip(offset, box.size))].ravel()))
+    truth = truth.T.reshape(-1, *box.size)
+    np.testing.assert_allclose(out[:, exact], truth[:, exact], atol=1e-6)  # decoded values are exact

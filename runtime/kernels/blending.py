@@ -7,9 +7,10 @@ label's first-pass probability exceeds ``1 - blend_above`` (boundaries, and fain
 coarse lattice passed over), grown by ``blend_margin`` and the smoothing's reach, decodes them in
 every window that covers them and blends them as dense mode does, so there the labels are dense
 mode's. Elsewhere the first pass is certain and its values stay. A window whose Gaussian weight
-at a voxel is under 1% of the largest any window has there is left out of that voxel's blend (it
-would move the probabilities by about that share): on a CT-sized volume that halves the second
-pass's points.
+at a voxel is under 3% of the largest any window has there is left out of that voxel's blend (it
+would move the probabilities by about that share): on a CT-sized volume that leaves 37% of the
+second pass's points. A window's own box's voxels that the first pass decoded (not interpolated)
+enter with their first-pass values, decoded once.
 
 A window is blended as soon as every owner box within reach of it has been decoded, with the
 features its owner box was decoded with; those are kept until then, up to a memory budget (beyond
@@ -29,7 +30,7 @@ from .mesh import dilate
 from .windows import gaussian_importance
 
 RETAIN_BYTES = 512 * 2**20  # encoder features kept for the second pass (a CT window's are 26 MB)
-WEIGHT_FLOOR = 0.01  # a window whose weight at a voxel is under this share of the largest there is left out
+WEIGHT_FLOOR = 0.03  # a window whose weight at a voxel is under this share of the largest there is left out
 
 
 def axis_profiles(patch: tuple[int, int, int], sigma_scale: float) -> list[np.ndarray]:
@@ -109,22 +110,25 @@ class WindowBlend:
             due.setdefault((last[0] * counts[1] + last[1]) * counts[2] + last[2], []).append(i)
         return due
 
-    def box_done(self, i: int, box: OwnerBox, out: np.ndarray, features: Any | None) -> None:
-        """Record owner box ``i``'s first-pass probabilities ``out`` (``(C, *box.size)``) and its
-        window's features (None: not reusable), then blend every window now due."""
+    def box_done(self, i: int, box: OwnerBox, out: np.ndarray, exact: np.ndarray, features: Any | None) -> None:
+        """Record owner box ``i``'s first-pass probabilities ``out`` (``(C, *box.size)``), which of
+        its voxels were decoded rather than interpolated (``exact``) and its window's features (None:
+        not reusable), then blend every window now due."""
         if not self.enabled:
             return
         region = tuple(slice(a, a + n) for a, n in zip(box.start, box.size))
         self.hot[region] = out.max(0) < 1.0 - self.above  # no label certain
-        if features is not None and self.kept_bytes + features_bytes(features) <= self.retain_bytes:
-            self.kept[i] = features
-            self.kept_bytes += features_bytes(features)
+        if features is not None and self.kept_bytes + features_bytes(features) > self.retain_bytes:
+            features = None
+        self.kept[i] = (features, out, exact)  # the decoded voxels serve as this window's share below
+        self.kept_bytes += features_bytes(features)
         for j in self.due.get(i, []):
             self._blend(j)
 
     def _blend(self, j: int) -> None:
-        """Decode window ``j`` at its candidate voxels and add them, Gaussian-weighted, to the sums."""
-        features = self.kept.pop(j, None)
+        """Decode window ``j`` at its candidate voxels and add them, Gaussian-weighted, to the sums;
+        its own box's voxels that the first pass decoded are taken as they are."""
+        features, own, exact = self.kept.pop(j)
         self.kept_bytes -= features_bytes(features)
         shape = self.hot.shape
         start = self.boxes[j].window
@@ -141,10 +145,17 @@ class WindowBlend:
         points = points[share >= WEIGHT_FLOOR]
         if not len(points):
             return
-        if features is None:
-            features = self.encode(j)
-            self.reencoded += 1
-        p = self.decode(features, points)  # (N, C)
+        box = self.boxes[j]
+        rel = points - (np.asarray(box.start) - np.asarray(start))  # in the box's own coordinates
+        mine = ((rel >= 0) & (rel < np.asarray(box.size))).all(1)
+        mine[mine] = exact[rel[mine, 0], rel[mine, 1], rel[mine, 2]]
+        p = np.empty((len(points), own.shape[0]), dtype=np.float32)
+        p[mine] = own[:, rel[mine, 0], rel[mine, 1], rel[mine, 2]].T
+        if not mine.all():
+            if features is None:
+                features = self.encode(j)
+                self.reencoded += 1
+            p[~mine] = self.decode(features, points[~mine])  # (N, C)
         w = self.gauss[points[:, 0], points[:, 1], points[:, 2]]
         z, y, x = (points[:, a] + start[a] for a in range(3))
         if self.weights is None:

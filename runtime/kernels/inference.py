@@ -215,23 +215,23 @@ def accumulate_owner_boxes(padded: np.ndarray, decode: PointDecoder, loop: Loop)
             value = constant_value(padded[window_of(box)])  # once per window, for both caches
             yield box, value, cache.lookup(i, value, lambda v, k=(rel, box.size, lim): (v, *k))
 
-    def compute(job: tuple[OwnerBox, float | None, int | None]) -> tuple[np.ndarray | None, int | None, object]:
+    def compute(job: tuple[OwnerBox, float | None, int | None]) -> tuple[tuple | None, int | None, object]:
         box, value, same_as = job
         if same_as is not None:
             return None, same_as, None
         inside = tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size))
         features = encode_box(box, value)
-        out = refine_box(lambda pts: decode(features, pts), box, inside, settings.stride)
-        return out, None, features if reusable else None
+        decoded = refine_box(lambda pts: decode(features, pts), box, inside, settings.stride)
+        return decoded, None, features if reusable else None
 
-    for i, (box, (out, same_as, features)) in enumerate(zip(boxes, ordered_map(compute, jobs(), loop.workers))):
-        out = cache.resolve(i, out, same_as, stats)
+    for i, (box, (decoded, same_as, features)) in enumerate(zip(boxes, ordered_map(compute, jobs(), loop.workers))):
+        out, exact = cache.resolve(i, decoded, same_as, stats)
         if probs is None:
             probs = np.zeros((out.shape[0], *padded.shape), dtype=np.float32)
             blend = WindowBlend(probs, boxes, patch_size, settings, decode, lambda j: encode_box(boxes[j], None))
         (z, y, x), (dz, dy, dx) = box.start, box.size
         probs[:, z : z + dz, y : y + dy, x : x + dx] = out
-        blend.box_done(i, box, out, features)  # type: ignore[union-attr]
+        blend.box_done(i, box, out, exact, features)  # type: ignore[union-attr]
         del features
         stats.windows += 1
         if loop.progress is not None:

@@ -78,8 +78,9 @@ def element_points(lab: np.ndarray) -> np.ndarray:
 
 def refine_box(
     decode: Callable[[np.ndarray], np.ndarray], box: OwnerBox, limits: tuple[int, int, int], stride: int
-) -> np.ndarray:
-    """Probabilities ``(C, *box.size)`` of one owner box by coarse-to-fine decoding.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(C, *box.size)`` of one owner box by coarse-to-fine decoding, and which of its
+    voxels were decoded (``(*box.size)`` bool; the others are interpolated).
 
     ``decode(points)`` takes ``(N, 3)`` window-local voxel indices and returns ``(N, C)``
     probabilities. ``limits`` is the last voxel index per axis inside both the volume and the window;
@@ -93,20 +94,26 @@ def refine_box(
 
     if stride == 1:  # no lattice: each voxel of the box is decoded exactly once
         probs = decode(grid_points(local(1, box.size)))
-        return np.ascontiguousarray(np.moveaxis(probs.reshape(*box.size, probs.shape[1]), -1, 0))
+        out = np.ascontiguousarray(np.moveaxis(probs.reshape(*box.size, probs.shape[1]), -1, 0))
+        return out, np.ones(box.size, dtype=bool)
     axes = local(stride, tuple(-(-n // stride) + 1 for n in box.size))
     probs = decode(grid_points(axes))
     prob = probs.reshape(*(len(a) for a in axes), probs.shape[1])  # (Kz+1, Ky+1, Kx+1, C)
+    exact = np.ones(prob.shape[:3], dtype=bool)
     s = stride
     while s > 1:
         lab = prob.argmax(-1)
         need = element_points(lab) if s == 2 else closure_points(corners_disagree(lab))
         prob = upsample_linear(prob)  # exact on the coarse lattice, interpolated between
+        coarse = exact
+        exact = np.zeros(prob.shape[:3], dtype=bool)
+        exact[::2, ::2, ::2] = coarse
         need[::2, ::2, ::2] = False  # decoded at the coarser level already
         s //= 2
         pts = np.argwhere(need)
         if len(pts):
             fine = local(s, prob.shape[:3])
             prob[need] = decode(np.stack([fine[i][pts[:, i]] for i in range(3)], axis=1))
-    out = prob[tuple(slice(0, n) for n in box.size)]
-    return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+            exact |= need
+    inside = tuple(slice(0, n) for n in box.size)
+    return np.ascontiguousarray(np.moveaxis(prob[inside], -1, 0)), exact[inside]
