@@ -92,9 +92,9 @@ class WindowBlend:
         self.kept_bytes, self.retain_bytes = 0, RETAIN_BYTES if retain_bytes is None else retain_bytes
         self.due = self._schedule(shape) if self.enabled else {}
         self.reencoded = 0
-        self.profiles = axis_profiles(patch, settings.sigma_scale)
+        self.profiles = axis_profiles(patch, settings.sigma_scale) if self.enabled else []
         starts = [sorted({b.window[a] for b in boxes}) for a in range(3)]
-        self.peaks = axis_peaks(shape, starts, self.profiles)
+        self.peaks = axis_peaks(shape, starts, self.profiles) if self.enabled else []
 
     def _schedule(self, shape: tuple[int, ...]) -> dict[int, list[int]]:
         """Windows to blend after each box: a window is due once the last owner box (in z, y, x
