@@ -5,9 +5,9 @@ import pytest
 from test_inference import index_volume, sphere_logits
 
 from imunet.runtime.contract.settings import InferenceSettings
-from imunet.runtime.kernels.blending import axis_peaks, axis_profiles
+from imunet.runtime.kernels.blending import axis_peaks
 from imunet.runtime.kernels.inference import Loop, predict_labels
-from imunet.runtime.kernels.windows import gaussian_importance, window_starts
+from imunet.runtime.kernels.windows import axis_profiles, gaussian_importance, window_starts
 
 from conftest import FakeBackend
 

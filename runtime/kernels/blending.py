@@ -27,16 +27,10 @@ import numpy as np
 from ..contract.settings import InferenceSettings
 from .boxes import OwnerBox
 from .mesh import dilate
-from .windows import gaussian_importance
+from .windows import axis_profiles, gaussian_importance
 
 RETAIN_BYTES = 512 * 2**20  # encoder features kept for the second pass (a CT window's are 26 MB)
 WEIGHT_FLOOR = 0.03  # a window whose weight at a voxel is under this share of the largest there is left out
-
-
-def axis_profiles(patch: tuple[int, int, int], sigma_scale: float) -> list[np.ndarray]:
-    """The Gaussian importance map's factor along each axis (:func:`.windows.gaussian_importance` is
-    their outer product, up to one scale)."""
-    return [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2.0) / (sigma_scale * p)) ** 2) for p in patch]
 
 
 def axis_peaks(shape: tuple[int, ...], starts: list[list[int]], profiles: list[np.ndarray]) -> list[np.ndarray]:

@@ -50,6 +50,12 @@ def pad_to_patch(array: np.ndarray, patch: tuple[int, int, int], value: float = 
     return padded, crop
 
 
+def axis_profiles(patch: tuple[int, ...], sigma_scale: float) -> list[np.ndarray]:
+    """The Gaussian importance map's factor along each axis (float64, peak 1 at the centre):
+    :func:`gaussian_importance` is their outer product, up to one scale."""
+    return [np.exp(-0.5 * ((np.arange(p, dtype=np.float64) - (p - 1) / 2.0) / (sigma_scale * p)) ** 2) for p in patch]
+
+
 def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
     """Gaussian weights over a patch, peak 1 at the centre, sigma = ``sigma_scale * patch``.
 
@@ -57,10 +63,7 @@ def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 0.125)
     """
     if sigma_scale <= 0:
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
-    axes = []
-    for p in patch:
-        x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
-        axes.append(np.exp(-0.5 * (x / (sigma_scale * p)) ** 2))
+    axes = axis_profiles(patch, sigma_scale)
     w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     w = (w / w.max()).astype(np.float32)
     w[w == 0] = w[w > 0].min()
