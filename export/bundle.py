@@ -34,6 +34,7 @@ from imunet.runtime.errors import BundleError
 from imunet.runtime.imaging.atomic import atomic_output, refuse_existing
 from imunet.runtime.imaging.prepare import Preprocessing
 
+from .decoder_quantization import quantize_decoder, quantize_dynamic_decoder
 from .onnx import (
     DEFAULT_OPSET,
     export_dense,
@@ -43,7 +44,7 @@ from .onnx import (
     unsupported_by_tensorrt,
     verify_parity,
 )
-from .variants import quantize_convolutions, quantize_decoder, store_weights_fp16, variant_parity
+from .variants import quantize_convolutions, store_weights_fp16, variant_parity
 from .wrappers import feature_layouts, feature_names, feature_shape
 
 PARITY_TOLERANCE = 1e-4
@@ -61,7 +62,8 @@ class ExportOptions:
     pass. ``keep_largest``: labels the runtime
     reduces to their largest component (None: the run's validation decision, if it made one).
     ``int8_convolutions``: add the encoder's (U-Net's) static int8 twin for OpenVINO, calibrated on
-    the run's training cases (the dataset must be where the run found it). ``fp16_weights``: store
+    the run's training cases (the dataset must be where the run found it; the int8 decoder's
+    activation ranges are calibrated there too when it is). ``fp16_weights``: store
     the fp32 graphs' weights as float16, computed in float32 (half the size; checked against the
     exact graphs)."""
 
@@ -291,22 +293,38 @@ def finalize_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def _int8_variant(graphs: dict[str, Path], folder: Path, patch: tuple[int, int, int], log: Callable) -> dict:
-    """The int8 decoder for the CPU, and its parity against the fp32 graphs."""
-    q = quantize_decoder(graphs["decoder"], folder / "decoder_int8.onnx")
-    check = variant_parity(graphs, {"decoder": q}, patch)
+def _int8_variant(
+    run_dir: Path, cfg: RunConfig, graphs: dict[str, Path], folder: Path, log: Callable
+) -> dict[str, Variant]:
+    """The int8 decoder for the CPU, and its parity against the fp32 graphs: activation ranges
+    calibrated on training patches, or, when the run's training data cannot be read, scaled per call
+    (onnxruntime's dynamic quantisation; a voxel's probabilities then depend on its call)."""
+    out = folder / "decoder_int8.onnx"
+    if Path(cfg.dataset).is_dir():
+        feeds = decoder_calibration_feeds(run_dir, cfg, graphs["encoder"])
+        q, ranges = quantize_decoder(graphs["decoder"], out, feeds)
+        quantization = (
+            f"int8 weights per output channel; uint8 activations with fixed ranges, calibrated on {len(feeds)} "
+            "training patches (min-max; onnxruntime MatMulIntegerToFloat)"
+        )
+    else:
+        log(f"training data not found at {cfg.dataset}: the int8 decoder scales activations per call (dynamic)")
+        q, ranges = quantize_dynamic_decoder(graphs["decoder"], out), {}
+        quantization = "onnxruntime dynamic: int8 weights per output channel, uint8 activations scaled per call"
+    check = variant_parity(graphs, {"decoder": q}, cfg.model.patch_size)
     log(f"int8 decoder: max logit difference {check['max_abs_logit_diff']:.3f}, argmax {check['argmax_agreement']:.4f}")
-    quantization = "onnxruntime dynamic: int8 weights per output channel, uint8 activations"
+    if ranges:
+        check["activation_ranges"] = {name: [round(lo, 5), round(hi, 5)] for name, (lo, hi) in ranges.items()}
     return {"decoder_int8": Variant(q.name, "decoder", "int8", "ort-cpu", check, quantization)}
 
 
-def calibration_patches(run_dir: Path, cfg: RunConfig, count: int = 32, seed: int = 0) -> list:
-    """Patches of the run's training cases, preprocessed as in training, half of them centred on
-    foreground: what static int8 quantisation calibrates its activation ranges on."""
+def training_patches(run_dir: Path, cfg: RunConfig, count: int = 32, seed: int = 0) -> list[tuple]:
+    """``(image, label)`` patches of the run's training cases, preprocessed as in training, half of
+    them centred on foreground (a class drawn uniformly, then one of its voxels)."""
     import numpy as np
 
     from imunet.data import DatasetStats, PreprocessedCache, read_dataset
-    from imunet.sampling import sample_patch
+    from imunet.sampling import class_locations, sample_patch
 
     split = json.loads(RunDir(run_dir).split.read_text())
     stats = DatasetStats.from_dict(json.loads(RunDir(run_dir).dataset_stats.read_text()))
@@ -316,11 +334,41 @@ def calibration_patches(run_dir: Path, cfg: RunConfig, count: int = 32, seed: in
     rng = np.random.default_rng(seed)
     names = sorted(split["train"])
     picked = [names[i] for i in rng.choice(len(names), size=min(count, len(names)), replace=False)]
+    classes = list(range(1, cfg.model.num_classes))
     patches = []
     for i, name in enumerate(picked):
-        image, label = cache.get(by_name[name])
-        patches.append(sample_patch(np.asarray(image), np.asarray(label), cfg.model.patch_size, i % 2 == 0, rng)[0])
+        image, label = (np.asarray(a) for a in cache.get(by_name[name]))
+        where = class_locations(label, classes, rng) if i % 2 == 0 else None
+        patches.append(sample_patch(image, label, cfg.model.patch_size, i % 2 == 0, rng, where))
     return patches
+
+
+def calibration_patches(run_dir: Path, cfg: RunConfig, count: int = 32, seed: int = 0) -> list:
+    """Image patches of :func:`training_patches`: what static int8 convolutions calibrate their
+    activation ranges on."""
+    return [image for image, _ in training_patches(run_dir, cfg, count, seed)]
+
+
+def decoder_calibration_feeds(run_dir: Path, cfg: RunConfig, encoder: Path, count: int = 32, seed: int = 0) -> list:
+    """The decoder's inputs on :func:`training_patches`: the fp32 encoder's feature maps and points
+    sampled as training samples them (a share on label boundaries, class-balanced when training was)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from imunet.sampling import sample_points
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(encoder), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(seed + 1)
+    t = cfg.train
+    feeds = []
+    for image, label in training_patches(run_dir, cfg, count, seed):
+        features = dict(zip(names, sess.run(names, {"image": image[None, None].astype(np.float32)})))
+        points, _ = sample_points(label, t.points, t.boundary_fraction, t.boundary_sigma, rng, t.class_balanced)
+        feeds.append({**features, "points": points.astype(np.int32)})
+    return feeds
 
 
 def _int8_convolutions(
@@ -427,7 +475,7 @@ def write_bundle(
         manifest = build_manifest(cfg, stats, graphs, {"onnx": parity}, run_dir, options)
         variants: dict[str, Variant] = {}
         if cfg.model.model_kind.decodes_points:
-            variants.update(_int8_variant(graphs, tmp, cfg.model.patch_size, log))
+            variants.update(_int8_variant(run_dir, cfg, graphs, tmp, log))
         variants.update(_fp16_variants(model, cfg, graphs, tmp, options, log))
         if options.int8_convolutions:
             variants.update(_int8_convolutions(run_dir, cfg, graphs, tmp, log))

@@ -1,9 +1,8 @@
 """Graph variants a bundle may carry beside its fp32 graphs, each checked against them.
 
-- **int8 decoder** (onnxruntime dynamic quantisation) for CPUs: the decoder is an MLP and nearly all
-  of its time is matrix products; with int8 weights and activations quantised per call onnxruntime
-  runs integer products (VNNI on recent x86), about 2x faster per point. The encoder stays fp32
-  (convolutions gain little from dynamic quantisation).
+- **int8 decoder** for CPUs (:mod:`.decoder_quantization`): the decoder is an MLP and nearly all of
+  its time is matrix products; with int8 weights and uint8 activations of calibrated ranges
+  onnxruntime runs integer products (VNNI on recent x86), about 2x faster per point than fp32.
 - **int8 convolutions** (static, calibrated on training patches) of the encoder or U-Net for
   OpenVINO, which runs them about 1.8x faster than its f32 (onnxruntime's CPU kernels gain nothing).
 - **fp16 graphs** of every graph, for GPUs (TensorRT builds them as strongly typed networks; the
@@ -22,26 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def quantize_decoder(decoder: Path, out: Path) -> Path:
-    """Write ``out``: ``decoder`` with int8 weights for every MatMul/Gemm (per output channel)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # it advises pre-processing on the root logger; our graph is already optimised
-    try:
-        quantize_dynamic(
-            str(decoder),
-            str(out),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
-        )
-    finally:
-        root.setLevel(level)
-    return out
 
 
 def quantize_convolutions(graph: Path, out: Path, patches: list[np.ndarray]) -> Path:

@@ -337,3 +337,51 @@ def test_fp16_stored_weights_halve_the_graphs_and_keep_the_labels(trained_run, b
         a, b = (sitk.GetArrayFromImage(s.predict(scan)) for s in (exact, half))
         assert (a != b).mean() < 1e-3
         assert dice(a, b, 1) > 0.99
+
+
+def test_int8_decoder_gives_a_point_the_same_logits_in_any_call(bundle_dir):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    patch = m["patch_size"]
+    ranges = m["variants"]["decoder_int8"]["parity"]["activation_ranges"]
+    assert ranges and all(lo <= 0 <= hi and hi > lo for lo, hi in ranges.values())
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    enc, dec, ref = (
+        ort.InferenceSession(str(bundle_dir / f), opts, providers=["CPUExecutionProvider"])
+        for f in ("encoder.onnx", "decoder_int8.onnx", "decoder.onnx")
+    )
+    ops = {n.op_type for n in onnx.load(str(bundle_dir / "decoder_int8.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" not in ops and "MatMulIntegerToFloat" in ops
+    rng = np.random.default_rng(3)
+    names = [o.name for o in enc.get_outputs()]
+    feats = dict(zip(names, enc.run(names, {"image": rng.normal(size=(1, 1, *patch)).astype(np.float32)})))
+    points = np.stack([rng.integers(0, s, 3000) for s in patch], 1).astype(np.int32)
+    whole = dec.run(["logits"], {**feats, "points": points})[0]
+    for part in (points[:7], points[1000:1500], points[::3]):
+        alone = dec.run(["logits"], {**feats, "points": part})[0]
+        idx = [int(np.flatnonzero((points == p).all(1))[0]) for p in part]
+        np.testing.assert_array_equal(alone, whole[idx])
+    exact = ref.run(["logits"], {**feats, "points": points})[0]
+    assert (whole.argmax(1) == exact.argmax(1)).mean() >= 0.99
+
+
+def test_int8_decoder_without_the_training_data_scales_per_call(trained_run, tmp_path):
+    import shutil
+
+    from imunet.export.bundle import write_bundle
+
+    run = tmp_path / "moved_run"
+    shutil.copytree(trained_run[0], run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["dataset"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(cfg))
+    lines = []
+    m = json.loads((write_bundle(run, tmp_path / "b.imunet", log=lines.append) / "manifest.json").read_text())
+    int8 = m["variants"]["decoder_int8"]
+    assert "dynamic" in int8["quantization"] and "activation_ranges" not in int8["parity"]
+    assert int8["parity"]["argmax_agreement"] >= 0.99
+    assert any("training data not found" in line for line in lines)

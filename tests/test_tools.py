@@ -1,5 +1,6 @@
 """The benchmark tools: evaluation, volumes, the harness, on phantoms with known labels."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,53 @@ def test_evaluate_scores_a_label_only_where_it_was_annotated(bundle_dir, phantom
     assert res["labels"]["lesion"]["dice_mean"] == res["per_case"]["phantom_003"]["lesion"]["dice"]
     assert list(res["agreement"]["foreground_agreement"]) == ["phantom_001"]
     assert 0.9 < res["agreement"]["foreground_agreement"]["phantom_001"] <= 1.0
+
+
+def test_decoder_quantizations_compared_on_real_patches(bundle_dir, phantom_dir, tmp_path):
+    from bench_decoder_quantization import compare, patches, quantize_static_decoder, session
+
+    from imunet.export.decoder_quantization import quantize_dynamic_decoder
+    from imunet.runtime.contract.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    graphs = {}
+    for name, graph, precision in (("fp32", "decoder", None), ("shipped", "decoder", "int8"), ("enc", "encoder", None)):
+        graphs[name] = tmp_path / f"{name}.onnx"
+        graphs[name].write_bytes(bundle.read(bundle.graph_file(graph, precision)))
+    encoder = session(str(graphs.pop("enc")), 1)
+    rng = np.random.default_rng(0)
+    data = patches(bundle, phantom_dir, ["phantom_001", "phantom_002", "phantom_003"], encoder, rng)
+    graphs["dynamic"] = quantize_dynamic_decoder(graphs["fp32"], tmp_path / "dynamic.onnx")
+    graphs["static"] = quantize_static_decoder(graphs["fp32"], tmp_path / "static.onnx", data[:2], "minmax")
+    report = compare({name: session(str(path), 1) for name, path in graphs.items()}, data[2:])
+    assert report["fp32"]["argmax_agreement_min"] == 1.0 and report["fp32"]["max_abs_logit_diff"] == 0.0
+    for name in ("shipped", "static"):  # fixed scales: a point's logits are its own
+        assert report[name]["batch_dependence_max_abs_logit"] == 0.0
+    assert report["dynamic"]["batch_dependence_max_abs_logit"] > 0.0  # per-call scales: they depend on the call
+    for name in ("shipped", "dynamic", "static"):
+        assert report[name]["argmax_agreement_min"] > 0.97 and report[name]["max_abs_logit_diff"] > 0
+
+
+def test_fp16_stored_weights_come_back_as_float32_initializers(bundle_dir, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from bench_decoder_quantization import float32_weights
+    from onnx import TensorProto
+
+    from imunet.export.variants import store_weights_fp16
+
+    stored = store_weights_fp16(bundle_dir / "decoder.onnx", tmp_path / "stored.onnx", min_elements=16)
+    back = float32_weights(stored.read_bytes(), tmp_path / "back.onnx")
+    model = onnx.load(str(back))
+    assert not [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert not [n for n in model.graph.node if n.op_type == "Cast" and n.name.endswith("__cast")]
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    rng = np.random.default_rng(0)
+    feeds = {
+        i.name: rng.normal(size=[d if isinstance(d, int) else 50 for d in i.shape]).astype(np.float32)
+        for i in ort.InferenceSession(str(stored)).get_inputs()
+        if i.name != "points"
+    }
+    feeds["points"] = np.stack([rng.integers(0, s, 50) for s in m["patch_size"]], 1).astype(np.int32)
+    a, b = (ort.InferenceSession(str(p)).run(["logits"], feeds)[0] for p in (stored, back))
+    np.testing.assert_array_equal(a, b)
