@@ -59,7 +59,7 @@ class ExportOptions:
     level; the runtime reads any). ``overlap``: the bundle's default window overlap (None: the
     runtime's default; ``--overlap`` overrides it at run time); ``stride`` likewise for the broad mesh
     (small structures at coarse spacing need a finer one), ``blend_above`` for adaptive mode's second
-    pass. ``keep_largest``: labels the runtime
+    pass, ``refine_below`` for its refinement of uncertain lattice points. ``keep_largest``: labels the runtime
     reduces to their largest component (None: the run's validation decision, if it made one).
     ``int8_convolutions``: add the encoder's (U-Net's) static int8 twin for OpenVINO, calibrated on
     the run's training cases (the dataset must be where the run found it; the int8 decoder's
@@ -73,6 +73,7 @@ class ExportOptions:
     overlap: float | None = None
     stride: int | None = None
     blend_above: float | None = None
+    refine_below: float | None = None
     keep_largest: tuple[int, ...] | None = None
     int8_convolutions: bool = False
     fp16_weights: bool = False
@@ -165,6 +166,8 @@ def build_manifest(
         inference = replace(inference, stride=options.stride)
     if options.blend_above is not None:
         inference = replace(inference, blend_above=options.blend_above)
+    if options.refine_below is not None:
+        inference = replace(inference, refine_below=options.refine_below)
     decoder = None
     if kind.decodes_points:
         decoder = DecoderSpec(m.pe_frequencies, m.gather, m.decoder_width, m.decoder_depth, options.max_points, layouts)
@@ -468,6 +471,8 @@ def write_bundle(
         raise BundleError(f"overlap must be in [0, 1), got {options.overlap}")
     if options.blend_above is not None and not 0 <= options.blend_above <= 1:
         raise BundleError(f"blend_above must be in [0, 1], got {options.blend_above}")
+    if options.refine_below is not None and not 0 <= options.refine_below < 1:
+        raise BundleError(f"refine_below must be in [0, 1), got {options.refine_below}")
     refuse_existing(out, overwrite)
     cfg, stats, model = load_run(run_dir)
     with atomic_output(out, overwrite, directory=True) as tmp:

@@ -62,6 +62,13 @@ def export(
         "1 minus this are decoded in every window and blended as dense mode blends them (0.05 made CT organs "
         "a few voxels across agree with dense mode; docs/BENCHMARKS.md). Default 1: no second pass.",
     ),
+    refine_below: Optional[float] = typer.Option(
+        None,
+        "--refine-below",
+        help="Adaptive mode's refinement recorded in the manifest: lattice points whose largest probability is "
+        "under this refine their cells as if labels differed (0.99 found CT spinal cord the stride-4 mesh "
+        "passed between; docs/BENCHMARKS.md). Default 0: only differing labels refine.",
+    ),
     keep_largest: Optional[str] = typer.Option(
         None,
         "--keep-largest",
@@ -115,6 +122,7 @@ def export(
             overlap=overlap,
             stride=stride,
             blend_above=blend_above,
+            refine_below=refine_below,
             keep_largest=largest,
             int8_convolutions=int8_encoder,
             fp16_weights=fp16_weights,

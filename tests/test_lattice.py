@@ -111,3 +111,29 @@ def test_refine_box_marks_exactly_the_voxels_it_decoded(stride):
     truth = softmax(fn(window[tuple(slice(o, o + n) for o, n in zip(offset, box.size))].ravel()))
     truth = truth.T.reshape(-1, *box.size)
     np.testing.assert_allclose(out[:, exact], truth[:, exact], atol=1e-6)  # decoded values are exact
+
+
+def test_uncertain_lattice_points_refine_a_structure_thinner_than_the_stride():
+    """A line one voxel across runs between the stride-4 lattice points; points within 2 voxels of it
+    lean towards it but stay background (probability 0.9), as a weak model's do. Differing labels
+    alone never refine there and the line is lost; with ``refine_below`` it is decoded."""
+    box = OwnerBox(start=(0, 0, 0), size=(16, 16, 16), window=(0, 0, 0))
+    grid = np.stack(np.meshgrid(*(np.arange(16),) * 3, indexing="ij"), -1)
+    dist = np.maximum(np.abs(grid[..., 1] - 6), np.abs(grid[..., 2] - 6))  # a line along z at y = x = 6
+    p_line = np.where(dist == 0, 0.9, np.where(dist <= 2, 0.1, 0.0))
+
+    def decode(points):
+        p = p_line[points[:, 0], points[:, 1], points[:, 2]]
+        return np.stack([1 - p, p], 1).astype(np.float32)
+
+    found = {}
+    for refine_below in (0.0, 0.99):
+        calls = []
+        out, exact = refine_box(lambda pts: calls.append(len(pts)) or decode(pts), box, (15, 15, 15), 4, refine_below)
+        found[refine_below] = (out.argmax(0) == 1, sum(calls))
+    line = dist == 0
+    assert not found[0.0][0].any()  # every lattice point is background: nothing refined, the line is gone
+    np.testing.assert_array_equal(found[0.99][0], line)  # decoded, exactly the line
+    assert found[0.99][1] < 16**3 / 2  # refined around the line only, not the whole box
+    with pytest.raises(ValueError, match="refine_below"):
+        InferenceSettings(refine_below=1.0)

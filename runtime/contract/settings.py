@@ -28,7 +28,11 @@ class InferenceSettings:
     first-pass probability exceeds ``1 - blend_above``, grown by ``blend_margin`` voxels (and the
     smoothing's reach), are decoded again in every window that covers them and blended as dense mode
     blends them, so their labels are dense mode's (``blend_above`` 1: no second pass; a bundle's
-    manifest sets it where measurement chose it).
+    manifest sets it where measurement chose it). ``refine_below`` (adaptive mode): a decoded
+    lattice point whose largest probability is under it counts as uncertain, and the cells it
+    bounds are refined as if their corners' labels differed, so a structure thinner than the stride
+    that its neighbourhood only hints at is decoded rather than interpolated away (0: only differing
+    labels refine).
     """
 
     mode: str = "adaptive"
@@ -40,6 +44,7 @@ class InferenceSettings:
     tta: bool = False
     blend_above: float = 1.0
     blend_margin: int = 2
+    refine_below: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -58,6 +63,8 @@ class InferenceSettings:
             raise ValueError(f"blend_above must be in [0, 1], got {self.blend_above}")
         if self.blend_margin < 0:
             raise ValueError(f"blend_margin must be >= 0, got {self.blend_margin}")
+        if not 0 <= self.refine_below < 1:
+            raise ValueError(f"refine_below must be in [0, 1), got {self.refine_below}")
         if self.smoothing < 1 or self.smoothing % 2 == 0:
             raise ValueError(f"smoothing must be an odd kernel >= 1, got {self.smoothing}")
 

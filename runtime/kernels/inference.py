@@ -221,7 +221,7 @@ def accumulate_owner_boxes(padded: np.ndarray, decode: PointDecoder, loop: Loop)
             return None, same_as, None
         inside = tuple(min(v, o + p - 1) for v, o, p in zip(limits, box.window, patch_size))
         features = encode_box(box, value)
-        decoded = refine_box(lambda pts: decode(features, pts), box, inside, settings.stride)
+        decoded = refine_box(lambda pts: decode(features, pts), box, inside, settings.stride, settings.refine_below)
         return decoded, None, features if reusable else None
 
     for i, (box, (decoded, same_as, features)) in enumerate(zip(boxes, ordered_map(compute, jobs(), loop.workers))):

@@ -3,7 +3,9 @@
 Per box: decode the stride-``s`` lattice (including the far face, so that every cell has its 8
 corners). Cells whose corners carry different labels are refined on the stride ``s/2`` lattice,
 down to stride 2; going to stride 1, only the points whose own edge, face or cell of the stride-2
-lattice has differing corners are decoded. Every point that is not decoded gets the probabilities
+lattice has differing corners are decoded. With ``refine_below``, a decoded point whose largest
+probability is under it differs from every other point, so the cells around an uncertain point are
+refined too. Every point that is not decoded gets the probabilities
 interpolated linearly from the coarser lattice.
 """
 
@@ -77,7 +79,11 @@ def element_points(lab: np.ndarray) -> np.ndarray:
 
 
 def refine_box(
-    decode: Callable[[np.ndarray], np.ndarray], box: OwnerBox, limits: tuple[int, int, int], stride: int
+    decode: Callable[[np.ndarray], np.ndarray],
+    box: OwnerBox,
+    limits: tuple[int, int, int],
+    stride: int,
+    refine_below: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities ``(C, *box.size)`` of one owner box by coarse-to-fine decoding, and which of its
     voxels were decoded (``(*box.size)`` bool; the others are interpolated).
@@ -85,6 +91,7 @@ def refine_box(
     ``decode(points)`` takes ``(N, 3)`` window-local voxel indices and returns ``(N, C)``
     probabilities. ``limits`` is the last voxel index per axis inside both the volume and the window;
     lattice points beyond it are clamped. The box's start lies on the global stride lattice.
+    ``refine_below``: decoded points whose largest probability is under it refine their cells.
     """
     w = np.asarray(box.window)
 
@@ -102,7 +109,10 @@ def refine_box(
     exact = np.ones(prob.shape[:3], dtype=bool)
     s = stride
     while s > 1:
-        lab = prob.argmax(-1)
+        lab = prob.argmax(-1).astype(np.int64)
+        if refine_below:
+            uncertain = exact & (prob.max(-1) < refine_below)
+            lab[uncertain] = -1 - np.arange(int(uncertain.sum()))  # a label of its own: unlike any neighbour
         need = element_points(lab) if s == 2 else closure_points(corners_disagree(lab))
         prob = upsample_linear(prob)  # exact on the coarse lattice, interpolated between
         coarse = exact
