@@ -128,8 +128,13 @@ def test_uncertain_lattice_points_refine_a_structure_thinner_than_the_stride():
 
     found = {}
     for refine_below in (0.0, 0.99):
-        calls = []
-        out, exact = refine_box(lambda pts: calls.append(len(pts)) or decode(pts), box, (15, 15, 15), 4, refine_below)
+        calls: list[int] = []
+
+        def counted(pts, calls=calls):
+            calls.append(len(pts))
+            return decode(pts)
+
+        out, _ = refine_box(counted, box, (15, 15, 15), 4, refine_below)
         found[refine_below] = (out.argmax(0) == 1, sum(calls))
     line = dist == 0
     assert not found[0.0][0].any()  # every lattice point is background: nothing refined, the line is gone
