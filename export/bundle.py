@@ -44,7 +44,7 @@ from .onnx import (
     unsupported_by_tensorrt,
     verify_parity,
 )
-from .variants import quantize_convolutions, store_weights_fp16, variant_parity
+from .variants import cpu_session, quantize_convolutions, store_weights_fp16, variant_parity
 from .wrappers import feature_layouts, feature_names, feature_shape
 
 PARITY_TOLERANCE = 1e-4
@@ -356,13 +356,10 @@ def decoder_calibration_feeds(run_dir: Path, cfg: RunConfig, encoder: Path, coun
     """The decoder's inputs on :func:`training_patches`: the fp32 encoder's feature maps and points
     sampled as training samples them (a share on label boundaries, class-balanced when training was)."""
     import numpy as np
-    import onnxruntime as ort
 
     from imunet.sampling import sample_points
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(encoder), opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(encoder)
     names = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(seed + 1)
     t = cfg.train

@@ -27,15 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from .variants import cpu_session
+
 MS_DOMAIN = "com.microsoft"
-
-
-def _session(model: Any) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def quantize_dynamic_decoder(decoder: Path, out: Path) -> Path:
@@ -68,7 +62,7 @@ def activation_ranges(model: Any, feeds: Sequence[dict[str, np.ndarray]]) -> dic
     probe = type(model)()
     probe.CopyFrom(model)
     probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
-    sess = _session(probe)
+    sess = cpu_session(probe.SerializeToString())
     low, high = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for feed in feeds:
         for name, value in zip(names, sess.run(names, feed)):
@@ -153,7 +147,8 @@ def fix_activation_scales(model: Any, ranges: dict[str, tuple[float, float]]) ->
         for n in ready:
             known.update(n.output)
         ordered.extend(ready)
-        pending = [n for n in pending if all(n is not r for r in ready)]
+        placed = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in placed]
     del graph.node[:]
     graph.node.extend(ordered)
     if not any(o.domain == MS_DOMAIN for o in out.opset_import):

@@ -23,6 +23,7 @@ import torch
 from imunet.config import ModelConfig
 from imunet.runtime.contract.manifest import OPSET
 
+from .variants import cpu_session
 from .wrappers import DecoderExport, DenseExport, EncoderExport, feature_layouts, feature_names
 
 DEFAULT_OPSET = OPSET
@@ -151,14 +152,6 @@ def export_dense(
     return {"model": path}
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 PARITY_TRIALS, PARITY_POINTS = 2, 4096  # random patches, and decoder points per patch
 
 
@@ -184,14 +177,14 @@ def verify_parity(
                 record(
                     "model",
                     model(torch.from_numpy(image)).numpy(),
-                    _session(graphs["model"]).run(["logits"], {"image": image})[0],
+                    cpu_session(graphs["model"]).run(["logits"], {"image": image})[0],
                 )
                 continue
             feats_t = model.encode(torch.from_numpy(image))
             pts = np.stack([rng.integers(0, s, size=points) for s in cfg.patch_size], axis=1).astype(np.int32)
             ref_logits = model.decode(feats_t, torch.from_numpy(pts.astype(np.int64))[None])[0].numpy()
         names = feature_names(cfg.levels)
-        feats = _session(graphs["encoder"]).run(names, {"image": image})
+        feats = cpu_session(graphs["encoder"]).run(names, {"image": image})
         layouts = feature_layouts(feature_layout, cfg.levels)
         feats_t = [f[0].permute(1, 2, 3, 0) if lay == "channels_last" else f for f, lay in zip(feats_t, layouts)]
         for f, g in zip(feats_t, feats):
@@ -199,7 +192,7 @@ def verify_parity(
         record(
             "decoder",
             ref_logits,
-            _session(graphs["decoder"]).run(["logits"], {**dict(zip(names, feats)), "points": pts})[0],
+            cpu_session(graphs["decoder"]).run(["logits"], {**dict(zip(names, feats)), "points": pts})[0],
         )
     return {
         "max_abs_diff": diff,

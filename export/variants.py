@@ -49,12 +49,14 @@ def quantize_convolutions(graph: Path, out: Path, patches: list[np.ndarray]) -> 
     return out
 
 
-def _session(path: Path) -> Any:
+def cpu_session(graph: Path | bytes) -> Any:
+    """An onnxruntime CPU session of ``graph`` (a file, or a serialised model), warnings silenced."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    source = graph if isinstance(graph, bytes) else str(graph)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 def sample_points(patch: tuple[int, int, int], count: int, rng: np.random.Generator) -> np.ndarray:
@@ -75,8 +77,8 @@ def variant_parity(
 ) -> dict[str, Any]:
     """The variant's graphs (``{graph: path}``; graphs it lacks are the reference's) against the fp32
     ``reference`` graphs: largest |logit difference|, argmax agreement, largest |feature difference|."""
-    graphs = {g: _session(p) for g, p in reference.items()}
-    other = {g: _session(variant.get(g, p)) for g, p in reference.items()}
+    graphs = {g: cpu_session(p) for g, p in reference.items()}
+    other = {g: cpu_session(variant.get(g, p)) for g, p in reference.items()}
     rng = np.random.default_rng(seed)
     worst, worst_feat, agree = 0.0, 0.0, []
     for _ in range(trials):
