@@ -14,6 +14,7 @@ import typer
 
 from imunet import __version__
 from imunet.runtime.contract.manifest import MAX_POINTS, OPSET
+from imunet.runtime.contract.settings import InferenceSettings
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 keys_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -196,6 +197,12 @@ def calibrate_bundle(
     source: Optional[Path] = typer.Option(
         None, "--from", metavar="TWIN.imunet", help="Borrow this split twin's calibration instead of fitting one."
     ),
+    offsets: bool = typer.Option(
+        False,
+        "--logit-offsets",
+        help="First fit a logit offset per class on the --cases (the argmax's thresholds where validation Dice "
+        "is best) and write them into the manifest; the Dice estimate is then calibrated with them.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
 ) -> None:
     import shutil
@@ -209,6 +216,9 @@ def calibrate_bundle(
 
     if (cases is None) == (source is None):
         _fail("give --cases to fit a calibration, or --from TWIN.imunet to borrow one")
+    if offsets and cases is None:
+        _fail("--logit-offsets fits on labelled cases: give --cases")
+    tmp = out.with_name(f".{out.name}.part")
     try:
         manifest = load_bundle(bundle).manifest
         if out.resolve() == bundle.resolve():
@@ -223,24 +233,50 @@ def calibrate_bundle(
         if overlap:
             raise ValueError(f"{len(overlap)} of the cases trained the bundle ({', '.join(overlap[:3])}...): "
                              "calibrating on them would trust it too much")  # fmt: skip
-        if source is not None:
-            model = borrowed(source, dataset, training, manifest.labels)
-        else:
-            note = f"{len(val)} labelled cases of {dataset.name} the bundle did not train on"
-            model = calibrate(bundle, dataset, val, training, note, typer.echo)
-        tmp = out.with_name(f".{out.name}.part")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(bundle, tmp)
         if (tmp / SIGNATURE).exists():
             (tmp / SIGNATURE).unlink()
             typer.echo(f"note: {out} is unsigned (its manifest changed): sign it again", err=True)
+        if offsets:
+            manifest = replace(manifest, inference=_fit_offsets(bundle, dataset, val))
+            finalize_manifest(tmp, manifest)  # the Dice estimate below is fitted with the offsets
+        if source is not None:
+            model = borrowed(source, dataset, training, manifest.labels)
+        else:
+            note = f"{len(val)} labelled cases of {dataset.name} the bundle did not train on"
+            model = calibrate(tmp, dataset, val, training, note, typer.echo)
         finalize_manifest(tmp, replace(manifest, quality=model))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except (ImunetError, ValueError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         _fail(str(exc))
     typer.echo(f"wrote {out}")
+
+
+def _fit_offsets(bundle: Path, dataset: Path, cases: list[str]) -> InferenceSettings:
+    """The bundle's inference settings with logit offsets fitted on ``cases`` of ``dataset``."""
+    import numpy as np
+
+    from imunet.runtime import Segmenter
+
+    from .calibration import annotated_labels, dataset_pairs
+    from .logit_offsets import collect, fit_offsets
+
+    pairs = dataset_pairs(dataset, cases)
+    typer.echo(f"segmenting {len(pairs)} cases for the logit offsets ...")
+    with Segmenter(bundle, backend="auto", logit_offsets=()) as seg:
+        names, settings = seg.bundle.manifest.labels, seg.bundle.manifest.inference
+        found = collect(seg, pairs, annotated_labels(dataset))
+    fitted, before, after = fit_offsets(found, len(names), typer.echo)
+    for k in sorted(after):
+        typer.echo(f"  {names[k]}: offset {fitted[k]:+.2f}, Dice {before[k]:.3f} -> {after[k]:.3f}")
+    mean_before, mean_after = np.mean(list(before.values())), np.mean(list(after.values()))
+    typer.echo(f"mean Dice over {len(after)} labels {mean_before:.4f} -> {mean_after:.4f} "
+               "(probabilities on the scans' grids, before keep-largest)")  # fmt: skip
+    return replace(settings, logit_offsets=tuple(float(v) for v in fitted))
 
 
 def _labels_option(text: str | None, run: Path) -> tuple[int, ...] | None:

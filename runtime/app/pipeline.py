@@ -128,6 +128,10 @@ class Segmenter:
         m = self.bundle.manifest
         settings = {k: v for k, v in options.items() if k not in CHECKS}
         self.settings = resolve_settings(m.inference, m.kind, **settings)
+        if self.settings.logit_offsets and len(self.settings.logit_offsets) != m.num_classes:
+            raise ValueError(
+                f"logit_offsets needs {m.num_classes} values (one per class), got {len(self.settings.logit_offsets)}"
+            )
         self.checks = checks
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")

@@ -163,6 +163,10 @@ class Manifest:
                 raise ValueError(f"variant {name} replaces {v.replaces!r}, which is not a graph of the bundle")
         if self.orientation is not None:
             check_code(self.orientation)
+        if self.inference.logit_offsets and len(self.inference.logit_offsets) != len(self.labels):
+            raise ValueError(
+                f"inference.logit_offsets has {len(self.inference.logit_offsets)} values for {len(self.labels)} classes"
+            )
         if any(k not in self.labels or k == 0 for k in self.keep_largest):
             raise ValueError(f"keep_largest names labels the model does not have: {self.keep_largest}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):

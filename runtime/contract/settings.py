@@ -5,6 +5,7 @@ The manifest reader and the exporter use this module without importing any infer
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -32,7 +33,10 @@ class InferenceSettings:
     lattice point whose largest probability is under it counts as uncertain, and the cells it
     bounds are refined as if their corners' labels differed, so a structure thinner than the stride
     that its neighbourhood only hints at is decoded rather than interpolated away (0: only differing
-    labels refine).
+    labels refine). ``logit_offsets``: one number per class added to the decoder's logits before
+    the softmax, so every later step (refinement, smoothing, argmax, the Dice estimate) sees the
+    shifted probabilities; fitted on validation cases (``imunet-export calibrate --logit-offsets``)
+    where the training's class-balanced sampling left the model's thresholds off (empty: none).
     """
 
     mode: str = "adaptive"
@@ -45,6 +49,7 @@ class InferenceSettings:
     blend_above: float = 1.0
     blend_margin: int = 2
     refine_below: float = 0.0
+    logit_offsets: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,11 +70,14 @@ class InferenceSettings:
             raise ValueError(f"blend_margin must be >= 0, got {self.blend_margin}")
         if not 0 <= self.refine_below < 1:
             raise ValueError(f"refine_below must be in [0, 1), got {self.refine_below}")
+        if not all(math.isfinite(v) for v in self.logit_offsets):
+            raise ValueError(f"logit_offsets must be finite numbers, got {self.logit_offsets}")
         if self.smoothing < 1 or self.smoothing % 2 == 0:
             raise ValueError(f"smoothing must be an odd kernel >= 1, got {self.smoothing}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON form (the offsets as a list)."""
+        return {**asdict(self), "logit_offsets": list(self.logit_offsets)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InferenceSettings:
@@ -78,4 +86,6 @@ class InferenceSettings:
         unknown = sorted(k for k in data if k not in names)
         if unknown:
             raise ValueError(f"unknown inference settings: {', '.join(unknown)}")
+        if "logit_offsets" in data:
+            data = {**data, "logit_offsets": tuple(float(v) for v in data["logit_offsets"])}
         return cls(**data)

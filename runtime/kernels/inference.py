@@ -107,10 +107,20 @@ class InferenceStats:
 
 
 class PointDecoder:
-    """Decodes points in chunks of the backend's size into probabilities; keeps count and time."""
+    """Decodes points in chunks of the backend's size into probabilities; keeps count and time.
+    ``offsets`` (one per class, or empty) are added to the logits before the softmax."""
 
-    def __init__(self, backend: Backend, stats: InferenceStats) -> None:
+    def __init__(self, backend: Backend, stats: InferenceStats, offsets: tuple[float, ...] = ()) -> None:
         self.backend, self.stats = backend, stats
+        self.offsets = np.asarray(offsets, dtype=np.float32) if offsets else None
+
+    def probabilities(self, logits: np.ndarray, axis: int = -1) -> np.ndarray:
+        """Softmax of ``logits`` with the class ``axis``, shifted by the offsets first."""
+        if self.offsets is not None:
+            shape = [1] * logits.ndim
+            shape[axis] = len(self.offsets)
+            logits = logits + self.offsets.reshape(shape)
+        return softmax(logits, axis=axis)
 
     def __call__(self, features: object, points: np.ndarray) -> np.ndarray:
         """Probabilities ``(N, C)`` of ``(N, 3)`` window-local voxel indices."""
@@ -119,7 +129,7 @@ class PointDecoder:
         pts = points.astype(np.int32, copy=False)
         out = [self.backend.decode(features, pts[i : i + step]) for i in range(0, len(pts), step)]
         self.stats.add(decode_s=time.perf_counter() - t, points=len(points))
-        return softmax(np.concatenate(out, axis=0))
+        return self.probabilities(np.concatenate(out, axis=0))
 
     def encode(self, patch: np.ndarray) -> object:
         t = time.perf_counter()
@@ -169,7 +179,7 @@ def accumulate_blended(padded: np.ndarray, decode: PointDecoder, loop: Loop) -> 
             return None, same_as  # the earlier window's result, taken in order below
         if not loop.kind.decodes_points:
             t = time.perf_counter()
-            probs = softmax(decode.backend.predict_dense(patch), axis=0)
+            probs = decode.probabilities(decode.backend.predict_dense(patch), axis=0)
             stats.add(encode_s=time.perf_counter() - t)
             return probs, None
         return window_probabilities(decode, patch, settings, stats), None
@@ -250,7 +260,7 @@ def _accumulate(
     decodes each voxel once) and the crop back to ``volume``."""
     stats.workers = loop.workers
     padded, crop = pad_to_patch(np.asarray(volume, dtype=np.float32), loop.patch_size)
-    decode = PointDecoder(loop.backend, stats)
+    decode = PointDecoder(loop.backend, stats, loop.settings.logit_offsets)
     if loop.settings.mode == "adaptive" and loop.kind.decodes_points:
         return accumulate_owner_boxes(padded, decode, loop), None, crop
     acc, wsum = accumulate_blended(padded, decode, loop)
