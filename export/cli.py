@@ -239,7 +239,8 @@ def calibrate_bundle(
             (tmp / SIGNATURE).unlink()
             typer.echo(f"note: {out} is unsigned (its manifest changed): sign it again", err=True)
         if offsets:
-            manifest = replace(manifest, inference=_fit_offsets(bundle, dataset, val))
+            inference, accuracy = _fit_offsets(bundle, dataset, val)
+            manifest = replace(manifest, inference=inference, accuracy=accuracy)
             finalize_manifest(tmp, manifest)  # the Dice estimate below is fitted with the offsets
         if source is not None:
             model = borrowed(source, dataset, training, manifest.labels)
@@ -256,8 +257,9 @@ def calibrate_bundle(
     typer.echo(f"wrote {out}")
 
 
-def _fit_offsets(bundle: Path, dataset: Path, cases: list[str]) -> InferenceSettings:
-    """The bundle's inference settings with logit offsets fitted on ``cases`` of ``dataset``."""
+def _fit_offsets(bundle: Path, dataset: Path, cases: list[str]) -> tuple[InferenceSettings, dict]:
+    """The bundle's inference settings with logit offsets fitted on ``cases`` of ``dataset``, and the
+    manifest's ``accuracy`` with them (the Dice per label on those cases)."""
     import numpy as np
 
     from imunet.runtime import Segmenter
@@ -276,7 +278,14 @@ def _fit_offsets(bundle: Path, dataset: Path, cases: list[str]) -> InferenceSett
     mean_before, mean_after = np.mean(list(before.values())), np.mean(list(after.values()))
     typer.echo(f"mean Dice over {len(after)} labels {mean_before:.4f} -> {mean_after:.4f} "
                "(probabilities on the scans' grids, before keep-largest)")  # fmt: skip
-    return replace(settings, logit_offsets=tuple(float(v) for v in fitted))
+    accuracy = {
+        "dice": {names[k]: round(v, 4) for k, v in after.items()},
+        "mean": round(float(mean_after), 4),
+        "cases": {names[k]: sum(k in c.scored for c in found) for k in after},
+        "note": f"{len(found)} labelled cases the bundle did not train on, through the runtime with the logit "
+        "offsets fitted on them (labels from the probabilities on each scan's grid, before keep-largest)",
+    }
+    return replace(settings, logit_offsets=tuple(float(v) for v in fitted)), accuracy
 
 
 def _labels_option(text: str | None, run: Path) -> tuple[int, ...] | None:

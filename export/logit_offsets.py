@@ -3,17 +3,17 @@
 Training draws points class-balanced, so a small organ is seen far more often than it occurs and
 the decoder's probabilities do not sit where the validation Dice is best: on the head-and-neck
 model the spinal cord scored 0.606 at the argmax and 0.666 with its logit raised by 0.5
-(docs/DESIGN-NOTES.md, "Logit offsets"). An offset per class, added to the logits before the
-softmax, moves each organ's threshold without retraining.
+(docs/DESIGN-NOTES.md, "Logit offsets"). An offset per class, added to the log of its smoothed
+probability when the label is chosen, moves each organ's threshold without retraining.
 
 Each case is segmented once, without offsets, keeping its smoothed class probabilities; the
 offsets are then chosen by coordinate ascent over a grid, a class at a time, to maximise the mean
 over classes of the mean Dice over the cases where that class is annotated. Among offsets within
 ``TOLERANCE`` of the best, the one nearest 0 is kept: the curves are flat near their peak, and a
-smaller shift moves less on scans unlike the validation cases. The search works on the smoothed
-probabilities; the runtime adds the offsets to the logits before smoothing, so its labels can
-differ on a few voxels: the figures to trust are the runtime's own on the cases
-(``tools/evaluate.py``).
+smaller shift moves less on scans unlike the validation cases. The runtime applies the offsets
+where this search does, to the smoothed probabilities where the label is chosen; the search
+leaves out the largest-component post-processing, so the figures to quote are the runtime's own
+on the cases (``tools/evaluate.py``).
 """
 
 from __future__ import annotations

@@ -89,6 +89,8 @@ def test_calibrate_fits_offsets_into_the_copy_and_calibrates_the_estimate_with_t
     m = load_bundle(out).manifest
     assert len(m.inference.logit_offsets) == 3 and m.inference.logit_offsets[0] == 0.0
     assert m.quality is not None and m.quality.calibrated
+    assert set(m.accuracy["dice"]) == {"organ", "lesion"} and m.accuracy["cases"] == {"organ": 6, "lesion": 6}
+    assert "logit offsets fitted on them" in m.accuracy["note"]
     code, _, err = run(bundle_dir, "--out", tmp_path / "y.imunet", "--dataset", data, "--from", out,
                        "--logit-offsets", command=calibrate_app)  # fmt: skip
     assert code == 2 and "--logit-offsets fits on labelled cases" in err

@@ -36,6 +36,7 @@ from ..imaging.orientation import orientation_code, reorient
 from ..imaging.prepare import Prepared, orient, prepare, restore
 from ..kernels.blending import RETAIN_BYTES
 from ..kernels.inference import Loop, predict_labels, predict_probabilities
+from ..kernels.labels import choose_labels, class_weights
 from ..kernels.mirroring import MirroredBackend, flips
 from ..kernels.parallel import CPU_BACKENDS, default_workers, threads_per_worker
 from ..kernels.windows import window_slices
@@ -267,9 +268,11 @@ class Segmenter:
             raise InputError("outside the model's domain: " + "; ".join(warnings) + " (--refuse-out-of-domain)")
         prepared = prepare(image, p, oriented)
         t1 = time.perf_counter()
-        labels, stats, probs, quality = self._infer(prepared, progress, with_probs)
+        labels, stats, probs, quality, maps = self._infer(prepared, progress, with_probs)
         t2 = time.perf_counter()
-        labels = restore(labels, prepared, image, m.keep_largest)
+        scale = class_weights(self.settings.logit_offsets, m.num_classes)
+        labels = restore(labels, prepared, image, m.keep_largest, maps, scale)
+        del maps
         if probs is not None and oriented is not image:
             code = orientation_code(image)
             probs = [reorient(c, code) for c in probs]
@@ -281,20 +284,23 @@ class Segmenter:
 
     def _infer(
         self, prepared: Prepared, progress: Callable[[int, int], None] | None, with_probs: bool
-    ) -> tuple[sitk.Image, dict, list[sitk.Image] | None, QualityEstimate]:
-        """Labels on the network's grid from the prepared scan (:func:`.prepare.restore` takes them back
-        by nearest neighbour: resampling class probabilities linearly measured no better,
-        docs/DESIGN-NOTES.md), the loop's statistics, with ``with_probs`` each class's probabilities
-        on the reoriented scan's grid (linear), and the quality estimate (network grid)."""
+    ) -> tuple[sitk.Image, dict, list[sitk.Image] | None, QualityEstimate, np.ndarray | None]:
+        """Labels on the network's grid from the prepared scan, the loop's statistics, with
+        ``with_probs`` each class's probabilities on the reoriented scan's grid (linear), the quality
+        estimate (network grid), and where the scan's spacing is not the network's the smoothed class
+        probabilities on the network's grid, for :func:`.prepare.restore` to interpolate (the thin
+        organs of CTs stored at other spacings lost voxels by nearest neighbour: docs/DESIGN-NOTES.md,
+        "Back to the input grid")."""
         m = self.bundle.manifest
         volume, resampled, grid = prepared.volume, prepared.resampled, prepared.oriented
         backend, workers = self._backend_for(volume.shape)
         loop = Loop(backend, m.patch_size, self.settings, m.kind, workers, progress)
-        probs = None
-        if with_probs:
+        probs, maps = None, None
+        if with_probs or resampled is not grid:
             maps, stats = predict_probabilities(volume, loop)
-            labels = maps.argmax(0).astype(np.uint8)  # smoothed probabilities: the labels predict_labels gives
-            probs = [class_map_on(maps[c], resampled, grid) for c in range(maps.shape[0])]
+            labels = choose_labels(maps, self.settings.logit_offsets)  # the labels predict_labels gives
+            if with_probs:
+                probs = [class_map_on(maps[c], resampled, grid) for c in range(maps.shape[0])]
         else:
             labels, stats = predict_labels(volume, loop)
         assert stats.evidence is not None  # both loops sum it
@@ -302,7 +308,7 @@ class Segmenter:
         voxel_ml = float(np.prod(resampled.GetSpacing())) / 1000.0
         quality = estimate(stats.evidence, labels, voxel_ml, m.labels, m.quality, self.every_quality_feature)
         report = {**stats.as_dict(), "quality_s": round(stats.evidence_s + time.perf_counter() - t, 4)}
-        return from_array(labels, Geometry.of(resampled)), report, probs, quality
+        return from_array(labels, Geometry.of(resampled)), report, probs, quality, maps
 
     def _stats(self, image: sitk.Image, labels: sitk.Image, stats: dict, warnings: list[str], t: tuple) -> dict:
         m = self.bundle.manifest

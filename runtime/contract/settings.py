@@ -33,10 +33,12 @@ class InferenceSettings:
     lattice point whose largest probability is under it counts as uncertain, and the cells it
     bounds are refined as if their corners' labels differed, so a structure thinner than the stride
     that its neighbourhood only hints at is decoded rather than interpolated away (0: only differing
-    labels refine). ``logit_offsets``: one number per class added to the decoder's logits before
-    the softmax, so every later step (refinement, smoothing, argmax, the Dice estimate) sees the
-    shifted probabilities; fitted on validation cases (``imunet-export calibrate --logit-offsets``)
-    where the training's class-balanced sampling left the model's thresholds off (empty: none).
+    labels refine). ``logit_offsets``: one number per class added to the log of each class's
+    smoothed probability where the label is chosen (the argmax on the network's grid and, for a
+    scan stored at another spacing, on the scan's grid), so a class whose probabilities the
+    training's class-balanced sampling left off its best threshold is moved to it; fitted on
+    validation cases (``imunet-export calibrate --logit-offsets``; empty: none). The probabilities
+    themselves (``--save-probabilities``) are the model's.
     """
 
     mode: str = "adaptive"

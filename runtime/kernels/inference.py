@@ -25,7 +25,7 @@ from ..contract.settings import InferenceSettings
 from .blending import WindowBlend
 from .boxes import OwnerBox, owner_boxes
 from .constant_windows import ConstantWindows, SharedFeatures, constant_value
-from .labels import smoothed_argmax, softmax
+from .labels import choose_labels, smoothed_argmax, softmax
 from .lattice import refine_box
 from .mesh import boundary_band, box_smooth, grid_points, mesh_axes, nearest_fill
 from .parallel import ordered_map
@@ -107,20 +107,10 @@ class InferenceStats:
 
 
 class PointDecoder:
-    """Decodes points in chunks of the backend's size into probabilities; keeps count and time.
-    ``offsets`` (one per class, or empty) are added to the logits before the softmax."""
+    """Decodes points in chunks of the backend's size into probabilities; keeps count and time."""
 
-    def __init__(self, backend: Backend, stats: InferenceStats, offsets: tuple[float, ...] = ()) -> None:
+    def __init__(self, backend: Backend, stats: InferenceStats) -> None:
         self.backend, self.stats = backend, stats
-        self.offsets = np.asarray(offsets, dtype=np.float32) if offsets else None
-
-    def probabilities(self, logits: np.ndarray, axis: int = -1) -> np.ndarray:
-        """Softmax of ``logits`` with the class ``axis``, shifted by the offsets first."""
-        if self.offsets is not None:
-            shape = [1] * logits.ndim
-            shape[axis] = len(self.offsets)
-            logits = logits + self.offsets.reshape(shape)
-        return softmax(logits, axis=axis)
 
     def __call__(self, features: object, points: np.ndarray) -> np.ndarray:
         """Probabilities ``(N, C)`` of ``(N, 3)`` window-local voxel indices."""
@@ -129,7 +119,7 @@ class PointDecoder:
         pts = points.astype(np.int32, copy=False)
         out = [self.backend.decode(features, pts[i : i + step]) for i in range(0, len(pts), step)]
         self.stats.add(decode_s=time.perf_counter() - t, points=len(points))
-        return self.probabilities(np.concatenate(out, axis=0))
+        return softmax(np.concatenate(out, axis=0))
 
     def encode(self, patch: np.ndarray) -> object:
         t = time.perf_counter()
@@ -179,7 +169,7 @@ def accumulate_blended(padded: np.ndarray, decode: PointDecoder, loop: Loop) -> 
             return None, same_as  # the earlier window's result, taken in order below
         if not loop.kind.decodes_points:
             t = time.perf_counter()
-            probs = decode.probabilities(decode.backend.predict_dense(patch), axis=0)
+            probs = softmax(decode.backend.predict_dense(patch), axis=0)
             stats.add(encode_s=time.perf_counter() - t)
             return probs, None
         return window_probabilities(decode, patch, settings, stats), None
@@ -260,7 +250,7 @@ def _accumulate(
     decodes each voxel once) and the crop back to ``volume``."""
     stats.workers = loop.workers
     padded, crop = pad_to_patch(np.asarray(volume, dtype=np.float32), loop.patch_size)
-    decode = PointDecoder(loop.backend, stats, loop.settings.logit_offsets)
+    decode = PointDecoder(loop.backend, stats)
     if loop.settings.mode == "adaptive" and loop.kind.decodes_points:
         return accumulate_owner_boxes(padded, decode, loop), None, crop
     acc, wsum = accumulate_blended(padded, decode, loop)
@@ -281,7 +271,7 @@ def predict_probabilities(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, I
         del wsum
     probs = box_smooth(acc[(slice(None), *crop)], loop.settings.smoothing)
     t1 = time.perf_counter()
-    stats.evidence = label_evidence(acc, None, crop, probs.argmax(0).astype(np.uint8))
+    stats.evidence = label_evidence(acc, None, crop, choose_labels(probs, loop.settings.logit_offsets))
     stats.evidence_s = time.perf_counter() - t1
     stats.total_s = time.perf_counter() - t0
     return probs, stats
@@ -294,7 +284,7 @@ def predict_labels(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, Inferenc
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
     acc, wsum, crop = _accumulate(volume, loop, stats)
-    labels = smoothed_argmax(acc, wsum, crop, loop.settings.smoothing)
+    labels = smoothed_argmax(acc, wsum, crop, loop.settings.smoothing, loop.settings.logit_offsets)
     t1 = time.perf_counter()
     stats.evidence = label_evidence(acc, wsum, crop, labels)
     stats.evidence_s = time.perf_counter() - t1

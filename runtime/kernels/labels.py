@@ -18,12 +18,36 @@ import numpy as np
 from .mesh import box_filter
 
 
+def class_weights(offsets: tuple[float, ...], classes: int) -> np.ndarray | None:
+    """``exp(offsets)`` as float32 (None without offsets): what each class's probability is scaled by
+    when the label is chosen (``InferenceSettings.logit_offsets``)."""
+    if not offsets:
+        return None
+    if len(offsets) != classes:
+        raise ValueError(f"logit_offsets needs {classes} values (one per class), got {len(offsets)}")
+    return np.exp(np.asarray(offsets, dtype=np.float64)).astype(np.float32)
+
+
+def choose_labels(probs: np.ndarray, offsets: tuple[float, ...] = ()) -> np.ndarray:
+    """Labels ``uint8`` of class probabilities ``(C, ...)``: the argmax of ``log p + offsets``."""
+    scale = class_weights(offsets, probs.shape[0])
+    if scale is None:
+        return probs.argmax(0).astype(np.uint8)
+    return (probs * scale.reshape(-1, *([1] * (probs.ndim - 1)))).argmax(0).astype(np.uint8)
+
+
 def smoothed_argmax(
-    acc: np.ndarray, weights: np.ndarray | None, crop: tuple[slice, slice, slice], kernel: int = 3
+    acc: np.ndarray,
+    weights: np.ndarray | None,
+    crop: tuple[slice, slice, slice],
+    kernel: int = 3,
+    offsets: tuple[float, ...] = (),
 ) -> np.ndarray:
     """Labels ``uint8`` of the ``crop`` of class maps ``acc`` ``(C, Z, Y, X)`` (divided by ``weights``
     ``(Z, Y, X)`` where given), averaged over a ``kernel``^3 box that is clipped at the crop's border
-    (``box_smooth``), argmax with ties to the lower class. ``acc`` and ``weights`` are not changed."""
+    (``box_smooth``), argmax of ``log p + offsets`` with ties to the lower class. The scaling
+    ``exp(offsets)`` is the same for every voxel, so it commutes with the average. ``acc`` and
+    ``weights`` are not changed."""
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"smoothing kernel must be odd and >= 1, got {kernel}")
     if acc.shape[0] > 255:
@@ -31,8 +55,11 @@ def smoothed_argmax(
     best: np.ndarray | None = None
     labels = np.zeros(tuple(s.stop - s.start for s in crop), dtype=np.uint8)
     w = weights[crop] if weights is not None else None
+    scale = class_weights(offsets, acc.shape[0])
     for c in range(acc.shape[0]):
         p = acc[c][crop] / w if w is not None else acc[c][crop]
+        if scale is not None:
+            p = p * scale[c]
         if best is None:
             best = np.array(p, dtype=np.float32, copy=True)
         else:
@@ -49,7 +76,7 @@ def smoothed_argmax(
     del mixed
     if len(centre[0]) == 0:
         return labels
-    labels[centre] = _neighbourhood_argmax(acc, weights, crop, centre, r)
+    labels[centre] = _neighbourhood_argmax(acc, weights, crop, centre, r, scale)
     return labels
 
 
@@ -59,6 +86,7 @@ def _neighbourhood_argmax(
     crop: tuple[slice, slice, slice],
     centre: tuple[np.ndarray, np.ndarray, np.ndarray],
     r: int,
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Argmax of the ``(2r + 1)``^3 neighbourhood sums (inside the crop) of the class maps at the
     ``centre`` voxels (crop indices). The box's voxel count is the same for every class, so the sums
@@ -97,6 +125,8 @@ def _neighbourhood_argmax(
                     if keep is not None:
                         v *= keep
                     sums[c] += v
+    if scale is not None:
+        sums *= scale[:, None]
     out = np.zeros(len(flat), dtype=np.uint8)
     best = sums[0]
     for c in range(1, n_classes):
