@@ -101,3 +101,14 @@ def test_a_removed_island_is_not_brought_back_by_interpolation_and_restore_uses_
     prepared = Prepared(oriented=scan, resampled=net, volume=np.zeros((12, 26, 26), np.float32))
     restored = sitk.GetArrayFromImage(restore(labels, prepared, scan, (1,), probs.copy()))
     np.testing.assert_array_equal(restored, kept_only)
+
+
+def test_a_model_of_more_than_128_classes_goes_back_the_same_way():
+    net = grid((26, 26, 12), (3.9, 3.9, 2.5))
+    scan = grid((21, 21, 10), (4.69, 4.69, 3.0), origin=(0.4, 0.4, 0.25))
+    tube = tube_probabilities(net)
+    probs = np.zeros((130, *tube.shape[1:]), np.float32)
+    probs[0], probs[129] = tube[0], tube[1]
+    out = labels_on_grid(probs.copy(), net, scan)
+    assert set(np.unique(out)) == {0, 129}
+    np.testing.assert_array_equal(out, np.where(full_linear_argmax(tube, net, scan) == 1, 129, 0))
