@@ -27,6 +27,7 @@ import SimpleITK as sitk
 
 from imunet.runtime.errors import InputError
 from imunet.runtime.imaging.io import read_image
+from imunet.runtime.kernels.labels import choose_labels
 
 GRID = tuple(np.round(np.arange(-2.0, 2.001, 0.25), 2))  # offsets tried per class (natural-log units)
 TOLERANCE = 0.002  # mean Dice within this of the best counts as the best
@@ -49,7 +50,7 @@ class CaseProbabilities:
     def labels(self, offsets: np.ndarray) -> np.ndarray:
         """The flat label map with each class's probabilities scaled by ``exp(offset)``."""
         out = self.base.copy()
-        out[self.index] = (self.probs * np.exp(offsets)[:, None]).argmax(0)
+        out[self.index] = choose_labels(self.probs, tuple(float(v) for v in offsets))
         return out
 
 
