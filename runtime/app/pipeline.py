@@ -129,10 +129,7 @@ class Segmenter:
         m = self.bundle.manifest
         settings = {k: v for k, v in options.items() if k not in CHECKS}
         self.settings = resolve_settings(m.inference, m.kind, **settings)
-        if self.settings.logit_offsets and len(self.settings.logit_offsets) != m.num_classes:
-            raise ValueError(
-                f"logit_offsets needs {m.num_classes} values (one per class), got {len(self.settings.logit_offsets)}"
-            )
+        self._class_scale = class_weights(self.settings.logit_offsets, m.num_classes)  # checks their count
         self.checks = checks
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -270,8 +267,7 @@ class Segmenter:
         t1 = time.perf_counter()
         labels, stats, probs, quality, maps = self._infer(prepared, progress, with_probs)
         t2 = time.perf_counter()
-        scale = class_weights(self.settings.logit_offsets, m.num_classes)
-        labels = restore(labels, prepared, image, m.keep_largest, maps, scale)
+        labels = restore(labels, prepared, image, m.keep_largest, maps, self._class_scale)
         del maps
         if probs is not None and oriented is not image:
             code = orientation_code(image)
