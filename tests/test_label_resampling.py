@@ -2,11 +2,12 @@
 probabilities, computed only next to label changes (``runtime/imaging/label_resampling.py``)."""
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from imunet.runtime.imaging.label_resampling import labels_on_grid
 from imunet.runtime.imaging.prepare import Prepared, restore
-from imunet.runtime.imaging.preprocess import resample_label_like
+from imunet.runtime.imaging.preprocess import nearest_array, resample_label_like
 
 
 def grid(size_xyz, spacing, origin=(0.0, 0.0, 0.0)):
@@ -52,13 +53,47 @@ def full_linear_argmax(probs, net, scan):
     return np.argmax(np.stack(maps), axis=0)
 
 
-def test_the_band_gives_the_argmax_of_the_fully_interpolated_probabilities():
-    net = grid((26, 26, 12), (3.9, 3.9, 2.5), origin=(0.0, 0.0, 0.0))
-    scan = grid((21, 21, 10), (4.69, 4.69, 3.0), origin=(0.4, 0.4, 0.25))  # a coarser stored grid, inside
-    probs = tube_probabilities(net)
-    out = labels_on_grid(probs.copy(), net, scan)
-    expected = full_linear_argmax(probs, net, scan)
-    assert out.shape == expected.shape == (10, 21, 21)
+def _oriented(img, direction):
+    img.SetDirection(direction)
+    return img
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["coarser, inside", "planning grid reaching past the network's", "oblique, one direction", "two directions"],
+)
+def test_the_band_gives_the_argmax_of_the_fully_interpolated_probabilities(case):
+    """Three classes (two tubes side by side), each class's probability scaled as the logit offsets
+    scale it: interpolating only the cells whose corners hold two labels equals resampling every
+    class map linearly and taking the argmax, on a coarser grid, a finer one that reaches past the
+    network's grid (outside it: background), an oblique pair of grids and grids of two directions."""
+    oblique = _rotation(3)
+    net, scan = {
+        "coarser, inside": (
+            grid((26, 26, 12), (3.9, 3.9, 2.5)),
+            grid((21, 21, 10), (4.69, 4.69, 3.0), (0.4, 0.4, 0.25)),
+        ),
+        "planning grid reaching past the network's": (
+            grid((26, 26, 12), (3.9, 3.9, 2.5)),
+            grid((120, 120, 16), (0.98, 0.98, 2.5), (-8.0, -6.0, -5.0)),
+        ),
+        "oblique, one direction": (
+            _oriented(grid((26, 26, 12), (3.9, 3.9, 2.5)), oblique),
+            _oriented(grid((60, 60, 14), (1.7, 1.7, 2.2), (-1.0, 0.5, -0.3)), oblique),
+        ),
+        "two directions": (
+            grid((26, 26, 12), (3.9, 3.9, 2.5)),
+            _oriented(grid((40, 40, 14), (2.3, 2.3, 2.2), (50.0, -8.0, 0.0)), _rotation(5)),
+        ),
+    }[case]
+    tube = tube_probabilities(net, radius_mm=10.0, centre_yx=(50.0, 40.0))
+    other = tube_probabilities(net, radius_mm=8.0, centre_yx=(50.0, 62.0))
+    probs = np.stack([tube[0] * other[0], tube[1] * other[0], other[1]]).astype(np.float32)
+    scale = np.exp(np.array([0.0, 0.3, -0.2], np.float32))
+    out = labels_on_grid(probs.copy(), net, scan, scale=scale)
+    expected = full_linear_argmax(probs * scale[:, None, None, None], net, scan)
+    assert out.shape == expected.shape == sitk.GetArrayViewFromImage(scan).shape
+    assert set(np.unique(out)) == {0, 1, 2}
     assert (out == expected).mean() == 1.0
 
 
@@ -112,3 +147,40 @@ def test_a_model_of_more_than_128_classes_goes_back_the_same_way():
     out = labels_on_grid(probs.copy(), net, scan)
     assert set(np.unique(out)) == {0, 129}
     np.testing.assert_array_equal(out, np.where(full_linear_argmax(tube, net, scan) == 1, 129, 0))
+
+
+def _rotation(seed):
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    return tuple((q * np.sign(np.diag(r))).ravel())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_nearest_resample_by_axis_equals_simpleitks(seed):
+    """The per-axis nearest-neighbour resample (grids of one direction, as a scan and its network
+    grid are) equals SimpleITK's, also for voxels outside the labels (0), oblique directions and a
+    grid reaching past the labels on every side; other directions fall back to SimpleITK."""
+    rng = np.random.default_rng(seed)
+    direction = _rotation(seed) if seed % 2 else (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+    size = tuple(int(n) for n in rng.integers(4, 14, 3))
+    net = grid(size, tuple(rng.uniform(1.5, 4.5, 3)), tuple(rng.normal(0, 5, 3)))
+    net.SetDirection(direction)
+    array = rng.integers(0, 200, size=net.GetSize()[::-1], dtype=np.uint8)
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(net)
+    spacing = rng.uniform(0.6, 5.0, 3)  # a scan about the labels' centre, wider than them on every side
+    extent = max(np.multiply(net.GetSize(), net.GetSpacing()))
+    size = np.ceil(1.8 * extent / spacing).astype(int) + rng.integers(0, 5, 3)
+    scan = grid(tuple(int(n) for n in size), tuple(spacing))
+    scan.SetDirection(direction if seed % 3 else _rotation(seed + 100))
+    middle = (np.asarray(net.GetSize()) - 1) / 2 + rng.normal(0, 0.3, 3)
+    centre = net.TransformContinuousIndexToPhysicalPoint(tuple(middle))
+    half = scan.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2))
+    scan.SetOrigin(tuple(np.asarray(centre) - np.asarray(half)))
+    expected = sitk.GetArrayFromImage(sitk.Resample(labels, scan, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    got = nearest_array(array, net, scan)
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    assert (got == 0).any() and (got > 0).any()  # the geometry reaches past the labels and into them
+    back = resample_label_like(labels, scan)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), expected)
+    assert back.GetOrigin() == scan.GetOrigin() and back.GetDirection() == scan.GetDirection()

@@ -2,13 +2,12 @@
 probabilities interpolated linearly (nnU-Net's way back), computed only where it can differ from
 the nearest network voxel's label.
 
-Where the eight network voxels around a scan voxel share one label, every convex combination of
-their probabilities has its largest value at that label too, so linear interpolation can change a
-label only next to a label change. Those voxels (the network voxels whose 3^3 neighbourhood holds
-two labels, carried onto the scan's grid by nearest neighbour: a superset) are interpolated; the
-rest take the nearest network voxel's label. Labels whose largest component is kept
-(``keep_largest``) lose their other components on the network's grid first, where they become
-certain background, so interpolation cannot bring them back.
+Where the eight network voxels around a scan voxel (the corners of the cell it lies in) share one
+label, every convex combination of their probabilities has its largest value at that label too, so
+linear interpolation can change a label only in a cell whose corners hold two labels. The scan
+voxels in such cells are interpolated; the rest take the nearest network voxel's label. Labels whose
+largest component is kept (``keep_largest``) lose their other components on the network's grid
+first, where they become certain background, so interpolation cannot bring them back.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .postprocess import keep_largest
-from .preprocess import resample_label_like
+from .preprocess import axis_coordinates, nearest_array
 
 CHUNK = 1 << 20  # scan voxels interpolated at a time (bounds the (C, N) temporaries)
 
@@ -28,58 +27,69 @@ def labels_on_grid(
     grid: sitk.Image,
     largest: tuple[int, ...] = (),
     scale: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """Label map ``(Z, Y, X)`` uint8 on ``grid`` from class probabilities ``probs`` ``(C, Z, Y, X)``
     on ``source``'s grid (same physical space); ``largest``: labels reduced to their largest
     component first; ``scale`` ``(C,)``: each class's probability is multiplied by it before the
-    argmax (``exp`` of the manifest's logit offsets). ``probs`` is modified where components are
-    removed."""
-    labels = _net_image(_argmax(probs, scale), source)
-    kept = sitk.GetArrayFromImage(keep_largest(labels, largest))
-    removed = kept != sitk.GetArrayViewFromImage(labels)
+    argmax (``exp`` of the manifest's logit offsets); ``labels``: that argmax on ``source``'s grid,
+    where the caller has it. ``probs`` is modified where components are removed."""
+    labels = _argmax(probs, scale) if labels is None else labels
+    kept = sitk.GetArrayFromImage(keep_largest(_net_image(labels, source), largest))
+    removed = kept != labels
     if removed.any():
         probs[:, removed] = 0.0
         probs[0, removed] = 1.0
-    organ = (
-        np.nonzero(kept.any(axis=(1, 2)))[0],
-        np.nonzero(kept.any(axis=(0, 2)))[0],
-        np.nonzero(kept.any(axis=(0, 1)))[0],
-    )
-    if any(len(o) == 0 for o in organ):  # no label but background
-        return sitk.GetArrayFromImage(resample_label_like(_net_image(kept, source), grid))
-    # A voxel whose neighbourhood holds two labels lies within one voxel of a foreground one: the
-    # neighbourhoods are taken over the foreground's bounding box only, and the band looked for in
-    # the part of the scan's grid that box covers (a planning CT is 15 times the network's voxels).
-    box = tuple(slice(max(int(o[0]) - 2, 0), min(int(o[-1]) + 3, n)) for o, n in zip(organ, kept.shape))
-    crop = sitk.GetImageFromArray(np.ascontiguousarray(kept[box]))
-    mixed = np.zeros(kept.shape, np.uint8)
-    mixed[box] = sitk.GetArrayFromImage(
-        sitk.GrayscaleDilate(crop, [1, 1, 1], sitk.sitkBox) != sitk.GrayscaleErode(crop, [1, 1, 1], sitk.sitkBox)
-    )  # the 3^3 neighbourhood holds two labels
-    if probs.shape[0] <= 128:  # one nearest-neighbour pass: the label in 7 bits, the band in the top one
-        out = sitk.GetArrayFromImage(resample_label_like(_net_image(kept | (mixed << 7), source), grid))
-        scan_box = _covering(box, source, grid, out.shape)
-        points = tuple(p + b.start for p, b in zip(np.nonzero(out[scan_box] >= 128), scan_box))
-        out &= 127
-    else:
-        out = sitk.GetArrayFromImage(resample_label_like(_net_image(kept, source), grid))
-        points = np.nonzero(sitk.GetArrayFromImage(resample_label_like(_net_image(mixed, source), grid)))
+    out = nearest_array(kept, source, grid)
+    coords = axis_coordinates(source, grid)
+    if coords is None:  # grids of two directions (the runtime makes none): every class map resampled
+        return _argmax(np.stack([_linear(p, source, grid) for p in probs]), scale)
+    mixed = _mixed_cells(kept)
+    if mixed is None:  # no label but background
+        return out
+    cells, at = [], []
+    for c, n, (lo, hi) in zip(coords, kept.shape, mixed[1]):
+        cell = np.minimum(np.floor(np.clip(c, 0.0, n - 1.0)), max(n - 2, 0)).astype(np.intp)
+        inside = (c >= -0.5) & (c < n - 0.5) & (cell >= lo) & (cell < hi)  # outside source: background
+        at.append(np.nonzero(inside)[0])
+        cells.append(cell[at[-1]] - lo)
+    block = mixed[0]
+    for axis, cell in enumerate(cells):
+        block = block.take(cell, axis=axis)
+    points = tuple(a[i] for a, i in zip(at, np.nonzero(block)))
     for start in range(0, len(points[0]), CHUNK):
         chunk = tuple(p[start : start + CHUNK] for p in points)
-        out[chunk] = _argmax(_interpolate(probs, _continuous_index(chunk, grid, source)), scale)
+        index = np.stack([c[i] for c, i in zip(coords, chunk)])
+        out[chunk] = _argmax(_interpolate(probs, index), scale)
     return out
 
 
-def _covering(
-    box: tuple[slice, ...], source: sitk.Image, grid: sitk.Image, shape: tuple[int, ...]
-) -> tuple[slice, ...]:
-    """The block of ``grid``'s voxels (array order) that ``box`` of ``source``'s voxels covers, a voxel wider."""
-    corners = np.array(np.meshgrid(*[(b.start - 1, b.stop) for b in box], indexing="ij")).reshape(3, -1)
-    index = _continuous_index(tuple(corners), source, grid)
-    return tuple(
-        slice(max(int(np.floor(lo)) - 1, 0), min(int(np.ceil(hi)) + 2, n))
-        for lo, hi, n in zip(index.min(1), index.max(1), shape)
-    )
+def _mixed_cells(labels: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+    """Which cells of ``labels``' grid (cell ``i``: voxels ``i`` and ``i + 1`` along each axis, the
+    last voxel alone at the far edge) hold two labels, over the foreground's bounding box a voxel
+    wider (elsewhere every cell is background), and that box's ``(start, stop)`` per axis; None
+    without foreground."""
+    extent = []
+    for axis in range(3):
+        hit = np.nonzero(labels.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        if len(hit) == 0:
+            return None
+        extent.append((max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 1, labels.shape[axis])))
+    crop = labels[tuple(slice(lo, min(hi + 1, n)) for (lo, hi), n in zip(extent, labels.shape))]
+    high, low = crop.copy(), crop.copy()
+    for axis in range(3):  # the max and min over each cell's corners, one axis at a time
+        nxt = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        cur = tuple(slice(0, -1) if a == axis else slice(None) for a in range(3))
+        np.maximum(high[cur], high[nxt], out=high[cur])
+        np.minimum(low[cur], low[nxt], out=low[cur])
+    shape = tuple(hi - lo for lo, hi in extent)
+    return (high != low)[: shape[0], : shape[1], : shape[2]], extent
+
+
+def _linear(p: np.ndarray, source: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    img = sitk.GetImageFromArray(p)
+    img.CopyInformation(source)
+    return sitk.GetArrayFromImage(sitk.Resample(img, grid, sitk.Transform(), sitk.sitkLinear, 0.0))
 
 
 def _argmax(probs: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
@@ -92,20 +102,6 @@ def _net_image(array: np.ndarray, source: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(array)
     img.CopyInformation(source)
     return img
-
-
-def _continuous_index(index_zyx: tuple[np.ndarray, ...], grid: sitk.Image, source: sitk.Image) -> np.ndarray:
-    """``(3, N)`` continuous ``(z, y, x)`` indices on ``source`` of the ``grid`` voxels ``index_zyx``."""
-
-    def affine(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-        matrix = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
-        return matrix, np.asarray(img.GetOrigin())
-
-    g, g0 = affine(grid)
-    s, s0 = affine(source)
-    xyz = np.stack(index_zyx[::-1]).astype(np.float64)
-    physical = g @ xyz + g0[:, None]
-    return (np.linalg.solve(s, physical - s0[:, None]))[::-1]
 
 
 def _interpolate(probs: np.ndarray, index: np.ndarray) -> np.ndarray:

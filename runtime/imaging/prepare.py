@@ -99,11 +99,12 @@ def restore(
 
     Components are found on the network's grid, where validation decided which labels keep only
     their largest: nearest-neighbour upsampling keeps every component as it is, and a planning CT's
-    grid has about 15 times the voxels (at 622 x 622 x 128 the way back takes 1.2 s, against 14.2 s
-    with five organs' components found on that grid)."""
+    grid has about 15 times the voxels (13 s with five organs' components found on that grid).
+    ``labels`` are the argmax of ``probabilities`` (times ``scale``) where both are given."""
     if probabilities is not None and prepared.resampled is not prepared.oriented:
         grid = prepared.oriented
-        out = sitk.GetImageFromArray(labels_on_grid(probabilities, prepared.resampled, grid, largest, scale))
+        chosen = sitk.GetArrayFromImage(labels)  # the probabilities' argmax, as labels_on_grid would take it
+        out = sitk.GetImageFromArray(labels_on_grid(probabilities, prepared.resampled, grid, largest, scale, chosen))
         out.CopyInformation(prepared.oriented)
     else:
         out = keep_largest(sitk.Cast(labels, sitk.sitkUInt8), largest)

@@ -121,7 +121,43 @@ def resample_to_spacing(
 
 
 def resample_label_like(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Nearest-neighbour resample of ``label`` onto ``reference``'s exact grid."""
-    out = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    """Nearest-neighbour resample of ``label`` onto ``reference``'s exact grid (0 outside ``label``)."""
+    out = sitk.GetImageFromArray(nearest_array(sitk.GetArrayFromImage(label), label, reference))
     out.CopyInformation(reference)
     return out
+
+
+def nearest_array(array: np.ndarray, source: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """``array`` ``(Z, Y, X)`` on ``source``'s voxels resampled by nearest neighbour onto ``grid``'s
+    voxels (0 outside ``source``), as ``sitk.Resample`` does.
+
+    Where the two grids share their direction (a scan and the network's grid made from it), each
+    output axis reads one input axis, and the resample is three ``np.take`` along the axes: 0.05 s
+    against SimpleITK's 0.43 s for a 622 x 622 x 128 planning CT's labels (docs/DESIGN-NOTES.md,
+    "Back to the input grid"). Other grids go through SimpleITK."""
+    coords = axis_coordinates(source, grid)
+    if coords is None or array.ndim != 3:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        img.CopyInformation(source)
+        return sitk.GetArrayFromImage(
+            sitk.Resample(img, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
+        )
+    out = np.pad(array, 1)[1:, 1:, 1:]  # index n (one past the end) reads 0
+    for axis, (c, n) in enumerate(zip(coords, array.shape)):
+        index = np.floor(c + 0.5).astype(np.intp)
+        index[(index < 0) | (index >= n)] = n  # ITK: inside when -0.5 <= continuous index < n - 0.5
+        out = out.take(index, axis=axis)
+    return out
+
+
+def axis_coordinates(source: sitk.Image, grid: sitk.Image) -> tuple[np.ndarray, ...] | None:
+    """Where ``grid`` shares ``source``'s direction, per array axis ``(z, y, x)`` the continuous
+    ``source`` index of each ``grid`` voxel along it (each axis depends on that axis alone);
+    otherwise None."""
+    if source.GetDimension() != 3 or not np.allclose(source.GetDirection(), grid.GetDirection(), atol=1e-9):
+        return None
+    direction = np.asarray(source.GetDirection()).reshape(3, 3)
+    start = np.linalg.solve(direction, np.asarray(grid.GetOrigin()) - np.asarray(source.GetOrigin()))
+    start = start / np.asarray(source.GetSpacing())
+    step = np.asarray(grid.GetSpacing()) / np.asarray(source.GetSpacing())
+    return tuple(start[k] + step[k] * np.arange(grid.GetSize()[k], dtype=np.float64) for k in (2, 1, 0))
