@@ -64,3 +64,21 @@ def test_a_planning_ct_gets_organs_on_its_own_grid(tmp_path):
     found = np.unique(sitk.GetArrayViewFromImage(result.labels))
     assert len(found) >= 3, found  # background and at least two organs
     assert not result.stats["warnings"], result.stats["warnings"]  # a planning CT is what it was made for
+
+
+@pytest.mark.skipif(not (SHARED / "headneck-ct").is_dir(), reason="shared head-and-neck data not present")
+def test_a_ct_stored_at_another_spacing_gets_the_same_labels_with_or_without_its_probabilities():
+    """Labels go back to a scan stored at another spacing through probabilities read only around the
+    organs; asking for every class map (``probabilities=True``) reads them everywhere: same labels."""
+    from imunet.runtime.imaging.preprocess import resample_to_spacing
+
+    split = json.loads((ROOT / "docs" / "results" / "headneck_split.json").read_text())
+    image = sitk.ReadImage(str(SHARED / "headneck-ct" / "imagesTr" / f"{split['val'][0]}_0000.nii.gz"))
+    image = resample_to_spacing(image, (2.9, 2.9, 3.1))
+    with Segmenter("headneck-ct", backend="ort-cpu") as seg:
+        lean = seg.segment(image)
+        full = seg.segment(image, probabilities=True)
+    labels = sitk.GetArrayFromImage(lean.labels)
+    assert lean.labels.GetSize() == image.GetSize() and len(np.unique(labels)) >= 3
+    np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(full.labels))
+    assert full.probabilities.shape == (8, *labels.shape)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from imunet.runtime.contract.settings import InferenceSettings
-from imunet.runtime.kernels.inference import Loop, predict_labels, predict_probabilities
+from imunet.runtime.kernels.inference import Loop, predict_labels, predict_labels_and_maps, predict_probabilities
 from imunet.runtime.kernels.labels import softmax
 
 from conftest import FakeBackend
@@ -94,3 +94,25 @@ def test_streaming_labels_equal_the_argmax_of_the_probabilities():
         probs, _ = predict_probabilities(index_volume(), Loop(FakeBackend(fn), PATCH, settings))
         labels, _ = predict_labels(index_volume(), Loop(FakeBackend(fn), PATCH, settings))
         np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "sparse", "dense"])
+def test_the_class_maps_give_the_smoothed_probabilities_over_any_box_bit_for_bit(mode):
+    """The way back reads the smoothed probabilities only around the organs: over any box, at the
+    volume's border or inside it, they are predict_probabilities' exactly, and the labels are its argmax."""
+    fn = sphere_logits()
+    settings = InferenceSettings(mode=mode, smoothing=5)
+    probs, _ = predict_probabilities(index_volume(), Loop(FakeBackend(fn), PATCH, settings))
+    labels, maps, _ = predict_labels_and_maps(index_volume(), Loop(FakeBackend(fn), PATCH, settings))
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+    for box in [
+        (slice(0, 30), slice(0, 41), slice(0, 37)),
+        (slice(3, 9), slice(10, 30), slice(0, 2)),
+        (slice(28, 30), slice(1, 40), slice(20, 37)),
+        (slice(14, 15), slice(20, 21), slice(19, 20)),
+    ]:
+        got = maps.smoothed(box)
+        assert got.dtype == np.float32 and got.shape == (3, *(b.stop - b.start for b in box))
+        np.testing.assert_array_equal(got, probs[(slice(None), *box)])
+        got[:] = -1.0  # a new array: changing it changes nothing the loop keeps
+        np.testing.assert_array_equal(maps.smoothed(box), probs[(slice(None), *box)])

@@ -12,6 +12,8 @@ first, where they become certain background, so interpolation cannot bring them 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -20,30 +22,36 @@ from .preprocess import axis_coordinates, nearest_array
 
 CHUNK = 1 << 20  # scan voxels interpolated at a time (bounds the (C, N) temporaries)
 
+Box = tuple[slice, slice, slice]
+SmoothedProbabilities = Callable[[Box], np.ndarray]
+"""The class probabilities ``(C, *box)`` over a box of the network's grid, as a new array: the
+loop's class maps are smoothed only where the way back reads them."""
+
 
 def labels_on_grid(
-    probs: np.ndarray,
+    probs: np.ndarray | SmoothedProbabilities,
     source: sitk.Image,
     grid: sitk.Image,
     largest: tuple[int, ...] = (),
     scale: np.ndarray | None = None,
     labels: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Label map ``(Z, Y, X)`` uint8 on ``grid`` from class probabilities ``probs`` ``(C, Z, Y, X)``
-    on ``source``'s grid (same physical space); ``largest``: labels reduced to their largest
-    component first; ``scale`` ``(C,)``: each class's probability is multiplied by it before the
-    argmax (``exp`` of the manifest's logit offsets); ``labels``: that argmax on ``source``'s grid,
-    where the caller has it. ``probs`` is modified where components are removed."""
-    labels = _argmax(probs, scale) if labels is None else labels
+    """Label map ``(Z, Y, X)`` uint8 on ``grid`` from class probabilities on ``source``'s grid (same
+    physical space): ``probs`` ``(C, Z, Y, X)``, or a function giving them over a box (read only
+    around the organs); ``largest``: labels reduced to their largest component first; ``scale``
+    ``(C,)``: each class's probability is multiplied by it before the argmax (``exp`` of the
+    manifest's logit offsets); ``labels``: that argmax on ``source``'s grid, where the caller has it
+    (required with a function). An array ``probs`` is not changed."""
+    over = probs if callable(probs) else (lambda box: np.array(probs[(slice(None), *box)]))
+    if labels is None:
+        assert not callable(probs), "labels are required with a function for the probabilities"
+        labels = _argmax(probs, scale)
     kept = sitk.GetArrayFromImage(keep_largest(_net_image(labels, source), largest))
-    removed = kept != labels
-    if removed.any():
-        probs[:, removed] = 0.0
-        probs[0, removed] = 1.0
     out = nearest_array(kept, source, grid)
     coords = axis_coordinates(source, grid)
     if coords is None:  # grids of two directions (the runtime makes none): every class map resampled
-        return _argmax(np.stack([_linear(p, source, grid) for p in probs]), scale)
+        whole = _certain_background(over(tuple(slice(0, n) for n in kept.shape)), kept, labels)
+        return _argmax(np.stack([_linear(p, source, grid) for p in whole]), scale)
     mixed = _mixed_cells(kept)
     if mixed is None:  # no label but background
         return out
@@ -57,11 +65,26 @@ def labels_on_grid(
     for axis, cell in enumerate(cells):
         block = block.take(cell, axis=axis)
     points = tuple(a[i] for a, i in zip(at, np.nonzero(block)))
-    for start in range(0, len(points[0]), CHUNK):
-        chunk = tuple(p[start : start + CHUNK] for p in points)
+    if len(points[0]) == 0:
+        return out
+    # the corners of the mixed cells: the probabilities are read (and smoothed) only there
+    box = tuple(slice(lo, min(hi + 1, n)) for (lo, hi), n in zip(mixed[1], kept.shape))
+    near = _certain_background(over(box), kept[box], labels[box])
+    start = np.array([b.start for b in box], np.float64)[:, None]
+    for first in range(0, len(points[0]), CHUNK):
+        chunk = tuple(p[first : first + CHUNK] for p in points)
         index = np.stack([c[i] for c, i in zip(coords, chunk)])
-        out[chunk] = _argmax(_interpolate(probs, index), scale)
+        out[chunk] = _argmax(_interpolate(near, index - start), scale)
     return out
+
+
+def _certain_background(probs: np.ndarray, kept: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``probs`` with the voxels of removed components made certain background."""
+    removed = kept != labels
+    if removed.any():
+        probs[:, removed] = 0.0
+        probs[0, removed] = 1.0
+    return probs
 
 
 def _mixed_cells(labels: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]] | None:

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .domain import Fingerprint
-from .label_resampling import labels_on_grid
+from .label_resampling import SmoothedProbabilities, labels_on_grid
 from .orientation import orientation_code, reorient
 from .postprocess import keep_largest
 from .preprocess import Normalization, normalize, resample_label_like, resample_to_spacing
@@ -86,16 +86,17 @@ def restore(
     prepared: Prepared,
     image: sitk.Image,
     largest: tuple[int, ...] = (),
-    probabilities: np.ndarray | None = None,
+    probabilities: np.ndarray | SmoothedProbabilities | None = None,
     scale: np.ndarray | None = None,
 ) -> sitk.Image:
     """The inverse of :func:`prepare` for a label map on the network's grid: ``largest`` labels
     reduced to their largest component there, back onto the reoriented scan's voxels, back to the
     scan's own orientation, with its exact geometry. uint8. Where the scan's spacing is not the
-    network's, the network grid's class ``probabilities`` ``(C, Z, Y, X)`` (smoothed, as the labels
-    were taken from them) are interpolated linearly and their argmax taken, each class's probability
-    times ``scale`` (the manifest's logit offsets' ``exp``; :func:`.label_resampling.labels_on_grid`);
-    without them, labels go back by nearest neighbour.
+    network's, the network grid's class ``probabilities`` ``(C, Z, Y, X)``, or a function giving
+    them over a box (smoothed, as the labels were taken from them), are interpolated linearly near
+    the organs' boundaries and their argmax taken, each class's probability times ``scale`` (the
+    manifest's logit offsets' ``exp``; :func:`.label_resampling.labels_on_grid`); without them,
+    labels go back by nearest neighbour.
 
     Components are found on the network's grid, where validation decided which labels keep only
     their largest: nearest-neighbour upsampling keeps every component as it is, and a planning CT's

@@ -277,10 +277,36 @@ def predict_probabilities(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, I
     return probs, stats
 
 
-def predict_labels(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, InferenceStats]:
+@dataclass(frozen=True)
+class ClassMaps:
+    """The loop's class-probability sums ``acc`` ``(C, Z, Y, X)`` over the padded volume, their
+    weights (None: already probabilities) and the ``crop`` back to the volume: the smoothed
+    probabilities of :func:`predict_probabilities`, computed only over the boxes asked for."""
+
+    acc: np.ndarray
+    weights: np.ndarray | None
+    crop: tuple[slice, ...]
+    kernel: int
+
+    def smoothed(self, box: tuple[slice, ...]) -> np.ndarray:
+        """A new ``(C, *box)`` float32 array: :func:`predict_probabilities`'s probabilities over
+        ``box`` (volume coordinates), equal to them bit for bit (the box average over the box a
+        ``kernel // 2`` wider, clipped at the volume's border as the whole volume's is)."""
+        r = self.kernel // 2
+        size = [c.stop - c.start for c in self.crop]
+        outer = [slice(max(b.start - r, 0), min(b.stop + r, n)) for b, n in zip(box, size)]
+        src = tuple(slice(c.start + o.start, c.start + o.stop) for c, o in zip(self.crop, outer))
+        maps = self.acc[(slice(None), *src)]
+        maps = maps / self.weights[src] if self.weights is not None else maps
+        inner = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer))
+        return np.array(box_smooth(maps, self.kernel)[(slice(None), *inner)], dtype=np.float32)
+
+
+def predict_labels_and_maps(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, ClassMaps, InferenceStats]:
     """Label map ``(Z, Y, X)`` uint8: the argmax of :func:`predict_probabilities`, with the smoothing
     computed only where it can change a label (:func:`.labels.smoothed_argmax`: same labels, no
-    smoothed copy of the class maps)."""
+    smoothed copy of the class maps); and the class maps, for the probabilities where they are
+    needed (the way back to a scan stored at another spacing)."""
     t0 = time.perf_counter()
     stats = InferenceStats(voxels=int(volume.size))
     acc, wsum, crop = _accumulate(volume, loop, stats)
@@ -289,4 +315,10 @@ def predict_labels(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, Inferenc
     stats.evidence = label_evidence(acc, wsum, crop, labels)
     stats.evidence_s = time.perf_counter() - t1
     stats.total_s = time.perf_counter() - t0
+    return labels, ClassMaps(acc, wsum, crop, loop.settings.smoothing), stats
+
+
+def predict_labels(volume: np.ndarray, loop: Loop) -> tuple[np.ndarray, InferenceStats]:
+    """:func:`predict_labels_and_maps`'s labels and statistics."""
+    labels, _, stats = predict_labels_and_maps(volume, loop)
     return labels, stats
