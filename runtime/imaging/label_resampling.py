@@ -44,7 +44,8 @@ def labels_on_grid(
     (required with a function). An array ``probs`` is not changed."""
     over = probs if callable(probs) else (lambda box: np.array(probs[(slice(None), *box)]))
     if labels is None:
-        assert not callable(probs), "labels are required with a function for the probabilities"
+        if callable(probs):
+            raise ValueError("labels_on_grid: the labels are required when the probabilities come from a function")
         labels = _argmax(probs, scale)
     kept = sitk.GetArrayFromImage(keep_largest(_net_image(labels, source), largest))
     out = nearest_array(kept, source, grid)
