@@ -281,13 +281,14 @@ class Segmenter:
 
     def _infer(
         self, prepared: Prepared, progress: Callable[[int, int], None] | None, with_probs: bool
-    ) -> tuple[sitk.Image, dict, list[sitk.Image] | None, QualityEstimate, SmoothedProbabilities | None]:
+    ) -> tuple[sitk.Image, dict, list[sitk.Image] | None, QualityEstimate, np.ndarray | SmoothedProbabilities | None]:
         """Labels on the network's grid from the prepared scan, the loop's statistics, with
         ``with_probs`` each class's probabilities on the reoriented scan's grid (linear), the quality
-        estimate (network grid), and where the scan's spacing is not the network's the smoothed class
-        probabilities on the network's grid over any box asked for, for :func:`.prepare.restore` to
-        interpolate (the thin organs of CTs stored at other spacings lost voxels by nearest
-        neighbour: docs/DESIGN-NOTES.md, "Back to the input grid")."""
+        estimate (network grid), and the smoothed class probabilities on the network's grid (every
+        map, or where the scan's spacing is not the network's a function giving them over a box;
+        None otherwise), which :func:`.prepare.restore` interpolates where the spacings differ (the
+        thin organs of CTs stored at other spacings lost voxels by nearest neighbour:
+        docs/DESIGN-NOTES.md, "Back to the input grid")."""
         m = self.bundle.manifest
         volume, resampled, grid = prepared.volume, prepared.resampled, prepared.oriented
         backend, workers = self._backend_for(volume.shape)
@@ -297,7 +298,7 @@ class Segmenter:
             maps, stats = predict_probabilities(volume, loop)
             labels = choose_labels(maps, self.settings.logit_offsets)  # the labels predict_labels gives
             probs = [class_map_on(maps[c], resampled, grid) for c in range(maps.shape[0])]
-            smoothed = None if resampled is grid else (lambda box: np.array(maps[(slice(None), *box)]))
+            smoothed = maps
         elif resampled is not grid:
             labels, class_maps, stats = predict_labels_and_maps(volume, loop)
             smoothed = class_maps.smoothed

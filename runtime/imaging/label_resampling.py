@@ -48,11 +48,11 @@ def labels_on_grid(
             raise ValueError("labels_on_grid: the labels are required when the probabilities come from a function")
         labels = _argmax(probs, scale)
     kept = sitk.GetArrayFromImage(keep_largest(_net_image(labels, source), largest))
-    out = nearest_array(kept, source, grid)
     coords = axis_coordinates(source, grid)
     if coords is None:  # grids of two directions (the runtime makes none): every class map resampled
         whole = _certain_background(over(tuple(slice(0, n) for n in kept.shape)), kept, labels)
         return _argmax(np.stack([_linear(p, source, grid) for p in whole]), scale)
+    out = nearest_array(kept, source, grid)
     mixed = _mixed_cells(kept)
     if mixed is None:  # no label but background
         return out
@@ -111,9 +111,7 @@ def _mixed_cells(labels: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]
 
 
 def _linear(p: np.ndarray, source: sitk.Image, grid: sitk.Image) -> np.ndarray:
-    img = sitk.GetImageFromArray(p)
-    img.CopyInformation(source)
-    return sitk.GetArrayFromImage(sitk.Resample(img, grid, sitk.Transform(), sitk.sitkLinear, 0.0))
+    return sitk.GetArrayFromImage(sitk.Resample(_net_image(p, source), grid, sitk.Transform(), sitk.sitkLinear, 0.0))
 
 
 def _argmax(probs: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
