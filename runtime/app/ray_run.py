@@ -19,7 +19,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import InputError
@@ -124,11 +124,18 @@ def run_jobs(cluster: Cluster, jobs: list[Job], options: RunOptions) -> Iterator
     pending: deque = deque(jobs)
     attempts = dict.fromkeys(range(len(jobs)), 0)
     index = {id(job): i for i, job in enumerate(jobs)}
+    ours: set[int] = set()  # jobs whose outputs did not exist before their first attempt
     running: dict[Any, tuple[Job, Any]] = {}
     while pending or running:
         while pending and idle:
             job, actor = pending.popleft(), idle.popleft()
-            running[actor.process.remote(job, options)] = (job, actor)
+            i = index[id(job)]
+            if attempts[i] == 0 and not any(p.exists() or p.is_symlink() for p in job.outputs):
+                ours.add(i)
+            # a worker killed after writing a scan's outputs leaves them behind: its retry replaces
+            # what this run wrote, never what was there before
+            retry = replace(options, overwrite=True) if attempts[i] and i in ours else options
+            running[actor.process.remote(job, retry)] = (job, actor)
         done, _ = ray.wait(list(running), num_returns=1)
         job, actor = running.pop(done[0])
         try:
