@@ -137,6 +137,28 @@ def test_bench_segment_config_syntax():
         parse_config("nothing")
 
 
+def test_bench_segment_scores_only_the_labels_a_case_annotated(tmp_path):
+    import json
+
+    import numpy as np
+    from bench_segment import annotated_classes, score
+
+    truth = np.zeros((4, 4, 4), np.uint8)
+    truth[:2] = 1  # label 1 contoured; label 2 not contoured in this case (absent from the truth)
+    pred = truth.copy()
+    pred[3] = 2  # the model finds organ 2 where nobody drew it
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2}}))
+    (tmp_path / "annotated.json").write_text(json.dumps({"c1": ["a"]}))
+    scored = annotated_classes(tmp_path, ["c1"])
+    assert scored == [{1}]
+    other = truth.copy()
+    other[3] = 2  # a second case contouring both, so label 2 is among the classes scored
+    assert score([pred], [truth], None, scored)["mean_dice"] == 1.0
+    assert score([pred, other], [truth, other], None, scored + [None])["mean_dice"] == 1.0
+    assert score([pred, other], [truth, other], None)["mean_dice"] == 0.75  # unannotated label 2 scored 0
+    assert annotated_classes(tmp_path / "missing", ["c1"]) == [None]
+
+
 def test_grouped_encoder_windows_cover_the_axis_with_fewer_voxels():
     from bench_encoder_windows import grouped_extents
 

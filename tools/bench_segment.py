@@ -109,8 +109,19 @@ def child(path: str, options: str, inputs: str, out: str) -> None:
     print(json.dumps({"wall_s": median(walls), "peak_rss_gib": peak_rss_gib(), **summary}))
 
 
-def volumes(args: argparse.Namespace, work: Path) -> tuple[list[str], list[np.ndarray]]:
-    """Input files for the children and their true labels."""
+def annotated_classes(data: Path, cases: list[str]) -> list[set[int] | None]:
+    """Per case, the label values its contours cover (``annotated.json`` of a partially annotated
+    dataset); None where every label is annotated."""
+    path = data / "annotated.json"
+    if not path.is_file():
+        return [None] * len(cases)
+    codes = json.loads((data / "dataset.json").read_text())["labels"]
+    annotated = json.loads(path.read_text())
+    return [{int(codes[n]) for n in annotated.get(c, [])} for c in cases]
+
+
+def volumes(args: argparse.Namespace, work: Path) -> tuple[list[str], list[np.ndarray], list[set[int] | None]]:
+    """Input files for the children, their true labels and the labels each case annotated (None: all)."""
     if args.scans:
         data = args.data or DATA
         cases = case_names(args.cases or f"@{SPLIT}:val")[: args.scans]
@@ -125,7 +136,7 @@ def volumes(args: argparse.Namespace, work: Path) -> tuple[list[str], list[np.nd
                 inputs[i] = str(work / f"{c}_resampled.nii.gz")
                 sitk.WriteImage(image, inputs[i])
                 truth[i] = sitk.GetArrayFromImage(label)
-        return inputs, truth
+        return inputs, truth, annotated_classes(data, cases)
     from volumes import held_out_volume
 
     image, label = held_out_volume(tuple(args.content or args.size), args.phantom_seed)
@@ -136,7 +147,7 @@ def volumes(args: argparse.Namespace, work: Path) -> tuple[list[str], list[np.nd
         frame[box], framed[box] = sitk.GetArrayFromImage(image), label
         image, label = sitk.GetImageFromArray(frame), framed
     sitk.WriteImage(image, str(work / "volume.nii"))
-    return [str(work / "volume.nii")], [label]
+    return [str(work / "volume.nii")], [label], [None]
 
 
 def describe_volumes(args: argparse.Namespace, count: int) -> str:
@@ -146,11 +157,20 @@ def describe_volumes(args: argparse.Namespace, count: int) -> str:
     return f"{count} held-out scans of {args.data or DATA}{resampled}"
 
 
-def score(labels: list[np.ndarray], truth: list[np.ndarray], reference: list[np.ndarray] | None) -> dict:
+def score(
+    labels: list[np.ndarray],
+    truth: list[np.ndarray],
+    reference: list[np.ndarray] | None,
+    scored: list[set[int] | None] | None = None,
+) -> dict:
+    """Mean Dice over each case's labels (only those it annotated, where ``scored`` says), and the
+    agreement with ``reference``'s labels."""
     from imunet.runtime.imaging.metrics import dice
 
     classes = sorted(int(c) for c in np.unique(np.concatenate([t.ravel() for t in truth])) if c)
-    out = {"mean_dice": round(float(np.mean([dice(p, t, c) for p, t in zip(labels, truth) for c in classes])), 4)}
+    scored = scored or [None] * len(truth)
+    values = [dice(p, t, c) for p, t, s in zip(labels, truth, scored) for c in classes if s is None or c in s]
+    out = {"mean_dice": round(float(np.mean(values)), 4)}
     if reference is not None:
         same = sum(int((p == r).sum()) for p, r in zip(labels, reference))
         out["agreement_with_reference"] = round(same / sum(r.size for r in reference), 6)
@@ -189,7 +209,7 @@ def main() -> None:
     configs = [parse_config(c) for c in args.config]
     with tempfile.TemporaryDirectory(prefix="imunet-bench-") as tmp:
         work = Path(tmp)
-        inputs, truth = volumes(args, work)
+        inputs, truth, scored = volumes(args, work)
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
         for rep in range(args.repeats):
             for name, path, options in configs:
@@ -209,7 +229,7 @@ def main() -> None:
             "walls_s": [round(x["wall_s"], 4) for x in r],
             "peak_rss_gib": round(max(x["peak_rss_gib"] for x in r), 3),
             **{k: v for k, v in r[-1].items() if k not in ("wall_s", "peak_rss_gib")},
-            **score(labels[name], truth, labels.get(args.reference) if args.reference != name else None),
+            **score(labels[name], truth, labels.get(args.reference) if args.reference != name else None, scored),
         }
     if args.baseline:
         base = report[args.baseline]["median_wall_s"]
