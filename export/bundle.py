@@ -34,7 +34,7 @@ from imunet.runtime.errors import BundleError
 from imunet.runtime.imaging.atomic import atomic_output, refuse_existing
 from imunet.runtime.imaging.prepare import Preprocessing
 
-from .decoder_quantization import quantize_decoder, quantize_dynamic_decoder
+from .decoder_quantization import TAIL, quantize_decoder, quantize_dynamic_decoder
 from .onnx import (
     DEFAULT_OPSET,
     export_dense,
@@ -308,7 +308,8 @@ def _int8_variant(
         q, ranges = quantize_decoder(graphs["decoder"], out, feeds)
         quantization = (
             f"int8 weights per output channel; uint8 activations with fixed ranges, calibrated on {len(feeds)} "
-            "training patches (min-max; onnxruntime MatMulIntegerToFloat)"
+            f"training patches (each leaving out the top and bottom {TAIL:g} of its values; onnxruntime "
+            "MatMulIntegerToFloat)"
         )
     else:
         log(f"training data not found at {cfg.dataset}: the int8 decoder scales activations per call (dynamic)")

@@ -369,6 +369,44 @@ def test_int8_decoder_gives_a_point_the_same_logits_in_any_call(bundle_dir):
     assert (whole.argmax(1) == exact.argmax(1)).mean() >= 0.99
 
 
+def test_int8_decoder_ranges_leave_out_the_extreme_tail_exactly(bundle_dir, tmp_path):
+    """The calibrated range of each activation leaves ``tail`` of its values outside at each end,
+    computed exactly while keeping only the extremes; tail 0 is the minimum and maximum."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from imunet.export.decoder_quantization import activation_ranges, quantize_dynamic_decoder
+
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    patch = m["patch_size"]
+    dyn = onnx.load(str(quantize_dynamic_decoder(bundle_dir / "decoder.onnx", tmp_path / "dyn.onnx")))
+    enc = ort.InferenceSession(str(bundle_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    names = [o.name for o in enc.get_outputs()]
+    feeds = []
+    for n in (700, 700, 700):
+        feats = dict(zip(names, enc.run(names, {"image": rng.normal(size=(1, 1, *patch)).astype(np.float32)})))
+        feeds.append({**feats, "points": np.stack([rng.integers(0, s, n) for s in patch], 1).astype(np.int32)})
+    acts = [n.input[0] for n in dyn.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(dyn)
+    probe.graph.output.extend(helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in acts)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = {a: np.concatenate([v.ravel() for v in vs]) for a, *vs in zip(acts, *(sess.run(acts, f) for f in feeds))}
+    tail = 1e-3
+    ranges = activation_ranges(dyn, feeds, tail)
+    for a, (lo, hi) in ranges.items():
+        v = values[a]
+        k = int(np.ceil(tail * v.size)) + 1
+        assert hi == max(0.0, float(np.sort(v)[-k])) and lo == min(0.0, float(np.sort(v)[k - 1]))
+        assert (v > hi).sum() <= tail * v.size + 1 and hi <= v.max()
+    full = activation_ranges(dyn, feeds, 0.0)
+    assert all(full[a] == (min(0.0, float(values[a].min())), max(0.0, float(values[a].max()))) for a in acts)
+    assert any(ranges[a][1] < full[a][1] for a in acts)  # the tail was really left out somewhere
+
+
 def test_int8_decoder_without_the_training_data_scales_per_call(trained_run, tmp_path):
     import shutil
 

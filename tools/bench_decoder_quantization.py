@@ -3,7 +3,9 @@
 - ``dynamic``: onnxruntime's ``quantize_dynamic``, which scales each call's activations by that
   call's range, so a voxel's probabilities depend on the other points decoded with it;
 - ``fixed``: what the exporter writes (``export/decoder_quantization.py``): the dynamic graph with
-  fixed activation ranges calibrated on training patches, fused into ``MatMulIntegerToFloat``;
+  fixed activation ranges calibrated on training patches (each leaving out the extreme 1e-5 of its
+  values at either end), fused into ``MatMulIntegerToFloat``; ``fixed_minmax`` the same with
+  min-max ranges;
 - ``static_minmax`` / ``static_percentile``: onnxruntime's ``quantize_static`` (QDQ) with min-max or
   99.999th-percentile ranges.
 
@@ -197,6 +199,7 @@ def main() -> None:
         feeds = [{**f, "points": p} for f, p, _ in calibration]
         graphs["dynamic"] = quantize_dynamic_decoder(graphs["fp32"], folder / "dynamic.onnx")
         graphs["fixed"] = quantize_decoder(graphs["fp32"], folder / "fixed.onnx", feeds)[0]
+        graphs["fixed_minmax"] = quantize_decoder(graphs["fp32"], folder / "fixed_minmax.onnx", feeds, tail=0.0)[0]
         for method in ("minmax", "percentile"):
             graphs[f"static_{method}"] = quantize_static_decoder(
                 graphs["fp32"], folder / f"static_{method}.onnx", calibration, method
