@@ -7,8 +7,9 @@ head-and-neck decoder), so the same scan decoded in other chunks, or in adaptive
 labelled differently at the margins. Here each per-call quantisation (``DynamicQuantizeLinear``)
 becomes a ``QuantizeLinear`` with a fixed scale and zero point, taken from the range of that
 activation over training patches (as training samples them: half the points on label boundaries),
-less the extreme 1e-5 of its values at either end, and each integer product with its rescaling (``MatMulInteger``, ``Cast``, ``Mul`` and a bias
-``Add``) becomes onnxruntime's fused ``MatMulIntegerToFloat``. The arithmetic is the dynamic
+less the extreme 1e-5 of its values at either end, and each integer product with its rescaling
+(``MatMulInteger``, ``Cast``, ``Mul`` and a bias ``Add``) becomes onnxruntime's fused
+``MatMulIntegerToFloat``. The arithmetic is the dynamic
 graph's; only the activation scales stop depending on the call. Measured on the head-and-neck
 decoder (docs/DESIGN-NOTES.md, "The int8 decoder"): the same argmax agreement with fp32 as the
 dynamic graph, no batch dependence, and faster per call.
