@@ -407,6 +407,39 @@ def test_int8_decoder_ranges_leave_out_the_extreme_tail_exactly(bundle_dir, tmp_
     assert any(ranges[a][1] < full[a][1] for a in acts)  # the tail was really left out somewhere
 
 
+def test_int8_decoder_that_loses_dice_on_validation_cases_is_left_out(bundle_dir, trained_run, phantom_dir, tmp_path):
+    import shutil
+
+    import SimpleITK as sitk
+
+    from imunet.export.int8_check import check_int8_decoder
+    from imunet.runtime import Segmenter
+    from imunet.runtime.contract.bundle import load_bundle
+
+    val = json.loads((trained_run[0] / "split.json").read_text())["val"]
+    kept, dropped = tmp_path / "kept.imunet", tmp_path / "dropped.imunet"
+    shutil.copytree(bundle_dir, kept)
+    shutil.copytree(bundle_dir, dropped)
+    lines = []
+    figures = check_int8_decoder(kept, phantom_dir, val, lines.append)
+    assert figures["kept"] and figures["cases"] == len(val) and figures["fp32_mean_dice"] > 0.5
+    assert abs(figures["mean_dice"] - figures["fp32_mean_dice"]) <= 0.005
+    stored = load_bundle(kept).manifest.variants["decoder_int8"].parity["validation"]
+    assert stored["mean_dice"] == figures["mean_dice"] and stored["cases"] == len(val)
+    with Segmenter(kept, backend="ort-cpu") as seg:
+        assert seg.backend.precision != "fp32"  # auto still runs the int8 decoder
+    # a tolerance below any loss stands in for a decoder that loses Dice: it leaves the bundle
+    figures = check_int8_decoder(dropped, phantom_dir, val, lines.append, max_loss=-1.0)
+    assert figures["kept"] is False and not (dropped / "decoder_int8.onnx").exists()
+    assert "left out of the bundle" in lines[-1]
+    loaded = load_bundle(dropped)  # hashes checked: the manifest no longer lists the file
+    assert "decoder_int8" not in loaded.manifest.variants
+    with Segmenter(dropped, backend="ort-cpu") as seg:
+        assert seg.backend.precision == "fp32"
+        scan = sitk.ReadImage(str(phantom_dir / "imagesTr" / f"{val[0]}_0000.nii.gz"))
+        assert sitk.GetArrayFromImage(seg.predict(scan)).max() > 0
+
+
 def test_int8_decoder_without_the_training_data_scales_per_call(trained_run, tmp_path):
     import shutil
 
