@@ -86,6 +86,28 @@ def test_a_calibrated_estimate_is_linear_and_clipped_and_sees_fragments_and_odd_
     assert largest_share(np.zeros((3, 3, 3), np.uint8), 1) == 1.0
 
 
+@pytest.mark.parametrize("seed", [1, 10])
+def test_the_fit_keeps_the_smaller_calibration_when_more_features_only_fit_noise(seed):
+    """Dice follows the soft Dice alone; the other features are noise that, on these seeds, lowers
+    the leave-one-scan-out error of larger candidates by less than its standard error."""
+    from imunet.export.calibration import Observation, fit
+
+    rng = np.random.default_rng(seed)
+    obs = []
+    for i in range(30):
+        for label in ("organ", "lesion"):
+            sd = rng.uniform(0.7, 0.95)
+            truth = 0.8 * sd + 0.1 + rng.normal(0, 0.02)
+            feats = {"soft_dice": sd, "soft_dice_near": sd + rng.normal(0, 0.01), "volume_z": rng.uniform(0, 2),
+                     "fragmented": rng.uniform(0, 0.3), "volume_ml": 1.0}  # fmt: skip
+            obs.append(Observation(f"c{i}", label, truth, feats))
+    volumes = {n: LabelVolumes(30, 0, 0.0, 1.0) for n in ("organ", "lesion")}
+    model = fit(obs, volumes, "synthetic", ["organ", "lesion"])
+    assert model.features == ("soft_dice",) and not model.label_bias
+    assert model.weights[0] == pytest.approx(0.8, abs=0.1)
+    assert "standard error" in model.calibration["chosen_by"]
+
+
 def test_the_fit_finds_what_predicts_dice_and_checks_itself_leave_one_scan_out():
     from imunet.export.calibration import Observation, fit, spearman
 
