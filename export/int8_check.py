@@ -16,33 +16,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from imunet.runtime.contract.bundle import load_bundle
-from imunet.runtime.imaging.io import read_image
-from imunet.runtime.imaging.metrics import dice
 
 from .bundle import finalize_manifest
-from .calibration import annotated_labels, dataset_pairs
+from .calibration import annotated_labels, observe
 
 MAX_DICE_LOSS = 0.005  # mean Dice the int8 decoder may lose against fp32 and stay the CPU's default
 MAX_CASES = 12  # validation cases segmented twice (a CT takes seconds each way)
 VARIANT = "decoder_int8"
 
 
-def mean_dice(bundle_dir: Path, precision: str, pairs: Sequence[tuple[str, Path, Path]], scored: dict | None) -> float:
-    """Mean Dice over each case's scored labels, the bundle run on onnxruntime's CPU at ``precision``."""
+def mean_dice(bundle_dir: Path, precision: str, dataset: Path, cases: Sequence[str], scored: dict | None) -> float:
+    """Mean Dice over each case's scored labels (as the Dice estimate's calibration scores them), the
+    bundle run on onnxruntime's CPU at ``precision``; nan when no label is scored."""
     from imunet.runtime import Segmenter
 
-    values = []
     with Segmenter(bundle_dir, backend="ort-cpu", precision=precision) as seg:
-        names = seg.bundle.manifest.labels
-        for case, image, label in pairs:
-            pred = sitk.GetArrayFromImage(seg.segment(image).labels)
-            ref = np.rint(sitk.GetArrayFromImage(read_image(label))).astype(np.int64)
-            for k, name in names.items():
-                if k and (scored is None or name in scored.get(case, ())):
-                    values.append(dice(pred, ref, k))
+        values = [o.dice for o in observe(seg, dataset, cases, scored)]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -55,28 +46,31 @@ def check_int8_decoder(
 ) -> dict | None:
     """Compare the bundle's int8 decoder with fp32 on ``cases`` of ``dataset``; keep it with the
     figures in its parity, or take it out of the bundle when it loses more than ``max_loss`` mean
-    Dice. Returns the figures (None when the bundle has no int8 decoder or no case is given)."""
+    Dice. Returns the figures (None when the bundle has no int8 decoder or nothing to score it on)."""
     manifest = load_bundle(bundle_dir).manifest
     variant = manifest.variants.get(VARIANT)
     if variant is None or not cases:
         return None
-    pairs = dataset_pairs(dataset, list(cases)[:MAX_CASES])
+    cases = list(cases)[:MAX_CASES]
     scored = annotated_labels(dataset)
-    fp32 = mean_dice(bundle_dir, "fp32", pairs, scored)
-    int8 = mean_dice(bundle_dir, "int8", pairs, scored)
-    figures = {"cases": len(pairs), "mean_dice": round(int8, 4), "fp32_mean_dice": round(fp32, 4)}
+    fp32 = mean_dice(bundle_dir, "fp32", dataset, cases, scored)
+    int8 = mean_dice(bundle_dir, "int8", dataset, cases, scored)
+    if np.isnan(fp32) or np.isnan(int8):
+        log(f"note: the int8 decoder was not checked: no label is annotated in {len(cases)} validation cases")
+        return None
+    figures = {"cases": len(cases), "mean_dice": round(int8, 4), "fp32_mean_dice": round(fp32, 4)}
     variants = dict(manifest.variants)
-    if not fp32 - int8 <= max_loss:
+    if fp32 - int8 > max_loss:
         del variants[VARIANT]
         (bundle_dir / variant.file).unlink()
         figures["kept"] = False
         log(
-            f"note: the int8 decoder lost {fp32 - int8:.4f} mean Dice against fp32 on {len(pairs)} validation "
+            f"note: the int8 decoder lost {fp32 - int8:.4f} mean Dice against fp32 on {len(cases)} validation "
             f"cases ({int8:.4f} against {fp32:.4f}): left out of the bundle; the CPU runs the fp32 decoder"
         )
     else:
         variants[VARIANT] = replace(variant, parity={**variant.parity, "validation": figures})
         figures["kept"] = True
-        log(f"int8 decoder on {len(pairs)} validation cases: mean Dice {int8:.4f} against fp32's {fp32:.4f}")
+        log(f"int8 decoder on {len(cases)} validation cases: mean Dice {int8:.4f} against fp32's {fp32:.4f}")
     finalize_manifest(bundle_dir, replace(manifest, variants=variants))
     return figures

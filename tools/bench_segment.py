@@ -112,11 +112,12 @@ def child(path: str, options: str, inputs: str, out: str) -> None:
 def annotated_classes(data: Path, cases: list[str]) -> list[set[int] | None]:
     """Per case, the label values its contours cover (``annotated.json`` of a partially annotated
     dataset); None where every label is annotated."""
-    path = data / "annotated.json"
-    if not path.is_file():
+    from imunet.export.calibration import annotated_labels
+
+    annotated = annotated_labels(data)
+    if annotated is None:
         return [None] * len(cases)
     codes = json.loads((data / "dataset.json").read_text())["labels"]
-    annotated = json.loads(path.read_text())
     return [{int(codes[n]) for n in annotated.get(c, [])} for c in cases]
 
 

@@ -16,7 +16,8 @@ Two figures per bundle:
 ``--observations FILE`` keeps the segmented cases' features and true Dice (written when missing,
 read when present), so the plot can be redrawn without segmenting again. Also reports the cost of
 the estimate against inference on ``--cost-scans`` scans, with the bundle's own features (as
-``imunet-run`` computes them).
+``imunet-run`` computes them). ``--calibration OTHER.imunet`` (repeatable) also scores another
+bundle's calibration on these cases: the shipped model's on its split twin's held-out scans.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from imunet.export.calibration import (
 )
 from imunet.runtime import Segmenter
 from imunet.runtime.app.quality import absent_estimate, label_estimate
+from imunet.runtime.contract.bundle import load_bundle
 from imunet.runtime.contract.quality_model import QualityModel
 
 
@@ -70,6 +73,13 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--title", default=None)
     ap.add_argument("--cost-scans", type=int, default=5, help="scans timed for the estimate's cost")
+    ap.add_argument(
+        "--calibration",
+        action="append",
+        default=[],
+        metavar="OTHER.imunet",
+        help="also score this bundle's calibration on these scans (e.g. the shipped model's, on a twin's)",
+    )
     a = ap.parse_args()
 
     seg = Segmenter(a.model, backend="auto")
@@ -107,6 +117,11 @@ def main() -> None:
     }
     if m.quality is not None and m.quality.calibrated:
         report["bundle"] = {**scores(obs, bundle_estimates(obs, m.quality)), "note": m.quality.calibration.get("note")}
+    for other in a.calibration:
+        q = load_bundle(other).manifest.quality
+        if q is None or not q.calibrated:
+            sys.exit(f"{other}: has no calibrated Dice estimate")
+        report.setdefault("other_calibrations", {})[str(other)] = scores(obs, bundle_estimates(obs, q))
     if cost:
         share = [q / i for q, i in cost if i > 0]
         report["cost"] = {
