@@ -55,6 +55,11 @@ def train(
         "--minutes set how far it goes now.",
     ),
     val_fraction: float = typer.Option(0.2, help="Fraction of cases held out for validation."),
+    split: Optional[Path] = typer.Option(
+        None,
+        help="Train and validate on the cases this JSON names ('train' and 'val' lists, e.g. another "
+        "run's split.json) instead of drawing a split with --val-fraction and --seed.",
+    ),
     val_every: int = typer.Option(0, help="Validate every N steps (0: only at the end)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation and sampling."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate."),
@@ -132,6 +137,7 @@ def train(
             augment=augment,
             amp=amp,
             val_fraction=val_fraction,
+            split=str(split) if split is not None else "",
             val_every=val_every,
             seed=seed,
             lr_schedule=lr_schedule,

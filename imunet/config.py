@@ -91,6 +91,7 @@ class TrainConfig:
     augment: bool = True
     amp: bool = True  # mixed precision, used on CUDA only
     val_fraction: float = 0.2
+    split: str = ""  # a split file (``train`` / ``val`` case lists) used instead of drawing one
     val_every: int = 0  # 0: only at the end
     val_max_cases: int = 0  # 0: all held-out cases
     checkpoint_every: int = 100

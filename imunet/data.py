@@ -125,6 +125,28 @@ def _ending(name: str) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
+def read_split(path: Path, cases: tuple[Case, ...]) -> tuple[list[str], list[str]]:
+    """The (train, validation) case names of a split file (JSON with ``train`` and ``val`` lists, as
+    a run's ``split.json``), checked against the dataset's ``cases``: known, disjoint, training
+    not empty."""
+    try:
+        data = json.loads(Path(path).read_text())
+        train, val = [str(n) for n in data["train"]], [str(n) for n in data["val"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"split {path}: not a JSON object with 'train' and 'val' lists of case names ({exc})") from exc
+    known = {c.name for c in cases}
+    unknown = [n for n in train + val if n not in known]
+    if unknown:
+        more = " ..." if len(unknown) > 5 else ""
+        raise ValueError(f"split {path}: {len(unknown)} cases not in the dataset: {', '.join(unknown[:5])}{more}")
+    both = sorted(set(train) & set(val))
+    if both:
+        raise ValueError(f"split {path}: {len(both)} cases in both train and val: {', '.join(both[:5])}")
+    if not train:
+        raise ValueError(f"split {path}: no training cases")
+    return sorted(set(train)), sorted(set(val))
+
+
 def split_cases(cases: tuple[Case, ...], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """A deterministic (train, validation) split of case names."""
     names = sorted(c.name for c in cases)

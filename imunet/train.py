@@ -28,7 +28,16 @@ from imunet.runtime.kernels.inference import Loop, predict_labels
 from .augment import LeftRight, augment_batch
 from .budget import TimeBudget
 from .config import RunConfig
-from .data import Case, DatasetInfo, DatasetStats, PreprocessedCache, compute_stats, read_dataset, split_cases
+from .data import (
+    Case,
+    DatasetInfo,
+    DatasetStats,
+    PreprocessedCache,
+    compute_stats,
+    read_dataset,
+    read_split,
+    split_cases,
+)
 from .distributed import Dist, pick_device, setup_distributed
 from .kinds import Batch, build_model, training_kind
 from .model import count_parameters
@@ -241,8 +250,13 @@ def prepare_data(dataset_dir: Path, run: RunDir, cfg: RunConfig, proc: Process) 
     split_path, stats_path = run.split, run.dataset_stats
     by_name = {c.name: c for c in info.cases}
     if ddp.main and not split_path.exists():
-        train_names, val_names = split_cases(info.cases, cfg.train.val_fraction, cfg.train.seed)
-        split_path.write_text(json.dumps({"seed": cfg.train.seed, "train": train_names, "val": val_names}, indent=1))
+        if cfg.train.split:
+            train_names, val_names = read_split(Path(cfg.train.split), info.cases)
+            record = {"from": cfg.train.split, "train": train_names, "val": val_names}
+        else:
+            train_names, val_names = split_cases(info.cases, cfg.train.val_fraction, cfg.train.seed)
+            record = {"seed": cfg.train.seed, "train": train_names, "val": val_names}
+        split_path.write_text(json.dumps(record, indent=1))
     ddp.barrier()
     split = json.loads(split_path.read_text())
     if ddp.main and not stats_path.exists():

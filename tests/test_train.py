@@ -167,6 +167,28 @@ def test_distributed_two_cpu_processes_on_gloo(phantom_dir, tmp_path):
     assert len(ckpt["rng"]) == 2  # one sampling state per rank, for exact resume
 
 
+def test_a_split_file_decides_the_cases_and_a_bad_one_is_refused(phantom_dir, tmp_path):
+    dev, quiet = torch.device("cpu"), dict(log=lambda _m: None)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["phantom_002", "phantom_003", "phantom_005"], "val": ["phantom_001"]}))
+    train(phantom_dir, tmp_path / "run", small_cfg(1, split=str(split)), dev, **quiet)
+    stored = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert stored["train"] == ["phantom_002", "phantom_003", "phantom_005"] and stored["val"] == ["phantom_001"]
+    assert stored["from"] == str(split)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(metrics["per_case"]) == ["phantom_001"]
+    for bad, why in (
+        ({"train": ["phantom_001", "nobody"], "val": []}, "1 cases not in the dataset: nobody"),
+        ({"train": ["phantom_001"], "val": ["phantom_001"]}, "1 cases in both train and val: phantom_001"),
+        ({"val": ["phantom_001"]}, "not a JSON object with 'train' and 'val'"),
+    ):
+        split.write_text(json.dumps(bad))
+        out = tmp_path / f"bad{len(why)}"
+        with pytest.raises(ValueError, match=why):
+            train(phantom_dir, out, small_cfg(1, split=str(split)), dev, **quiet)
+        assert not (out / "checkpoint.pt").exists()
+
+
 def test_train_cli_reports_bad_dataset_in_one_line(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "imunet.cli", str(tmp_path), "--out", str(tmp_path / "r")],
