@@ -235,3 +235,35 @@ def test_fp16_stored_weights_come_back_as_float32_initializers(bundle_dir, tmp_p
     feeds["points"] = np.stack([rng.integers(0, s, 50) for s in m["patch_size"]], 1).astype(np.int32)
     a, b = (ort.InferenceSession(str(p)).run(["logits"], feeds)[0] for p in (stored, back))
     np.testing.assert_array_equal(a, b)
+
+
+def test_shared_difficulty_pairs_two_models_scan_by_scan(bundle_dir, unet_bundle_dir, phantom_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from shared_difficulty import summarise
+
+    from imunet.export.calibration import spearman
+
+    out = tmp_path / "report.json"
+    cases = "phantom_001,phantom_002,phantom_003,phantom_004"
+    script = Path(__file__).resolve().parents[1] / "tools" / "shared_difficulty.py"
+    args = ["--model", bundle_dir, "--second", unet_bundle_dir, "--dataset", phantom_dir, "--cases", cases]
+    subprocess.run([sys.executable, script, *map(str, args), "--exclude", "phantom_004", "--json", out], check=True)
+    report = json.loads(out.read_text())
+    assert list(report["per_scan"]) == ["phantom_001", "phantom_002", "phantom_003"]
+    seg_a, seg_b = Segmenter(bundle_dir, backend="auto"), Segmenter(unet_bundle_dir, backend="auto")
+    for case, row in report["per_scan"].items():
+        image = phantom_dir / "imagesTr" / f"{case}_0000.nii.gz"
+        ref = sitk.GetArrayFromImage(read_image(phantom_dir / "labelsTr" / f"{case}.nii.gz"))
+        ra, rb = seg_a.segment(image), seg_b.segment(image)
+        a, b = sitk.GetArrayFromImage(ra.labels), sitk.GetArrayFromImage(rb.labels)
+        assert np.isclose(row["dice_a"], np.mean([dice(a, ref, k) for k in (1, 2)]), atol=1e-4)
+        assert np.isclose(row["dice_b"], np.mean([dice(b, ref, k) for k in (1, 2)]), atol=1e-4)
+        assert np.isclose(row["agreement"], np.mean([dice(a, b, k) for k in (1, 2)]), atol=1e-4)
+    col = {k: np.array([r[k] for r in report["per_scan"].values()]) for k in ("dice_a", "dice_b", "agreement")}
+    assert report["mean_agreement"] == round(float(col["agreement"].mean()), 4) < 1.0  # two different models
+    assert np.isclose(report["shared"], spearman(col["dice_a"], col["dice_b"]), atol=1e-4, equal_nan=True)
+    # one model against itself agrees everywhere: its agreement cannot rank anything
+    same = summarise({c: {**r, "dice_b": r["dice_a"], "agreement": 1.0} for c, r in report["per_scan"].items()})
+    assert same["mean_agreement"] == 1.0 and np.isnan(same["agreement_ranks_a"])
