@@ -267,3 +267,6 @@ def test_shared_difficulty_pairs_two_models_scan_by_scan(bundle_dir, unet_bundle
     # one model against itself agrees everywhere: its agreement cannot rank anything
     same = summarise({c: {**r, "dice_b": r["dice_a"], "agreement": 1.0} for c, r in report["per_scan"].items()})
     assert same["mean_agreement"] == 1.0 and np.isnan(same["agreement_ranks_a"])
+    from shared_difficulty import ranks
+
+    assert ranks(np.array([0.3, 0.1, 0.3, 0.2])).tolist() == [2.5, 0.0, 2.5, 1.0]

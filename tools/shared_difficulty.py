@@ -12,7 +12,8 @@ one model's labels against the other's) and each model's uncalibrated soft Dice.
 - ``shared``: Spearman of the two models' true Dice (high: the scan decides how well models do);
 - ``agreement_ranks_a`` / ``agreement_ranks_b``: Spearman of the agreement against each model's
   true Dice (a second opinion);
-- ``soft_dice_ranks_a`` / ``soft_dice_ranks_b``: each model's own soft Dice against its true Dice.
+- ``soft_dice_ranks_a`` / ``soft_dice_ranks_b``: each model's own soft Dice against its true Dice;
+- ``soft_dice_and_agreement_rank_b``: B's soft Dice and the agreement combined (sum of their ranks).
 
 Give ``--cases`` (less ``--exclude``) scans that model B held out and model A trained on to ask whether A's fit on its
 training cases tracks B's held-out Dice (a per-scan difficulty A's training could have learned).
@@ -59,6 +60,13 @@ def scan_row(a: np.ndarray, b: np.ndarray, ref: np.ndarray, scored: dict[int, st
     }
 
 
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their mean rank."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    return (first + (counts - 1) / 2)[inverse]
+
+
 def summarise(rows: dict[str, dict]) -> dict:
     """The report over per-scan rows (see :func:`scan_row`)."""
     col = {k: np.array([r[k] for r in rows.values()]) for k in next(iter(rows.values()))}
@@ -72,6 +80,9 @@ def summarise(rows: dict[str, dict]) -> dict:
         "agreement_ranks_b": round(spearman(col["agreement"], col["dice_b"]), ROUND),
         "soft_dice_ranks_a": round(spearman(col["soft_dice_a"], col["dice_a"]), ROUND),
         "soft_dice_ranks_b": round(spearman(col["soft_dice_b"], col["dice_b"]), ROUND),
+        "soft_dice_and_agreement_rank_b": round(
+            spearman(ranks(col["soft_dice_b"]) + ranks(col["agreement"]), col["dice_b"]), ROUND
+        ),
     }
 
 
