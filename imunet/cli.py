@@ -55,10 +55,11 @@ def train(
         "--minutes set how far it goes now.",
     ),
     val_fraction: float = typer.Option(0.2, help="Fraction of cases held out for validation."),
-    split: Optional[Path] = typer.Option(
+    split: Optional[str] = typer.Option(
         None,
         help="Train and validate on the cases this JSON names ('train' and 'val' lists, e.g. another "
-        "run's split.json) instead of drawing a split with --val-fraction and --seed.",
+        "run's split.json; FILE:N for fold N of nnU-Net's splits_final.json) instead of drawing a split "
+        "with --val-fraction and --seed.",
     ),
     val_every: int = typer.Option(0, help="Validate every N steps (0: only at the end)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation and sampling."),
@@ -101,11 +102,13 @@ def train(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     from .config import ModelConfig, RunConfig, TrainConfig
-    from .data import read_dataset
+    from .data import read_dataset, read_split
 
     try:
         chans = tuple(int(c) for c in channels.split(","))
         info = read_dataset(dataset)
+        if split:
+            read_split(split, info.cases)  # a bad split is refused before the run folder is made
         if patch is None:
             from .data import auto_patch_size
 
@@ -137,7 +140,7 @@ def train(
             augment=augment,
             amp=amp,
             val_fraction=val_fraction,
-            split=str(split) if split is not None else "",
+            split=split or "",
             val_every=val_every,
             seed=seed,
             lr_schedule=lr_schedule,

@@ -125,25 +125,41 @@ def _ending(name: str) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-def read_split(path: Path, cases: tuple[Case, ...]) -> tuple[list[str], list[str]]:
-    """The (train, validation) case names of a split file (JSON with ``train`` and ``val`` lists, as
-    a run's ``split.json``), checked against the dataset's ``cases``: known, disjoint, training
-    not empty."""
+def read_split(spec: str | Path, cases: tuple[Case, ...]) -> tuple[list[str], list[str]]:
+    """The (train, validation) case names of a split file, checked against the dataset's ``cases``:
+    known, disjoint, training not empty. ``spec`` is a JSON object with ``train`` and ``val`` lists
+    (a run's ``split.json``), or ``FILE:N`` for fold N of a list of such objects (nnU-Net's
+    ``splits_final.json``)."""
+    path, fold = Path(spec), None
+    head, _, tail = str(spec).rpartition(":")
+    if not path.is_file() and head and tail.isdigit():
+        path, fold = Path(head), int(tail)
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"split {spec}: cannot be read as JSON ({exc})") from exc
+    if isinstance(data, list):
+        if fold is None:
+            raise ValueError(f"split {spec}: a list of {len(data)} folds; name one as {path}:N")
+        if not 0 <= fold < len(data):
+            raise ValueError(f"split {spec}: no fold {fold} (the file has folds 0 to {len(data) - 1})")
+        data = data[fold]
+    elif fold is not None:
+        raise ValueError(f"split {spec}: {path} holds one split, not a list of folds")
+    try:
         train, val = [str(n) for n in data["train"]], [str(n) for n in data["val"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"split {path}: not a JSON object with 'train' and 'val' lists of case names ({exc})") from exc
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"split {spec}: not a JSON object with 'train' and 'val' lists of case names") from exc
     known = {c.name for c in cases}
     unknown = [n for n in train + val if n not in known]
     if unknown:
         more = " ..." if len(unknown) > 5 else ""
-        raise ValueError(f"split {path}: {len(unknown)} cases not in the dataset: {', '.join(unknown[:5])}{more}")
+        raise ValueError(f"split {spec}: {len(unknown)} cases not in the dataset: {', '.join(unknown[:5])}{more}")
     both = sorted(set(train) & set(val))
     if both:
-        raise ValueError(f"split {path}: {len(both)} cases in both train and val: {', '.join(both[:5])}")
+        raise ValueError(f"split {spec}: {len(both)} cases in both train and val: {', '.join(both[:5])}")
     if not train:
-        raise ValueError(f"split {path}: no training cases")
+        raise ValueError(f"split {spec}: no training cases")
     return sorted(set(train)), sorted(set(val))
 
 

@@ -251,7 +251,7 @@ def prepare_data(dataset_dir: Path, run: RunDir, cfg: RunConfig, proc: Process) 
     by_name = {c.name: c for c in info.cases}
     if ddp.main and not split_path.exists():
         if cfg.train.split:
-            train_names, val_names = read_split(Path(cfg.train.split), info.cases)
+            train_names, val_names = read_split(cfg.train.split, info.cases)
             record = {"from": cfg.train.split, "train": train_names, "val": val_names}
         else:
             train_names, val_names = split_cases(info.cases, cfg.train.val_fraction, cfg.train.seed)

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from imunet.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from imunet.data import read_dataset, split_cases  # noqa: E402
+from imunet.data import read_dataset, read_split, split_cases  # noqa: E402
 from imunet.train import StartFrom, train  # noqa: E402
 
 from conftest import HIPPO, ROOT, TINY_MODEL  # noqa: E402
@@ -181,12 +181,45 @@ def test_a_split_file_decides_the_cases_and_a_bad_one_is_refused(phantom_dir, tm
         ({"train": ["phantom_001", "nobody"], "val": []}, "1 cases not in the dataset: nobody"),
         ({"train": ["phantom_001"], "val": ["phantom_001"]}, "1 cases in both train and val: phantom_001"),
         ({"val": ["phantom_001"]}, "not a JSON object with 'train' and 'val'"),
+        ([{"train": ["phantom_001"], "val": []}], "a list of 1 folds; name one as"),
     ):
         split.write_text(json.dumps(bad))
         out = tmp_path / f"bad{len(why)}"
         with pytest.raises(ValueError, match=why):
             train(phantom_dir, out, small_cfg(1, split=str(split)), dev, **quiet)
         assert not (out / "checkpoint.pt").exists()
+    # nnU-Net's splits_final.json: a list of folds, one named as FILE:N
+    folds = tmp_path / "splits_final.json"
+    folds.write_text(
+        json.dumps(
+            [
+                {"train": ["phantom_001", "phantom_004"], "val": ["phantom_002"]},
+                {"train": ["phantom_002", "phantom_003"], "val": ["phantom_004", "phantom_005"]},
+            ]
+        )
+    )
+    info = read_dataset(phantom_dir)
+    assert read_split(f"{folds}:1", info.cases) == (["phantom_002", "phantom_003"], ["phantom_004", "phantom_005"])
+    with pytest.raises(ValueError, match=r"no fold 2 \(the file has folds 0 to 1\)"):
+        read_split(f"{folds}:2", info.cases)
+    split.write_text(json.dumps({"train": ["phantom_001"], "val": ["phantom_002"]}))
+    with pytest.raises(ValueError, match="holds one split, not a list of folds"):
+        read_split(f"{split}:0", info.cases)
+
+
+def test_train_cli_refuses_a_bad_split_before_making_the_run_folder(phantom_dir, tmp_path):
+    (tmp_path / "folds.json").write_text(json.dumps([{"train": ["phantom_001"], "val": []}]))
+    res = subprocess.run(
+        [sys.executable, "-m", "imunet.cli", str(phantom_dir), "--out", str(tmp_path / "r")]
+        + ["--split", f"{tmp_path / 'folds.json'}:1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and not (tmp_path / "r").exists()
+    assert res.stderr.strip().splitlines() == [
+        f"imunet-train: error: split {tmp_path / 'folds.json'}:1: no fold 1 (the file has folds 0 to 0)"
+    ]
 
 
 def test_train_cli_reports_bad_dataset_in_one_line(tmp_path):
