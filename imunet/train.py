@@ -380,6 +380,8 @@ def train(
     run, start = RunDir.of(run), start or StartFrom()
     ddp = setup_distributed(device)
     proc = Process(device, ddp, log if ddp.main else (lambda _msg: None))
+    if cfg.train.split and not start.resume:  # a bad split is refused before the run folder is made
+        read_split(cfg.train.split, read_dataset(dataset_dir).cases)
     run.path.mkdir(parents=True, exist_ok=True)
     cfg, weights = resolve_config(run, cfg, start)
     cfg, data = prepare_data(dataset_dir, run, cfg, proc)
