@@ -171,18 +171,15 @@ def per_scan(obs: Sequence[Observation], estimates: np.ndarray) -> tuple[list[st
     return cases, true, est
 
 
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their mean rank."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    return (first + (counts - 1) / 2)[inverse]
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties); nan for fewer than 3 values or a constant."""
-
-    def ranks(v: np.ndarray) -> np.ndarray:
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v), dtype=float)
-        for value in np.unique(v):  # ties share their mean rank
-            tie = v == value
-            r[tie] = r[tie].mean()
-        return r
-
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(np.corrcoef(ranks(np.asarray(a, float)), ranks(np.asarray(b, float)))[0, 1])

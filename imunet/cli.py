@@ -102,13 +102,11 @@ def train(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     from .config import ModelConfig, RunConfig, TrainConfig
-    from .data import read_dataset, read_split
+    from .data import read_dataset
 
     try:
         chans = tuple(int(c) for c in channels.split(","))
         info = read_dataset(dataset)
-        if split:
-            read_split(split, info.cases)  # a bad split is refused before the run folder is made
         if patch is None:
             from .data import auto_patch_size
 

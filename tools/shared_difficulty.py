@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from harness import emit, machine
 
-from imunet.export.calibration import annotated_labels, dataset_pairs, parse_cases, spearman
+from imunet.export.calibration import annotated_labels, dataset_pairs, parse_cases, ranks, spearman
 from imunet.runtime import Segmenter
 from imunet.runtime.app.quality import absent_estimate
 from imunet.runtime.imaging.io import read_image
@@ -58,13 +58,6 @@ def scan_row(a: np.ndarray, b: np.ndarray, ref: np.ndarray, scored: dict[int, st
         "soft_dice_a": float(np.mean([soft_a[scored[k]] for k in ks])),
         "soft_dice_b": float(np.mean([soft_b[scored[k]] for k in ks])),
     }
-
-
-def ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties sharing their mean rank."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts
-    return (first + (counts - 1) / 2)[inverse]
 
 
 def summarise(rows: dict[str, dict]) -> dict:
